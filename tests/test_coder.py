@@ -1,0 +1,186 @@
+"""CODER on a tiny random BERT over the synthetic collection: mining, scoring, training, round trips, errors."""
+import hashlib
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import pytest
+import torch
+
+from pyterrier_coder._util import evaluate
+from pyterrier_coder.coder import Coder
+from pyterrier_coder.datasets import load_dataset
+from pyterrier_coder.encoders import DenseEncoder, DenseIndex
+from pyterrier_coder.mining import EmbeddingStore, mine_candidates
+from pyterrier_coder.retrievers import BM25
+
+FAST = dict(lr=1e-3, optimizer='adamw', warmup=0, schedule='constant', batch_size=4, eval_every=10,
+            device='cpu', verbose=False)
+
+
+@pytest.fixture(scope='module')
+def setup(tiny_bert_dir, tiny_collection, tmp_path_factory):
+    ds = load_dataset(tiny_collection)
+    root = tmp_path_factory.mktemp('coder')
+    encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
+    dense = DenseIndex(encoder, root / 'dense.flex', verbose=False).index(ds.get_corpus_iter(verbose=False))
+    bm25 = BM25(root / 'bm25').index(ds.get_corpus_iter(verbose=False))
+    return ds, encoder, dense, bm25
+
+
+def _file_hash(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_mining_injects_positives_and_skips_queries_without_positive(setup):
+    ds, encoder, dense, bm25 = setup
+    store = EmbeddingStore(dense.flex)
+    qrels = ds.get_qrels('train')
+    q0 = qrels[qrels['qid'] == 'q00']
+    candidates = pd.DataFrame({'qid': ['q00'] * 3 + ['zz'], 'query': ['apple'] * 3 + ['nothing'],
+                               'docno': ['d050', 'd051', 'd052', 'd050'], 'score': [3.0, 2.0, 1.0, 1.0]})
+    with pytest.warns(UserWarning, match='skipped 1 of 2'):
+        cands = mine_candidates(candidates, qrels, store, num_candidates=2)
+    assert cands.qids == ['q00']
+    row = store.docnos.fwd[cands.docids[0][cands.docids[0] >= 0]].tolist()
+    assert row[:2] == ['d050', 'd051']                       # top-2 by score, d052 cut
+    assert set(row[2:]) == set(q0['docno'])                  # every judged positive appended
+    labels = dict(zip(row, cands.labels[0][:len(row)]))
+    assert all(labels[d] == l for d, l in zip(q0['docno'], q0['label']))
+    assert cands.num_retrieved.tolist() == [2]
+    assert cands.stats['skipped_no_positive'] == 1
+
+
+def test_rerank_scores_are_scaled_inner_products(setup):
+    ds, encoder, dense, bm25 = setup
+    coder = Coder(dense, encoder, temperature=0.5, verbose=False, device='cpu')
+    res = (bm25 % 10)(ds.get_topics('dev'))
+    out = coder(res)
+    assert len(out) == len(res) and set(res.columns) <= set(out.columns)
+    assert (out.groupby('qid')['rank'].apply(lambda r: list(r) == list(range(len(r))))).all()
+    assert (out.groupby('qid')['score'].apply(lambda s: s.is_monotonic_decreasing)).all()
+    q = encoder.encode_queries(out['query'].tolist())
+    d = dense.flex.np_vecs()[EmbeddingStore(dense.flex).ids(out['docno'])]
+    np.testing.assert_allclose(out['score'], (q * d).sum(1) / 0.5, atol=1e-4)
+
+
+def test_empty_frame_and_missing_columns_and_docnos(setup):
+    ds, encoder, dense, bm25 = setup
+    coder = Coder(dense, encoder, verbose=False, device='cpu')
+    empty = pd.DataFrame(columns=['qid', 'query', 'docno', 'score', 'rank'])
+    out = coder(empty)
+    assert len(out) == 0 and {'score', 'rank'} <= set(out.columns)
+    with pytest.raises(Exception, match='query'):
+        coder(pd.DataFrame({'qid': ['1'], 'docno': ['d000']}))
+    bad = pd.DataFrame({'qid': ['1', '1'], 'query': ['apple', 'apple'], 'docno': ['d000', 'nope']})
+    with pytest.raises(KeyError, match="nope"):
+        coder(bad)
+    dropping = Coder(dense, encoder, on_missing='drop', verbose=False, device='cpu')
+    with pytest.warns(UserWarning, match='dropped 1'):
+        assert dropping(bad)['docno'].tolist() == ['d000']
+
+
+def test_fit_trains_only_the_query_encoder_and_improves(setup):
+    ds, encoder, dense, bm25 = setup
+    train, qrels = ds.get_topics('train'), ds.get_qrels('train')
+    vec_hash = _file_hash(dense.flex.index_path / 'vecs.f4')
+    base_weights = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+    coder = Coder(dense, encoder, num_candidates=20, max_steps=40, **FAST)
+    pipeline = bm25 % 20 >> coder
+    before = evaluate(pipeline(train), qrels, 'nDCG@10')
+    pipeline.fit(train, qrels, train, qrels)       # validate on train: the tiny random model can only memorise
+    after = evaluate(pipeline(train), qrels, 'nDCG@10')
+    assert after > before + 0.1, (before, after)
+    assert _file_hash(dense.flex.index_path / 'vecs.f4') == vec_hash                # documents untouched
+    assert all(torch.equal(v, encoder.model.state_dict()[k]) for k, v in base_weights.items())  # base untouched
+    h = coder.history
+    assert len(h['loss']) == h['steps'] and h['eval'][0][0] == 0
+    assert h['best_metric'] == pytest.approx(after, abs=1e-6)
+    assert h['training_data']['train_queries'] == 10
+    # single-stage retrieval with the fine-tuned encoder over the same index
+    res = coder.retriever(k=10)(train)
+    assert res.groupby('qid').size().eq(10).all()
+
+
+def test_fit_from_topics_uses_the_index_itself_and_retrieve_validation(setup):
+    ds, encoder, dense, bm25 = setup
+    train, qrels = ds.get_topics('train'), ds.get_qrels('train')
+    coder = Coder(dense, encoder, num_candidates=15, max_steps=30, validate_with='retrieve', **FAST)
+    before = evaluate(dense.retriever(100)(train), qrels, 'nDCG@10')
+    coder.fit(train, qrels, train, qrels)
+    after = evaluate(coder.retriever(100)(train), qrels, 'nDCG@10')
+    assert after > before + 0.1, (before, after)
+    assert coder.history['eval'][0][1] == pytest.approx(before, abs=1e-4)
+
+
+@pytest.mark.parametrize('options', [dict(loss='margin'), dict(random_negatives=5),
+                                     dict(refresh_every=5), dict(min_label=2, lower_labels='ignore'),
+                                     dict(label_weights={2: 1.0, 1: 0.5})])
+def test_training_variants_run_and_learn(setup, options):
+    ds, encoder, dense, bm25 = setup
+    train, qrels = ds.get_topics('train'), ds.get_qrels('train')
+    coder = Coder(dense, encoder, num_candidates=20, max_steps=20, **options, **FAST)
+    coder.fit((bm25 % 20)(train), qrels, (bm25 % 20)(train), qrels)
+    assert coder.history['best_metric'] > coder.history['eval'][0][1]
+
+
+def test_refresh_reretrieves_candidates(setup, monkeypatch):
+    ds, encoder, dense, bm25 = setup
+    coder = Coder(dense, encoder, num_candidates=10, max_steps=12, refresh_every=5, **FAST)
+    calls = []
+    original = coder._retrieve_ids
+    monkeypatch.setattr(coder, '_retrieve_ids', lambda q, k: calls.append(k) or original(q, k))
+    coder.fit((bm25 % 10)(ds.get_topics('train')), ds.get_qrels('train'))
+    assert calls == [10, 10]        # steps 5 and 10
+
+
+def test_transformer_scorer_trains_and_refuses_single_stage(setup, tmp_path):
+    ds, encoder, dense, bm25 = setup
+    train, qrels = ds.get_topics('train'), ds.get_qrels('train')
+    coder = Coder(dense, encoder, scorer='transformer', num_candidates=20, max_steps=30, **FAST)
+    res = (bm25 % 20)(train)
+    coder.fit(res, qrels, res, qrels)
+    assert coder.history['best_metric'] > coder.history['eval'][0][1]
+    with pytest.raises(ValueError, match='single-stage'):
+        coder.retriever()
+    # permutation invariance: shuffling the candidate rows does not change any score
+    a = coder(res).set_index(['qid', 'docno'])['score']
+    b = coder(res.sample(frac=1.0, random_state=1)).set_index(['qid', 'docno'])['score']
+    pd.testing.assert_series_equal(a.sort_index(), b.sort_index(), atol=1e-5)
+    coder.save(tmp_path / 'tcoder')
+    loaded = Coder.load(tmp_path / 'tcoder', dense.flex, device='cpu')
+    pd.testing.assert_series_equal(a.sort_index(), loaded(res).set_index(['qid', 'docno'])['score'].sort_index(),
+                                   atol=1e-6)
+
+
+def test_save_load_round_trip(setup, tmp_path):
+    ds, encoder, dense, bm25 = setup
+    train, qrels = ds.get_topics('train'), ds.get_qrels('train')
+    coder = Coder(dense, encoder, num_candidates=20, max_steps=10, **FAST)
+    res = (bm25 % 20)(train)
+    coder.fit(res, qrels, res, qrels)
+    coder.save(tmp_path / 'coder')
+    loaded = Coder.load(tmp_path / 'coder', device='cpu')          # index path remembered
+    np.testing.assert_allclose(coder(res)['score'], loaded(res)['score'], atol=1e-6)
+    assert loaded.history['steps'] == 10 and loaded.fitted
+    assert 'fitted' in repr(loaded)
+    with pytest.raises(ValueError, match='DenseEncoder'):
+        Coder.load(tmp_path / 'coder' / 'encoder')
+
+
+def test_fit_without_any_positive_fails_clearly(setup):
+    ds, encoder, dense, bm25 = setup
+    coder = Coder(dense, encoder, max_steps=2, **FAST)
+    qrels = pd.DataFrame({'qid': ['q00'], 'docno': ['not-in-index'], 'label': [1]})
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(ValueError, match='no training query'):
+            coder.fit((bm25 % 5)(ds.get_topics('train')), qrels)
+
+
+def test_bad_arguments(setup):
+    ds, encoder, dense, bm25 = setup
+    for kwargs, match in [(dict(loss='x'), 'loss'), (dict(scorer='x'), 'scorer'), (dict(lr_typo=1), 'unexpected')]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            Coder(dense, encoder, **kwargs)
