@@ -14,6 +14,7 @@ _EXPORTS = {
     'DenseIndex': 'encoders',
     'Coder': 'coder',
     'Adore': 'adore',
+    'DenseQueryTrainer': 'query_trainer',
     'MonoElectra': 'electra',
     'TrainingConfig': 'training',
     'infer_device': '_util',

@@ -120,6 +120,17 @@ class CandidateSet:
     def __len__(self):
         return len(self.qids)
 
+    @classmethod
+    def from_rows(cls, qids, queries, rows, labels, num_retrieved, stats) -> 'CandidateSet':
+        """Pads variable-length id/label rows into the compact arrays."""
+        width = max((len(r) for r in rows), default=0)
+        docids = np.full((len(rows), width), PAD, dtype=np.int32)
+        padded_labels = np.zeros((len(rows), width), dtype=np.float32)
+        for i, (r, l) in enumerate(zip(rows, labels)):
+            docids[i, :len(r)] = r
+            padded_labels[i, :len(l)] = l
+        return cls(list(qids), list(queries), docids, padded_labels, np.asarray(num_retrieved, dtype=np.int32), stats)
+
     def select(self, idx) -> 'CandidateSet':
         idx = np.asarray(idx)
         return CandidateSet([self.qids[i] for i in idx], [self.queries[i] for i in idx], self.docids[idx],
@@ -209,10 +220,4 @@ def mine_candidates(candidates: pd.DataFrame, qrels: pd.DataFrame, store: Embedd
                       f'(label >= {min_label}) in the index')
     if stats['qrels_for_unknown_queries']:
         warnings.warn(f'{component}: ignored {stats["qrels_for_unknown_queries"]} qrels of queries absent from the topics')
-    width = max((len(r) for r, _ in rows), default=0)
-    docids = np.full((len(rows), width), PAD, dtype=np.int32)
-    labels = np.zeros((len(rows), width), dtype=np.float32)
-    for i, (r, l) in enumerate(rows):
-        docids[i, :len(r)] = r
-        labels[i, :len(l)] = l
-    return CandidateSet(qids, queries, docids, labels, np.array(n_retrieved, dtype=np.int32), stats)
+    return CandidateSet.from_rows(qids, queries, [r for r, _ in rows], [l for _, l in rows], n_retrieved, stats)

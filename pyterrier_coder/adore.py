@@ -1,0 +1,213 @@
+"""ADORE (Zhan et al., "Optimizing Dense Retrieval Model Training with Hard Negatives").
+
+The document encoder is frozen and its embeddings precomputed into a fixed index; only the query encoder is
+trained. At every step the batch's queries are encoded with the *current* encoder and their top-k documents
+retrieved from the fixed index: the retrieved non-relevant documents are the dynamic hard negatives. Each
+(relevant d+, negative d-) pair contributes ``ΔM · log(1 + exp(f(q,d-) - f(q,d+)))`` where ΔM is the change of
+the target metric if d+ and d- swapped ranks (LambdaRank). Judged positives that were not retrieved are placed
+at rank k+1, just below the retrieved list (so a positive the model misses still yields pairs with every
+retrieved negative, weighted by how much pulling it up would gain).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import pyterrier_alpha as pta
+import torch
+
+from . import losses
+from .encoders import DenseEncoder
+from .mining import normalise_frame, normalise_qrels
+from .query_trainer import DenseQueryTrainer
+from .training import Timers, TrainingConfig
+
+# ADORE paper defaults: AdamW, lr 5e-6, 32 queries per batch, top-200 negatives.
+ADORE_DEFAULTS = TrainingConfig(lr=5e-6, optimizer='adamw', weight_decay=0.01, warmup=0.1, schedule='linear',
+                                batch_size=32, grad_clip=1.0, epochs=1, eval_every=200, metric='nDCG@10')
+
+SEARCH_BACKENDS = ('exact', 'faiss')
+
+
+def parse_delta_metric(spec: str) -> tuple:
+    match = re.fullmatch(r'(MRR|RR|nDCG)@(\d+)', spec)
+    if not match:
+        raise ValueError(f"Adore: delta_metric must look like 'MRR@200' or 'nDCG@10', got {spec!r}")
+    name = 'nDCG' if match.group(1) == 'nDCG' else 'MRR'
+    return name, int(match.group(2))
+
+
+class Adore(DenseQueryTrainer):
+    """ADORE query-encoder trainer over a fixed dense index; after ``fit`` a single-stage dense retriever.
+
+    .. code-block:: python
+
+        adore = Adore(index=dense.flex, encoder=DenseEncoder.minilm())
+        adore.fit(train_topics, train_qrels, dev_topics, dev_qrels)
+        adore.retriever(k=1000)                              # single-stage retrieval
+        adore.query_encoder() >> dense.flex.retriever()      # the same, as a pyterrier-dr pipeline
+
+    Args:
+        index: the fixed document index (FlexIndex, :class:`DenseIndex` or path).
+        encoder: the base query encoder (a copy is trained).
+        k: documents retrieved per query and step (paper: 200).
+        delta_metric: the metric whose swap change weights each pair: ``'MRR@k'`` or ``'nDCG@k'`` (graded).
+        lambda_weighting: False gives the paper's RankNet ablation (all pairs weight 1).
+        dynamic: False retrieves the negatives once, with the base encoder, before training (static baseline).
+        min_label: judged documents with ``label >= min_label`` are relevant.
+        search: ``'exact'`` (blocked torch matmul over the memory-mapped index, on the training device) or
+            ``'faiss'`` (faiss flat, or ``'faiss:<factory>'`` e.g. ``'faiss:IVF256,PQ32'`` to train against the
+            compressed index that will be deployed; sharded over all GPUs when present).
+        temperature: scores are divided by it (default 0.05 for L2-normalised encoders, else 1).
+        **training: :class:`TrainingConfig` fields (defaults: AdamW, lr 5e-6, 32 queries per batch).
+    """
+
+    COMPONENT = 'Adore'
+    DEFAULTS = ADORE_DEFAULTS
+
+    def __init__(self, index, encoder: DenseEncoder, *, k: int = 200, delta_metric: str = 'MRR@200',
+                 lambda_weighting: bool = True, dynamic: bool = True, min_label: int = 1, search: str = 'exact',
+                 temperature: Optional[float] = None, **kwargs):
+        kwargs.setdefault('validate_with', 'retrieve')   # ADORE trains a single-stage retriever
+        super().__init__(index, encoder, **kwargs)
+        self.delta_name, self.delta_k = parse_delta_metric(delta_metric)
+        if not (search in SEARCH_BACKENDS or search.startswith('faiss:')):
+            raise ValueError(f"Adore: search must be 'exact', 'faiss' or 'faiss:<factory string>', got {search!r}")
+        self.k = k
+        self.delta_metric = delta_metric
+        self.lambda_weighting = lambda_weighting
+        self.dynamic = dynamic
+        self.min_label = min_label
+        self.search = search
+        self.temperature = temperature if temperature is not None else (0.05 if encoder.normalize else 1.0)
+        self._faiss = None
+
+    # --- retrieval of the negatives ----------------------------------------------------------------------------
+    def _search_ids(self, q: torch.Tensor, k: int) -> np.ndarray:
+        if self.search == 'exact':
+            return self.store.search(q, k)[1].cpu().numpy()
+        return self._faiss_index().search(np.ascontiguousarray(q.detach().float().cpu().numpy()), k)[1]
+
+    def _faiss_index(self):
+        """A faiss index over the fixed embeddings (built once): flat inner product or a factory string
+        (IVF/PQ ...), trained on a sample; on every GPU (sharded) when faiss sees GPUs."""
+        if self._faiss is None:
+            import faiss
+            spec = 'Flat' if self.search == 'faiss' else self.search.split(':', 1)[1]
+            index = faiss.index_factory(self.store.dim, spec, faiss.METRIC_INNER_PRODUCT)
+            vecs = self.store.vecs
+            if not index.is_trained:
+                sample = np.random.default_rng(0).choice(len(vecs), size=min(len(vecs), 100_000), replace=False)
+                index.train(np.ascontiguousarray(vecs[np.sort(sample)], dtype=np.float32))
+            for start in range(0, len(vecs), 65536):
+                index.add(np.ascontiguousarray(vecs[start:start + 65536], dtype=np.float32))
+            if hasattr(faiss, 'get_num_gpus') and faiss.get_num_gpus() > 0:
+                options = faiss.GpuMultipleClonerOptions()
+                options.shard = True
+                index = faiss.index_cpu_to_all_gpus(index, co=options)
+            self._faiss = index
+        return self._faiss
+
+    # --- the loss --------------------------------------------------------------------------------------------
+    def _loss(self, batch_idx) -> torch.Tensor:
+        device = self.encoder.device
+        queries = [self._queries[i] for i in batch_idx]
+        q = self.encoder.encode_queries_torch(queries, batch_size=len(queries))
+        with self._timers('retrieval'):
+            if self.dynamic:
+                retrieved = self._search_ids(q.detach(), self.k)
+            else:
+                retrieved = self._static[batch_idx]
+        k = retrieved.shape[1]
+        pos_ids = self._positives[batch_idx]                       # [B, P] (-1 padded)
+        pos_gain = self._gains[batch_idx]
+        pos_mask = pos_ids >= 0
+        # rank (1-based) of each positive in the retrieved list, k+1 when it was not retrieved
+        hit = (pos_ids[:, :, None] == retrieved[:, None, :]) & pos_mask[:, :, None]
+        pos_rank = np.where(hit.any(-1), hit.argmax(-1) + 1, k + 1)
+        is_pos = (retrieved[:, :, None] == pos_ids[:, None, :]).any(-1)
+        neg_rank = np.broadcast_to(np.arange(1, k + 1), retrieved.shape)
+        neg_mask = ~is_pos
+
+        gather = self.store.gather
+        q = q.float()
+        s_pos = torch.einsum('bd,bpd->bp', q, gather(np.where(pos_mask, pos_ids, 0), device)) / self.temperature
+        s_neg = torch.einsum('bd,bnd->bn', q, gather(retrieved, device)) / self.temperature
+
+        def t(array, dtype=None):
+            return torch.as_tensor(np.array(array), device=device, dtype=dtype)
+        pair_mask = t(pos_mask)[:, :, None] & t(neg_mask)[:, None, :]
+        if not self.lambda_weighting:
+            weights = torch.ones(pair_mask.shape, device=device)
+        elif self.delta_name == 'MRR':
+            weights = losses.delta_mrr(t(pos_rank), t(neg_rank), t(pos_mask), self.delta_k)
+        else:
+            ideal_gains = -np.sort(-pos_gain, axis=1)[:, :self.delta_k]
+            ideal = (ideal_gains / np.log2(np.arange(2, ideal_gains.shape[1] + 2))).sum(1)
+            weights = losses.delta_ndcg(t(pos_rank), t(neg_rank), t(pos_gain, torch.float32), t(pos_mask),
+                                        self.delta_k, t(ideal, torch.float32))
+        return losses.weighted_pairwise_logistic(s_pos, s_neg, weights, pair_mask)
+
+    def _scores(self, queries, ids, mask):
+        return super()._scores(queries, ids, mask) / self.temperature
+
+    # --- fit ---------------------------------------------------------------------------------------------------
+    def fit(self, train: pd.DataFrame, train_qrels: pd.DataFrame, valid: Optional[pd.DataFrame] = None,
+            valid_qrels: Optional[pd.DataFrame] = None) -> 'Adore':
+        """Trains the query encoder on the training topics (a result frame is accepted too: ADORE retrieves
+        its own negatives, so only ``qid``/``query`` are used)."""
+        pta.validate.columns(train, includes=['qid', 'query'])
+        self._prepare_device()
+        topics = normalise_frame(train.drop_duplicates('qid')[['qid', 'query']], 'Adore')
+        qrels = normalise_qrels(train_qrels, 'Adore')
+        unknown = int((~qrels['qid'].isin(set(topics['qid']))).sum())
+        relevant = qrels[qrels['label'] >= self.min_label]
+        ids = self.store.ids(relevant['docno'].values, component='Adore', on_missing='drop')
+        relevant = relevant.assign(_id=ids)[ids >= 0]
+        by_qid = {qid: (g['_id'].to_numpy(), g['label'].to_numpy(np.float32)) for qid, g in relevant.groupby('qid')}
+        keep = topics['qid'].isin(by_qid.keys()).to_numpy()
+        skipped = int((~keep).sum())
+        if skipped:
+            warnings.warn(f'Adore: skipped {skipped} of {len(topics)} training queries without a judged positive '
+                          f'(label >= {self.min_label}) in the index')
+        topics = topics[keep]
+        if not len(topics):
+            raise ValueError('Adore.fit: no training query has a judged positive in the index')
+        width = max(len(by_qid[q][0]) for q in topics['qid'])
+        self._positives = np.full((len(topics), width), -1, dtype=np.int64)
+        self._gains = np.zeros((len(topics), width), dtype=np.float32)
+        for i, qid in enumerate(topics['qid']):
+            ids, labels = by_qid[qid]
+            self._positives[i, :len(ids)] = ids
+            self._gains[i, :len(ids)] = labels
+        self._queries = topics['query'].tolist()
+        self._timers = Timers()
+        if not self.dynamic:
+            with self._timers('static_retrieval'):
+                self._static = self._retrieve_ids(self._queries, self.k)
+        try:
+            history = self._run(self._loss, self._batches_of_queries(len(self._queries)),
+                                self._validation_fn(valid, valid_qrels),
+                                name=f'ADORE ({"dynamic" if self.dynamic else "static"})')
+        finally:
+            for name in ('_positives', '_gains', '_queries', '_static'):
+                self.__dict__.pop(name, None)
+        timing = history['timing']
+        timing.update(self._timers.seconds)
+        step_time = timing.get('forward_backward', 0.0) + timing.get('optimizer', 0.0)
+        history['retrieval_share'] = timing.get('retrieval', 0.0) / step_time if step_time else 0.0
+        history['training_data'] = {'train_queries': len(topics), 'skipped_no_positive': skipped,
+                                    'qrels_for_unknown_queries': unknown}
+        return self
+
+    # --- persistence -------------------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        return super().settings() | dict(k=self.k, delta_metric=self.delta_metric,
+                                         lambda_weighting=self.lambda_weighting, dynamic=self.dynamic,
+                                         min_label=self.min_label, search=self.search, temperature=self.temperature)
+
+    def _repr_args(self) -> str:
+        return f', k={self.k}, delta_metric={self.delta_metric!r}, dynamic={self.dynamic}'

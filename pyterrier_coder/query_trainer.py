@@ -1,0 +1,252 @@
+"""What CODER and ADORE have in common: a trainable copy of a dense query encoder scored against the fixed,
+memory-mapped document embeddings of a FlexIndex.
+
+:class:`DenseQueryTrainer` is the PyTerrier face of both: on a result frame it re-ranks (``first_stage >> it``),
+on a query frame it retrieves from the whole index (single-stage), ``retriever(k)`` and ``query_encoder()`` plug
+the fine-tuned encoder into pyterrier-dr pipelines, and ``save``/``load`` round-trip it. Subclasses add their
+training objective; validation, scoring and persistence live here once.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import pyterrier_alpha as pta
+import pyterrier_dr
+import torch
+from torch import nn
+
+from ._util import atomic_write_text, evaluate, infer_device, read_component_config, write_component_config
+from .encoders import DenseEncoder, DenseIndex
+from .mining import PAD, EmbeddingStore, normalise_frame
+from .training import TrainingConfig, TrainingLoop, split_training_kwargs
+
+VALIDATE_WITH = ('rerank', 'retrieve')
+
+
+def as_flex_index(index) -> pyterrier_dr.FlexIndex:
+    if isinstance(index, DenseIndex):
+        return index.flex
+    if isinstance(index, pyterrier_dr.FlexIndex):
+        return index
+    return pyterrier_dr.FlexIndex(str(index), verbose=False)
+
+
+def pad_groups(codes: np.ndarray, values: np.ndarray, n_groups: int) -> tuple:
+    """Lays ``values`` out as rows per group code (-1 padded): returns (padded, order, positions) so that
+    ``padded[codes[order], positions] == values[order]``."""
+    order = np.argsort(codes, kind='stable')
+    counts = np.bincount(codes, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    padded = np.full((n_groups, counts.max() if len(counts) else 0), PAD, dtype=np.int64)
+    positions = np.arange(len(order)) - np.repeat(starts, counts)
+    padded[codes[order], positions] = values[order]
+    return padded, order, positions
+
+
+class DenseQueryTrainer(pt.Estimator):
+    """Base class of :class:`~pyterrier_coder.Coder` and :class:`~pyterrier_coder.Adore` (not used directly)."""
+
+    COMPONENT = 'DenseQueryTrainer'
+    DEFAULTS = TrainingConfig()
+
+    def __init__(self, index, encoder: DenseEncoder, *, num_results: int = 1000, validate_with: str = 'rerank',
+                 on_missing: str = 'error', inference_batch_size: int = 64, verbose: bool = True, **training):
+        if validate_with not in VALIDATE_WITH:
+            raise ValueError(f'{self.COMPONENT}: validate_with must be one of {VALIDATE_WITH}, got {validate_with!r}')
+        if on_missing not in ('error', 'drop'):
+            raise ValueError(f"{self.COMPONENT}: on_missing must be 'error' or 'drop', got {on_missing!r}")
+        if not isinstance(encoder, DenseEncoder):
+            raise TypeError(f'{self.COMPONENT}: encoder must be a pyterrier_coder.DenseEncoder, got {type(encoder).__name__}')
+        self.flex = as_flex_index(index)
+        self.store = EmbeddingStore(self.flex)
+        self.encoder = encoder.clone()
+        self.num_results = num_results
+        self.validate_with = validate_with
+        self.on_missing = on_missing
+        self.inference_batch_size = inference_batch_size
+        self.verbose = verbose
+        self.config = split_training_kwargs(self.DEFAULTS.replace(verbose=verbose), training)
+        self.history = None
+        self.fitted = False
+
+    # --- scoring (subclasses may override _scores and trainable_module) ---------------------------------------
+    def trainable_module(self) -> nn.Module:
+        """The module whose parameters the training loop optimises (by default the query encoder)."""
+        return self.encoder.model
+
+    def _scores(self, queries, ids: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, L]`` of each query against its candidate rows (-1 = padding). The one function used for
+        training, validation and inference, so they cannot disagree."""
+        q = self.encoder.encode_queries_torch(list(queries), batch_size=len(queries))
+        docs = self.store.gather(ids, device=self.encoder.device).to(q.dtype)
+        return torch.einsum('bd,bld->bl', q, docs)
+
+    @contextmanager
+    def _inference(self):
+        module = self.trainable_module()
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            module.train(was_training)
+
+    def _rerank_arrays(self, queries, ids: np.ndarray) -> np.ndarray:
+        """Inference scores for padded id rows, in chunks of queries."""
+        out = np.zeros(ids.shape, dtype=np.float32)
+        bs = self.inference_batch_size
+        with self._inference():
+            for start in range(0, len(queries), bs):
+                chunk = ids[start:start + bs]
+                mask = torch.from_numpy(chunk >= 0).to(self.encoder.device)
+                out[start:start + bs] = self._scores(queries[start:start + bs], chunk, mask).float().cpu().numpy()
+        return out
+
+    def _retrieve_ids(self, queries, k: int) -> np.ndarray:
+        """Top-k row ids for ``queries`` with the current query encoder (exact search over the fixed index)."""
+        out = []
+        bs = self.inference_batch_size
+        with self._inference():
+            for start in range(0, len(queries), bs):
+                q = self.encoder.encode_queries_torch(list(queries[start:start + bs]))
+                out.append(self.store.search(q, k)[1].cpu().numpy())
+        return np.concatenate(out) if out else np.empty((0, k), dtype=np.int64)
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        """A result frame (``qid``, ``query``, ``docno``) is re-ranked; a query frame (``qid``, ``query``) gets
+        single-stage retrieval of ``num_results`` documents from the index."""
+        with pta.validate.any(inp) as v:
+            v.result_frame(extra_columns=['query'], mode='rerank')
+            v.query_frame(extra_columns=['query'], mode='retrieve')
+        if v.mode == 'retrieve':
+            return self.retriever(self.num_results)(inp)
+        if not len(inp):
+            return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
+        frame = normalise_frame(inp, self.COMPONENT).reset_index(drop=True)
+        ids = self.store.ids(frame['docno'].values, component=self.COMPONENT, on_missing=self.on_missing)
+        if (ids < 0).any():
+            warnings.warn(f'{self.COMPONENT}: dropped {int((ids < 0).sum())} rows whose docno is not in the index')
+            frame, ids = frame[ids >= 0].reset_index(drop=True), ids[ids >= 0]
+        codes, uniques = pd.factorize(frame['qid'])
+        padded, order, positions = pad_groups(codes, ids, len(uniques))
+        first_rows = np.unique(codes, return_index=True)[1]
+        scores = self._rerank_arrays(frame['query'].values[first_rows].tolist(), padded)
+        frame['score'] = 0.0
+        frame.loc[order, 'score'] = scores[codes[order], positions]
+        frame = frame.drop(columns=['rank'], errors='ignore')
+        return pt.model.add_ranks(frame).sort_values(['qid', 'rank'], kind='stable').reset_index(drop=True)
+
+    def query_encoder(self) -> pt.Transformer:
+        """The fine-tuned query encoder as a transformer (``query`` → ``query_vec``), for pyterrier-dr pipelines."""
+        return self.encoder.query_encoder()
+
+    def retriever(self, k: int = 1000, *, backend: str = 'exact', **kwargs) -> pt.Transformer:
+        """Single-stage dense retrieval over the same (fixed) document index with the fine-tuned encoder."""
+        return DenseIndex(self.encoder, self.flex).retriever(k, backend=backend, **kwargs)
+
+    # --- training plumbing ------------------------------------------------------------------------------------
+    def _validation_fn(self, valid: Optional[pd.DataFrame], valid_qrels: Optional[pd.DataFrame], depth: int = 100):
+        """``fn() -> metric`` on the validation data: re-ranking the preceding stage's validation results (the
+        pipeline being trained) or, for query frames / ``validate_with='retrieve'``, retrieval of ``depth``
+        documents from the whole index. Judged positives are never injected here (that would leak)."""
+        if valid is None or valid_qrels is None:
+            return None
+        valid_qrels = valid_qrels.assign(qid=valid_qrels['qid'].astype(str), docno=valid_qrels['docno'].astype(str))
+        docnos = self.store.docnos
+        frame = normalise_frame(valid, self.COMPONENT)
+        if self.validate_with == 'retrieve' or 'docno' not in frame.columns:
+            topics = frame.drop_duplicates('qid')
+            qids, queries = topics['qid'].to_numpy(), topics['query'].tolist()
+            fixed_ids = None
+        else:
+            ids = self.store.ids(frame['docno'].values, component=self.COMPONENT, on_missing=self.on_missing)
+            frame = frame[ids >= 0]
+            codes, uniques = pd.factorize(frame['qid'])
+            fixed_ids = pad_groups(codes, ids[ids >= 0], len(uniques))[0]
+            first_rows = np.unique(codes, return_index=True)[1]
+            qids, queries = uniques.to_numpy(), frame['query'].values[first_rows].tolist()
+
+        def validate():
+            ids = fixed_ids if fixed_ids is not None else self._retrieve_ids(queries, depth)
+            scores = self._rerank_arrays(queries, ids)
+            cells = ids >= 0
+            res = pd.DataFrame({'qid': np.repeat(qids, ids.shape[1])[cells.reshape(-1)],
+                                'docno': docnos.fwd[ids[cells]], 'score': scores[cells]})
+            return evaluate(res, valid_qrels, self.config.metric)
+        return validate
+
+    def _prepare_device(self) -> torch.device:
+        device = infer_device(self.config.device)
+        self.encoder.to(device)
+        self.trainable_module().to(device)
+        return device
+
+    def _run(self, loss_fn, sample_batches, validate, *, before_step=None, name=None) -> dict:
+        loop = TrainingLoop(self.trainable_module(), self.config, sample_batches=sample_batches, loss_fn=loss_fn,
+                            validate=validate, before_step=before_step, name=name or self.COMPONENT)
+        history = loop.run()
+        self.history = history
+        self.fitted = True
+        return history
+
+    def _batches_of_queries(self, n_queries: int):
+        """A ``sample_batches`` function: a fresh permutation of the training queries every epoch."""
+        bs = self.config.batch_size
+
+        def sample(epoch, rng):
+            order = rng.permutation(n_queries)
+            return [order[i:i + bs] for i in range(0, n_queries, bs)]
+        return sample
+
+    # --- persistence --------------------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        return dict(num_results=self.num_results, validate_with=self.validate_with, on_missing=self.on_missing)
+
+    def _save_extra(self, path: Path) -> None:
+        pass
+
+    def _load_extra(self, path: Path) -> None:
+        pass
+
+    def save(self, path) -> None:
+        """Writes the fine-tuned encoder (Hugging Face files), settings, training history (+ subclass extras)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.encoder.save(path / 'encoder')
+        self._save_extra(path)
+        write_component_config(path, self.COMPONENT, self.settings(), training=self.config.as_dict(),
+                               index=str(self.flex.index_path), fitted=self.fitted)
+        if self.history is not None:
+            atomic_write_text(path / 'history.json', json.dumps(self.history, default=str))
+
+    @classmethod
+    def load(cls, path, index=None, *, device=None, **overrides):
+        """Loads a saved model; ``index`` defaults to the index path it was trained with."""
+        path = Path(path)
+        conf = read_component_config(path, cls.COMPONENT)
+        encoder = DenseEncoder.load(path / 'encoder', device=device)
+        training = dict(conf.get('training', {}))
+        if device is not None:
+            training['device'] = device
+        model = cls(index if index is not None else conf['index'], encoder, **{**conf['settings'], **training, **overrides})
+        model.encoder = encoder   # the clone made by __init__ is not needed: the loaded encoder is ours
+        model._load_extra(path)
+        model.fitted = conf.get('fitted', False)
+        if (path / 'history.json').exists():
+            model.history = json.loads((path / 'history.json').read_text())
+        return model
+
+    def _repr_args(self) -> str:
+        return ''
+
+    def __repr__(self):
+        return (f'{self.COMPONENT}({self.flex!r}, {self.encoder!r}{self._repr_args()}'
+                f'{", fitted" if self.fitted else ""})')

@@ -1,0 +1,116 @@
+"""ADORE on a tiny random BERT over the synthetic collection."""
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pyterrier_coder._util import evaluate
+from pyterrier_coder.adore import Adore
+from pyterrier_coder.coder import Coder
+from pyterrier_coder.datasets import load_dataset
+from pyterrier_coder.encoders import DenseEncoder, DenseIndex
+
+FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=10, device='cpu', verbose=False)
+
+
+@pytest.fixture(scope='module')
+def setup(tiny_bert_dir, tiny_collection, tmp_path_factory):
+    ds = load_dataset(tiny_collection)
+    encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
+    dense = DenseIndex(encoder, tmp_path_factory.mktemp('adore') / 'dense.flex', verbose=False).index(
+        ds.get_corpus_iter(verbose=False))
+    return ds, encoder, dense
+
+
+def _ndcg(retriever, ds):
+    return evaluate(retriever(ds.get_topics('train')), ds.get_qrels('train'), 'nDCG@10')
+
+
+@pytest.mark.parametrize('options', [dict(), dict(delta_metric='nDCG@10'), dict(lambda_weighting=False),
+                                     dict(dynamic=False), dict(search='faiss')])
+def test_adore_learns_and_keeps_documents_fixed(setup, options):
+    if options.get('search') == 'faiss':
+        pytest.importorskip('faiss')
+    ds, encoder, dense = setup
+    vec_hash = hashlib.sha256((dense.flex.index_path / 'vecs.f4').read_bytes()).hexdigest()
+    adore = Adore(dense, encoder, k=20, max_steps=30, **options, **FAST)
+    before = _ndcg(dense.retriever(100), ds)
+    adore.fit(ds.get_topics('train'), ds.get_qrels('train'), ds.get_topics('train'), ds.get_qrels('train'))
+    after = _ndcg(adore.retriever(100), ds)
+    assert after > before + 0.1, (before, after)
+    assert hashlib.sha256((dense.flex.index_path / 'vecs.f4').read_bytes()).hexdigest() == vec_hash
+    h = adore.history
+    assert 0.0 <= h['retrieval_share'] < 1.0
+    if options.get('dynamic', True):
+        assert h['timing']['retrieval'] > 0
+    # the fine-tuned query encoder plugs into pyterrier-dr pipelines and agrees with adore.retriever
+    via_dr = (adore.query_encoder() >> dense.flex.retriever(num_results=10))(ds.get_topics('train'))
+    direct = adore.retriever(10)(ds.get_topics('train'))
+    assert via_dr['docno'].tolist() == direct['docno'].tolist()
+
+
+def test_adore_as_transformer_reranks_and_retrieves(setup):
+    ds, encoder, dense = setup
+    adore = Adore(dense, encoder, num_results=7, **FAST)
+    topics = ds.get_topics('dev')
+    retrieved = adore(topics)
+    assert retrieved.groupby('qid').size().eq(7).all()
+    reranked = adore(retrieved[['qid', 'query', 'docno']])
+    assert sorted(reranked['docno']) == sorted(retrieved['docno'])
+    empty = adore(pd.DataFrame(columns=['qid', 'query', 'docno']))
+    assert len(empty) == 0 and 'score' in empty.columns
+
+
+def test_delta_weights_use_the_retrieved_ranks(setup, monkeypatch):
+    """A positive missed by retrieval sits at rank k+1 (here 6); with MRR@200 swapping it with the negative at
+    rank r makes it the first relevant: weight 1/r - 1/6 -- checked on the tensors passed to the loss."""
+    ds, encoder, dense = setup
+    adore = Adore(dense, encoder, k=5, max_steps=1, **FAST)
+    seen = {}
+    from pyterrier_coder import losses
+    original = losses.weighted_pairwise_logistic
+
+    def spy(pos, neg, weights, mask):
+        seen['weights'], seen['mask'] = weights.detach().clone(), mask.clone()
+        return original(pos, neg, weights, mask)
+    monkeypatch.setattr(losses, 'weighted_pairwise_logistic', spy)
+    qrels = pd.DataFrame({'qid': ['q00'], 'docno': ['d155'], 'label': [2]})   # a document of another topic
+    adore.fit(ds.get_topics('train'), qrels)
+    w, m = seen['weights'][0, 0], seen['mask'][0, 0]
+    expected = torch.tensor([1 / r - 1 / 6 for r in range(1, 6)])
+    assert m.all() and torch.allclose(w, expected)
+
+
+def test_save_load_round_trip_and_cross_type_error(setup, tmp_path):
+    ds, encoder, dense = setup
+    adore = Adore(dense, encoder, k=10, max_steps=5, **FAST)
+    adore.fit(ds.get_topics('train'), ds.get_qrels('train'))
+    adore.save(tmp_path / 'adore')
+    loaded = Adore.load(tmp_path / 'adore', device='cpu')
+    topics = ds.get_topics('dev')
+    a, b = adore.retriever(10)(topics), loaded.retriever(10)(topics)
+    assert a['docno'].tolist() == b['docno'].tolist()
+    np.testing.assert_allclose(a['score'], b['score'], atol=1e-6)
+    assert loaded.k == 10 and loaded.fitted
+    with pytest.raises(ValueError, match='holds a saved Adore'):
+        Coder.load(tmp_path / 'adore')
+
+
+def test_coder_initialised_from_adore(setup):
+    ds, encoder, dense = setup
+    adore = Adore(dense, encoder, k=10, max_steps=5, **FAST).fit(ds.get_topics('train'), ds.get_qrels('train'))
+    coder = Coder(dense, adore.encoder, **FAST)
+    np.testing.assert_allclose(coder.encoder.encode_queries(['apple']), adore.encoder.encode_queries(['apple']))
+
+
+def test_bad_arguments(setup):
+    ds, encoder, dense = setup
+    with pytest.raises(ValueError, match='delta_metric'):
+        Adore(dense, encoder, delta_metric='P@10')
+    with pytest.raises(ValueError, match='search'):
+        Adore(dense, encoder, search='annoy')
+    with pytest.raises(ValueError, match='no training query'):
+        Adore(dense, encoder, **FAST).fit(ds.get_topics('train'), pd.DataFrame(
+            {'qid': ['zz'], 'docno': ['d000'], 'label': [1]}))
