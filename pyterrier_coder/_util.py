@@ -57,21 +57,18 @@ def atomic_write_text(path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(results: pd.DataFrame, qrels: pd.DataFrame, metric: str) -> float:
-    """Mean of ``metric`` (an ir_measures name such as ``nDCG@10``) over the queries in ``qrels``;
-    queries without results count as 0, as in ``pt.Experiment``."""
+def evaluate(results: pd.DataFrame, qrels: pd.DataFrame, metric: str, qids) -> float:
+    """Mean of ``metric`` (an ir_measures name such as ``nDCG@10``) over the evaluated topics ``qids`` that have
+    qrels; a topic without results counts as 0. Qrels of other queries are ignored (they belong to topics that
+    were not evaluated, e.g. the rest of a split when validating on a sample)."""
     import ir_measures
     measure = ir_measures.parse_measure(metric)
+    qids = set(map(str, qids))
+    qrels = qrels[qrels['qid'].astype(str).isin(qids)]
+    qrels = qrels.assign(qid=qrels['qid'].astype(str), docno=qrels['docno'].astype(str))
     qrels = qrels.rename(columns={'qid': 'query_id', 'docno': 'doc_id', 'label': 'relevance'})
     run = results[['qid', 'docno', 'score']].rename(columns={'qid': 'query_id', 'docno': 'doc_id'})
+    run = run.assign(query_id=run['query_id'].astype(str), doc_id=run['doc_id'].astype(str))
     per_query = {m.query_id: m.value for m in measure.iter_calc(qrels, run)}
     n = qrels['query_id'].nunique()
     return float(sum(per_query.values()) / n) if n else 0.0
-
-
-def validate_columns(component: str, frame: pd.DataFrame, required) -> None:
-    """Raises a KeyError naming the component and the missing columns."""
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise KeyError(f'{component} needs columns {list(required)}; missing {missing} '
-                       f'(found {list(frame.columns)})')

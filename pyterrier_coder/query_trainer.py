@@ -180,7 +180,7 @@ class DenseQueryTrainer(pt.Estimator):
             cells = ids >= 0
             res = pd.DataFrame({'qid': np.repeat(qids, ids.shape[1])[cells.reshape(-1)],
                                 'docno': docnos.fwd[ids[cells]], 'score': scores[cells]})
-            return evaluate(res, valid_qrels, self.config.metric)
+            return evaluate(res, valid_qrels, self.config.metric, qids)
         return validate
 
     def _prepare_device(self) -> torch.device:

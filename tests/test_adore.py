@@ -25,7 +25,8 @@ def setup(tiny_bert_dir, tiny_collection, tmp_path_factory):
 
 
 def _ndcg(retriever, ds):
-    return evaluate(retriever(ds.get_topics('train')), ds.get_qrels('train'), 'nDCG@10')
+    topics = ds.get_topics('train')
+    return evaluate(retriever(topics), ds.get_qrels('train'), 'nDCG@10', topics['qid'])
 
 
 @pytest.mark.parametrize('options', [dict(), dict(delta_metric='nDCG@10'), dict(lambda_weighting=False),

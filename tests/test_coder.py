@@ -88,9 +88,9 @@ def test_fit_trains_only_the_query_encoder_and_improves(setup):
     base_weights = {k: v.clone() for k, v in encoder.model.state_dict().items()}
     coder = Coder(dense, encoder, num_candidates=20, max_steps=40, **FAST)
     pipeline = bm25 % 20 >> coder
-    before = evaluate(pipeline(train), qrels, 'nDCG@10')
+    before = evaluate(pipeline(train), qrels, 'nDCG@10', train['qid'])
     pipeline.fit(train, qrels, train, qrels)       # validate on train: the tiny random model can only memorise
-    after = evaluate(pipeline(train), qrels, 'nDCG@10')
+    after = evaluate(pipeline(train), qrels, 'nDCG@10', train['qid'])
     assert after > before + 0.1, (before, after)
     assert _file_hash(dense.flex.index_path / 'vecs.f4') == vec_hash                # documents untouched
     assert all(torch.equal(v, encoder.model.state_dict()[k]) for k, v in base_weights.items())  # base untouched
@@ -107,9 +107,9 @@ def test_fit_from_topics_uses_the_index_itself_and_retrieve_validation(setup):
     ds, encoder, dense, bm25 = setup
     train, qrels = ds.get_topics('train'), ds.get_qrels('train')
     coder = Coder(dense, encoder, num_candidates=15, max_steps=30, validate_with='retrieve', **FAST)
-    before = evaluate(dense.retriever(100)(train), qrels, 'nDCG@10')
+    before = evaluate(dense.retriever(100)(train), qrels, 'nDCG@10', train['qid'])
     coder.fit(train, qrels, train, qrels)
-    after = evaluate(coder.retriever(100)(train), qrels, 'nDCG@10')
+    after = evaluate(coder.retriever(100)(train), qrels, 'nDCG@10', train['qid'])
     assert after > before + 0.1, (before, after)
     assert coder.history['eval'][0][1] == pytest.approx(before, abs=1e-4)
 

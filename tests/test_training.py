@@ -90,3 +90,12 @@ def test_split_training_kwargs_rejects_unknown():
     assert cfg.lr == 3e-5
     with pytest.raises(TypeError, match='unexpected'):
         split_training_kwargs(TrainingConfig(), {'lrr': 1})
+
+
+def test_evaluate_counts_only_the_evaluated_topics():
+    import pandas as pd
+    from pyterrier_coder._util import evaluate
+    qrels = pd.DataFrame({'qid': ['1', '2', '3'], 'docno': ['a', 'b', 'c'], 'label': [1, 1, 1]})
+    run = pd.DataFrame({'qid': ['1', '2'], 'docno': ['a', 'x'], 'score': [1.0, 1.0]})
+    assert evaluate(run, qrels, 'RR@10', ['1', '2']) == pytest.approx(0.5)      # query 3 not evaluated
+    assert evaluate(run, qrels, 'RR@10', ['1', '2', '3']) == pytest.approx(1 / 3)  # no results: counts 0

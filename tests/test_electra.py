@@ -1,0 +1,342 @@
+"""MonoElectra: reranking, head/tokenizer handling, LCE group sampling, training and persistence (offline, tiny)."""
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pyterrier_coder._util import evaluate, write_component_config
+from pyterrier_coder.datasets import load_dataset
+from pyterrier_coder.electra import MonoElectra, build_training_groups, sample_groups
+from pyterrier_coder.retrievers import BM25
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: intra-op threading only adds contention (40x slower here)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope='module')
+def dataset(tiny_collection):
+    return load_dataset(tiny_collection)
+
+
+@pytest.fixture(scope='module')
+def bm25(dataset, tmp_path_factory):
+    index = BM25(tmp_path_factory.mktemp('electra_bm25') / 'index', text=True)
+    return index.index(dataset.get_corpus_iter(verbose=False), verbose=False)
+
+
+@pytest.fixture(scope='module')
+def train_res(bm25, dataset):
+    return (bm25 % 20)(dataset.get_topics('train'))
+
+
+def electra(path, **kwargs):
+    kwargs.setdefault('verbose', False)
+    return MonoElectra(str(path), **kwargs)
+
+
+def direct_scores(path, queries, docs, max_length=256, head=None):
+    """Independent reference: one unbatched forward pass per pair with the plain HF API."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    out = []
+    with torch.no_grad():
+        for q, d in zip(queries, docs):
+            enc = tok(q, d, truncation='only_second', max_length=max_length, return_tensors='pt')
+            logits = model(**enc).logits[0]
+            out.append(float(logits[0]) if logits.shape[0] == 1 else float(logits[1] - logits[0]))
+    return np.array(out)
+
+
+def copy_tokenizer(src, dst):
+    for f in src.iterdir():
+        if 'token' in f.name or f.name in ('vocab.txt', 'special_tokens_map.json'):
+            shutil.copy(f, dst / f.name)
+
+
+# --- inference ---------------------------------------------------------------------------------------------
+
+def test_rerank_columns_sorting_and_scores(tiny_cross_encoder_dir, train_res):
+    model = electra(tiny_cross_encoder_dir, batch_size=7)
+    inp = train_res.sample(frac=1.0, random_state=0)  # shuffled input
+    out = model(inp)
+    assert list(out.columns) == list(train_res.columns)
+    assert len(out) == len(inp)
+    assert out['qid'].is_monotonic_increasing
+    for _, g in out.groupby('qid'):
+        assert g['rank'].tolist() == list(range(len(g)))
+        assert g['score'].is_monotonic_decreasing
+    expected = direct_scores(tiny_cross_encoder_dir, out['query'], out['text'])
+    np.testing.assert_allclose(out['score'].values, expected, atol=1e-5)
+    assert not np.allclose(out['score'].values, inp.set_index(['qid', 'docno']).loc[
+        list(zip(out['qid'], out['docno'])), 'score'].values)
+
+
+def test_query_and_pair_truncation(tiny_cross_encoder_dir):
+    text = ' '.join(['apple banana cherry'] * 40)
+    frame = pd.DataFrame({'qid': ['1', '2'], 'query': ['apple banana cherry grape lemon mango', 'apple banana cherry'],
+                          'docno': ['d', 'd'], 'text': [text, text]})
+    out = electra(tiny_cross_encoder_dir, query_max_length=3, max_length=16)(frame)
+    s = out.set_index('qid')['score']
+    assert s['1'] == pytest.approx(s['2'], abs=1e-6)  # the query was cut to its first 3 tokens
+    expected = direct_scores(tiny_cross_encoder_dir, ['apple banana cherry'], [text], max_length=16)
+    assert s['2'] == pytest.approx(expected[0], abs=1e-5)
+    model = electra(tiny_cross_encoder_dir, query_max_length=3, max_length=16)
+    enc = model._encode(model._truncate_queries(['apple banana cherry grape lemon mango']), [text])
+    assert len(enc['input_ids'][0]) == 16
+    assert model.tokenizer.decode(enc['input_ids'][0]).startswith('[CLS] apple banana cherry [SEP] apple')
+
+
+def test_two_logit_head(tiny_cross_encoder_dir, tmp_path, train_res):
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+    config = ElectraConfig.from_pretrained(tiny_cross_encoder_dir)
+    config.num_labels = 2
+    torch.manual_seed(1)
+    ElectraForSequenceClassification(config).save_pretrained(tmp_path)
+    copy_tokenizer(tiny_cross_encoder_dir, tmp_path)
+    res = train_res.head(12)
+    out = electra(tmp_path)(res)
+    np.testing.assert_allclose(out['score'].values, direct_scores(tmp_path, out['query'], out['text']), atol=1e-5)
+    # a checkpoint whose config does not name its architecture keeps its (2-logit) head, without a warning
+    import json
+    conf = json.loads((tmp_path / 'config.json').read_text())
+    conf.pop('architectures')
+    (tmp_path / 'config.json').write_text(json.dumps(conf))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        untagged = electra(tmp_path)
+    np.testing.assert_allclose(untagged(res)['score'].values, out['score'].values, atol=1e-6)
+
+
+def test_tokenizer_override(tiny_cross_encoder_dir, tmp_path, train_res):
+    from transformers import AutoModelForSequenceClassification
+    AutoModelForSequenceClassification.from_pretrained(tiny_cross_encoder_dir).save_pretrained(tmp_path)
+    with pytest.raises(OSError, match='tokenizer='):
+        electra(tmp_path)
+    res = train_res.head(10)
+    a = electra(tmp_path, tokenizer=str(tiny_cross_encoder_dir))(res)
+    b = electra(tiny_cross_encoder_dir)(res)
+    np.testing.assert_allclose(a['score'].values, b['score'].values, atol=1e-6)
+    from transformers import AutoTokenizer
+    c = electra(tmp_path, tokenizer=AutoTokenizer.from_pretrained(tiny_cross_encoder_dir))(res)
+    np.testing.assert_allclose(c['score'].values, b['score'].values, atol=1e-6)
+
+
+def test_plain_encoder_gets_fresh_one_logit_head(tiny_cross_encoder_dir, tmp_path, train_res):
+    from transformers import BertConfig, BertModel
+    tok_size = len(__import__('transformers').AutoTokenizer.from_pretrained(tiny_cross_encoder_dir))
+    BertModel(BertConfig(vocab_size=tok_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=256)).save_pretrained(tmp_path)
+    copy_tokenizer(tiny_cross_encoder_dir, tmp_path)
+    with pytest.warns(UserWarning, match='fresh'):
+        model = electra(tmp_path)
+    assert model.model.config.num_labels == 1
+    out = model(train_res.head(8))
+    assert np.isfinite(out['score']).all() and out['score'].nunique() > 1
+
+
+def test_missing_text_error(tiny_cross_encoder_dir, bm25, dataset):
+    model = electra(tiny_cross_encoder_dir)
+    no_text = BM25(bm25.path, num_results=5)
+    with pytest.raises(KeyError, match=r"MonoElectra.*'text'.*text=True.*text_loader"):
+        (no_text >> model)(dataset.get_topics('train'))
+    # a text loader fixes it
+    out = (no_text >> bm25.text_loader() >> model)(dataset.get_topics('train'))
+    assert len(out) and 'score' in out
+
+
+def test_empty_frame_and_nan_text(tiny_cross_encoder_dir):
+    model = electra(tiny_cross_encoder_dir)
+    empty = pd.DataFrame({'qid': pd.Series(dtype=str), 'query': pd.Series(dtype=str),
+                          'docno': pd.Series(dtype=str), 'text': pd.Series(dtype=str)})
+    out = model(empty)
+    assert len(out) == 0 and {'score', 'rank'} <= set(out.columns)
+    frame = pd.DataFrame({'qid': ['1', '1', '1'], 'query': ['apple'] * 3, 'docno': ['a', 'b', 'c'],
+                          'text': [np.nan, '', None]})
+    out = model(frame)
+    assert out['score'].nunique() == 1 and np.isfinite(out['score']).all()
+
+
+def test_composition_with_rank_cutoff(tiny_cross_encoder_dir, bm25, dataset):
+    model = electra(tiny_cross_encoder_dir)
+    pipe = bm25 % 5 >> model
+    out = pipe(dataset.get_topics('train'))
+    assert out.groupby('qid').size().max() <= 5
+    assert set(out['qid']) == set(dataset.get_topics('train')['qid'])
+    assert 'MonoElectra' in repr(pipe)
+
+
+def test_repr_and_bad_arguments(tiny_cross_encoder_dir):
+    assert repr(electra(tiny_cross_encoder_dir, loss='ce', group_size=4)) == \
+        f"MonoElectra({str(tiny_cross_encoder_dir)!r}, loss='ce', group_size=4)"
+    model = electra(tiny_cross_encoder_dir, batch_size=5, train_batch_size=3, lr=1e-4)
+    assert (model.batch_size, model.config.batch_size, model.config.lr) == (5, 3, 1e-4)
+    with pytest.raises(ValueError, match='loss'):
+        electra(tiny_cross_encoder_dir, loss='listnet')
+    with pytest.raises(TypeError, match='bogus'):
+        electra(tiny_cross_encoder_dir, bogus=1)
+
+
+# --- group sampling ----------------------------------------------------------------------------------------
+
+def _candidates(n=30):
+    """One query 'q1' with n candidates d0..d{n-1} (d0 best); qrels: d2 and d5 positive, d3 judged 0,
+    d40 positive but not retrieved; query 'q2' without positives; query 'q3' with only 3 candidates."""
+    rows = [('q1', 'one', f'd{i}', float(n - i), f'text {i}') for i in range(n)]
+    rows += [('q2', 'two', f'e{i}', float(10 - i), f'text e{i}') for i in range(10)]
+    rows += [('q3', 'three', f'f{i}', float(3 - i), f'text f{i}') for i in range(3)]
+    frame = pd.DataFrame(rows, columns=['qid', 'query', 'docno', 'score', 'text'])
+    qrels = pd.DataFrame({'qid': ['q1', 'q1', 'q1', 'q1', 'q3', 'q3'],
+                          'docno': ['d2', 'd5', 'd3', 'd40', 'f0', 'f9'], 'label': [1, 2, 0, 1, 1, 1]})
+    return frame, qrels
+
+
+def test_sampler_negatives_are_top_m_distinct_non_positive_and_resampled():
+    frame, qrels = _candidates()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        data = build_training_groups(frame.sample(frac=1.0, random_state=1), qrels, negatives_from=10,
+                                     group_size=8)
+    assert data.qids == ['q1', 'q3']
+    q1 = data.qids.index('q1')
+    # the top 10 by score minus the judged positives (d3, judged 0, stays a negative), in rank order
+    assert list(data.negatives[q1]) == ['d0', 'd1', 'd3', 'd4', 'd6', 'd7', 'd8', 'd9']
+    assert set(data.positives[q1]) == {'d2', 'd5'}            # d40: a positive without text, skipped
+    assert data.stats['skipped_no_positive'] == 1              # q2
+    assert data.stats['positives_without_text'] == 2           # d40 and f9
+    assert data.stats['queries_with_few_negatives'] == 1       # q3: 2 negatives < 7
+    few = [w for w in caught if 'fewer than group_size' in str(w.message)]
+    assert len(few) == 1
+    rng = np.random.default_rng(0)
+    epochs = [sample_groups(data, 6, rng) for _ in range(20)]
+    seen = set()
+    for groups in epochs:
+        assert sorted(i for i, _ in groups) == [0, 1]
+        for i, docnos in groups:
+            pos, negs = docnos[0], docnos[1:]
+            assert pos in set(data.positives[i])
+            assert len(set(negs)) == len(negs)
+            assert not set(negs) & set(qrels[(qrels.qid == data.qids[i]) & (qrels.label >= 1)].docno)
+            assert set(negs) <= set(data.negatives[i])
+            if data.qids[i] == 'q1':
+                assert len(negs) == 5 and set(negs) <= {f'd{k}' for k in range(10)}
+                seen.add(tuple(sorted(negs)))
+            else:
+                assert sorted(negs) == ['f1', 'f2']            # fewer negatives than asked: all of them
+    assert len(seen) > 10                                      # resampled across epochs
+
+
+@pytest.mark.filterwarnings('ignore:MonoElectra')
+def test_sampler_texts_source_and_min_label():
+    frame, qrels = _candidates()
+    data = build_training_groups(frame, qrels, negatives_from=10, group_size=4, texts={'d40': 'forty'})
+    assert 'd40' in set(data.positives[data.qids.index('q1')]) and data.texts['d40'] == 'forty'
+    assert data.stats['positives_without_text'] == 1
+    data = build_training_groups(frame, qrels, negatives_from=10, group_size=4, texts=lambda d: {'f9': 'nine'}[d])
+    assert data.texts['f9'] == 'nine'
+    graded = build_training_groups(frame, qrels, negatives_from=10, group_size=4, min_label=2)
+    assert graded.qids == ['q1'] and list(graded.positives[0]) == ['d5']
+    assert 'd2' in set(graded.negatives[0])  # label 1 < min_label: may be a negative
+
+
+@pytest.mark.filterwarnings('ignore:MonoElectra')
+def test_sampler_text_loader_source(bm25, dataset):
+    qrels = dataset.get_qrels('train')
+    qid = qrels['qid'].iloc[0]
+    topics = dataset.get_topics('train')
+    frame = (BM25(bm25.path, num_results=20, text=True))(topics[topics.qid == qid])
+    frame = frame[~frame['docno'].isin(qrels['docno'])]          # no positive among the candidates
+    data = build_training_groups(frame, qrels, texts=bm25.text_loader())
+    assert data.qids == [qid] and data.stats['positives_without_text'] == 0
+    docs = {d['docno']: d['text'] for d in dataset.get_corpus_iter(verbose=False)}
+    assert all(data.texts[d] == docs[d] for d in data.positives[0])
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+TRAIN = dict(lr=2e-3, max_steps=60, train_batch_size=4, group_size=8, negatives_from=20, seed=0, eval_every=None)
+
+
+@pytest.mark.parametrize('loss', ['lce', 'ce', 'hinge'])
+def test_fit_each_loss_runs(tiny_cross_encoder_dir, train_res, dataset, loss):
+    model = electra(tiny_cross_encoder_dir, loss=loss, **{**TRAIN, 'max_steps': 3})
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model.fit(train_res, dataset.get_qrels('train'))
+    h = model.history
+    assert h['steps'] == 3 and len(h['loss']) == 3 and all(np.isfinite(l) for _, l in h['loss'])
+    assert h['training_data']['train_queries'] == 10
+    assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+    assert model.fitted and 'fitted' in repr(model)
+
+
+def test_lce_training_improves_training_queries(tiny_cross_encoder_dir, train_res, dataset):
+    qrels = dataset.get_qrels('train')
+    model = electra(tiny_cross_encoder_dir, **TRAIN)
+    before = evaluate(model(train_res), qrels, 'nDCG@10', train_res['qid'].unique())
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model.fit(train_res, qrels)
+    after = evaluate(model(train_res), qrels, 'nDCG@10', train_res['qid'].unique())
+    assert after > before + 0.2, (before, after)
+
+
+def test_pipeline_fit_with_validation(tiny_cross_encoder_dir, bm25, dataset):
+    model = electra(tiny_cross_encoder_dir, **{**TRAIN, 'max_steps': 4, 'eval_every': 2})
+    pipe = bm25 % 10 >> model
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        pipe.fit(dataset.get_topics('train'), dataset.get_qrels('train'),
+                 dataset.get_topics('dev'), dataset.get_qrels('dev'))
+    evals = model.history['eval']
+    assert [s for s, _ in evals] == [0, 2, 4]
+    assert model.history['best_metric'] == max(v for _, v in evals)
+    # the restored weights are the best validated ones
+    dev = (bm25 % 10)(dataset.get_topics('dev'))
+    assert evaluate(model(dev), dataset.get_qrels('dev'), 'nDCG@10', dev['qid'].unique()) == pytest.approx(model.history['best_metric'])
+
+
+def test_fit_requires_text(tiny_cross_encoder_dir, train_res, dataset):
+    model = electra(tiny_cross_encoder_dir, **TRAIN)
+    with pytest.raises(KeyError, match='MonoElectra.*text=True'):
+        model.fit(train_res.drop(columns='text'), dataset.get_qrels('train'))
+    with pytest.raises(KeyError, match='validation frame'):
+        model.fit(train_res, dataset.get_qrels('train'), train_res.drop(columns='text'), dataset.get_qrels('train'))
+
+
+# --- persistence -------------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(tiny_cross_encoder_dir, train_res, dataset, tmp_path):
+    model = electra(tiny_cross_encoder_dir, loss='ce', group_size=4, query_max_length=20, max_length=64,
+                    **{k: v for k, v in TRAIN.items() if k not in ('group_size',)} | {'max_steps': 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model.fit(train_res, dataset.get_qrels('train'))
+    model.save(tmp_path / 'saved')
+    loaded = MonoElectra.load(tmp_path / 'saved', verbose=False)
+    assert (loaded.loss, loaded.group_size, loaded.query_max_length, loaded.max_length) == ('ce', 4, 20, 64)
+    assert loaded.config.lr == model.config.lr and loaded.config.batch_size == model.config.batch_size
+    assert loaded.fitted and loaded.history['steps'] == 2
+    np.testing.assert_allclose(loaded(train_res)['score'].values, model(train_res)['score'].values, atol=1e-6)
+
+
+def test_load_wrong_directory(tmp_path, tiny_cross_encoder_dir):
+    other = tmp_path / 'coder'
+    other.mkdir()
+    write_component_config(other, 'Coder', {})
+    with pytest.raises(ValueError, match='holds a saved Coder.*MonoElectra'):
+        MonoElectra.load(other)
+    with pytest.raises(ValueError, match='not written by pyterrier-coder'):
+        MonoElectra.load(tiny_cross_encoder_dir)
+    with pytest.raises(FileNotFoundError):
+        MonoElectra.load(tmp_path / 'missing')
