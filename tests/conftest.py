@@ -167,3 +167,32 @@ def vaswani_bm25(vaswani_dataset, tmp_path_factory):
     from pyterrier_coder.retrievers import BM25
     return BM25.from_dataset(vaswani_dataset, tmp_path_factory.mktemp('bm25') / 'vaswani', verbose=False)
 # ------------------------------ end of dataset / BM25 fixtures -------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the quick main job on the real NFCorpus, run once per session; its MiniLM index is reused by other tests
+
+@pytest.fixture(scope='session')
+def nfcorpus_quick_run(tmp_path_factory):
+    """Runs `pyterrier-coder experiment --quick` on NFCorpus (all components) and returns (out dir, stdout)."""
+    import contextlib
+    import io
+    path = require_dataset('nfcorpus')
+    require_minilm()
+    from pyterrier_coder.cli import main
+    out = tmp_path_factory.mktemp('quick_experiment') / 'nfcorpus'
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(['experiment', '--dataset', str(path), '--base', 'minilm', '--quick', '--out', str(out),
+                     '--device', 'cpu'])
+    assert code == 0, stdout.getvalue()
+    return out, stdout.getvalue()
+
+
+@pytest.fixture(scope='session')
+def nfcorpus_minilm(nfcorpus_quick_run):
+    """The MiniLM FlexIndex of NFCorpus built by the quick run (encoding the corpus once per session)."""
+    from pyterrier_coder.encoders import DenseEncoder, DenseIndex
+    dense = DenseIndex(DenseEncoder.minilm(batch_size=64), nfcorpus_quick_run[0] / 'indexes' / 'dense.flex')
+    assert dense.built()
+    return dense

@@ -138,14 +138,6 @@ def test_minilm_preset_matches_sentence_transformers():
     np.testing.assert_allclose(enc.encode_docs(texts), expected, atol=1e-4)
 
 
-@pytest.fixture(scope='session')
-def nfcorpus_minilm(tmp_path_factory):
-    require_minilm()
-    ds = load_dataset(require_dataset('nfcorpus'))
-    dense = DenseIndex(DenseEncoder.minilm(batch_size=64), tmp_path_factory.mktemp('minilm') / 'nfcorpus.flex')
-    return dense.index(ds.get_corpus_iter(verbose=False))
-
-
 def test_minilm_dense_on_nfcorpus_near_bm25(nfcorpus_minilm, nfcorpus_bm25):
     from pyterrier.measures import nDCG
     ds = load_dataset(require_dataset('nfcorpus'))

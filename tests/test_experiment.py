@@ -1,0 +1,97 @@
+"""The main job (`pyterrier-coder experiment --quick`) on the real NFCorpus: outputs exist, parse and agree."""
+import contextlib
+import io
+
+import matplotlib.image
+import pandas as pd
+import pyterrier as pt
+import pytest
+
+from pyterrier_coder.cli import main
+from pyterrier_coder.experiment import BASELINE
+
+EXPECTED = ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'CODER', 'ADORE', 'BM25 >> MonoELECTRA']
+
+
+def test_results_table(nfcorpus_quick_run):
+    out, stdout = nfcorpus_quick_run
+    results = pd.read_csv(out / 'results.csv')
+    assert results['name'].tolist() == EXPECTED
+    for col in ['nDCG@10', 'RR@10', 'R@100', 'R@1000', 'AP', 'nDCG@10 p-value', 'nDCG@10 p-value corrected', 'ms/query']:
+        assert col in results.columns, col
+    assert results['nDCG@10'].between(0, 1).all()
+    bm25 = results.set_index('name').loc['BM25']
+    assert 0.2 < bm25['nDCG@10'] < 0.5          # a real BM25 on a sample of 60 judged test queries
+    assert 'BM25 >> CODER' in stdout and 'nDCG@10' in stdout
+
+
+def test_perquery_and_runs_agree_with_results(nfcorpus_quick_run):
+    out, _ = nfcorpus_quick_run
+    results = pd.read_csv(out / 'results.csv').set_index('name')
+    perquery = pd.read_csv(out / 'perquery.csv', dtype={'qid': str})
+    means = perquery[perquery['measure'] == 'nDCG@10'].groupby('name')['value'].mean()
+    for name in EXPECTED:
+        assert means[name] == pytest.approx(results.loc[name, 'nDCG@10'], abs=1e-9)
+    runs = sorted(p.name for p in (out / 'runs').iterdir())
+    assert len(runs) == len(EXPECTED)
+    assert perquery['qid'].nunique() == 60
+    dense_run = pt.io.read_results(str(out / 'runs' / 'Dense.res.gz'))
+    assert dense_run['qid'].nunique() == 60 and dense_run.groupby('qid').size().eq(1000).all()
+    bm25_run = pt.io.read_results(str(out / 'runs' / 'BM25.res.gz'))
+    assert set(bm25_run['qid']) <= set(perquery['qid'])   # BM25 may find nothing for a query
+
+
+def test_report_and_plots(nfcorpus_quick_run):
+    out, _ = nfcorpus_quick_run
+    report = (out / 'report.md').read_text()
+    assert '| BM25 >> CODER |' in report and BASELINE in report and 'Holm' in report
+    for name in ['training_coder.png', 'training_coder_single_stage.png', 'training_adore.png',
+                 'training_electra.png', 'perquery_ndcg_diff.png']:
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 100 and image.shape[1] > 100
+        assert f'![{name}]({name})' in report
+
+
+def test_rerun_reuses_models(nfcorpus_quick_run):
+    out, _ = nfcorpus_quick_run
+    stamps = {p: p.stat().st_mtime_ns for p in (out / 'models').rglob('*') if p.is_file()}
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(['experiment', '--dataset', str(_dataset_path()), '--quick', '--out', str(out),
+                     '--device', 'cpu'])
+    assert code == 0
+    assert stdout.getvalue().count('reusing trained') == 4
+    assert {p: p.stat().st_mtime_ns for p in (out / 'models').rglob('*') if p.is_file()} == stamps
+
+
+def _dataset_path():
+    from conftest import require_dataset
+    return require_dataset('nfcorpus')
+
+
+def test_bad_dataset_and_components_exit_with_message(tmp_path, capsys):
+    assert main(['experiment', '--dataset', str(tmp_path / 'missing'), '--out', str(tmp_path / 'o')]) == 2
+    assert 'missing' in capsys.readouterr().err
+    assert main(['experiment', '--dataset', str(_dataset_path()), '--components', 'bm25,colbert',
+                 '--out', str(tmp_path / 'o')]) == 2
+    assert 'colbert' in capsys.readouterr().err
+
+
+def test_quickstart_notebook_runs(nfcorpus_quick_run, monkeypatch):
+    """Executes examples/quickstart.ipynb on the quick budget, reusing the quick run's indexes."""
+    nbformat = pytest.importorskip('nbformat')
+    nbclient = pytest.importorskip('nbclient')
+    from pathlib import Path
+    out, _ = nfcorpus_quick_run
+    monkeypatch.setenv('PTC_DATASET', str(_dataset_path()))
+    monkeypatch.setenv('PTC_INDEX_DIR', str(out / 'indexes'))
+    monkeypatch.setenv('PTC_QUICK', '1')
+    examples = Path(__file__).resolve().parents[1] / 'examples'
+    nb = nbformat.read(examples / 'quickstart.ipynb', as_version=4)
+    nbclient.NotebookClient(nb, timeout=900, kernel_name='python3',
+                            resources={'metadata': {'path': str(examples)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
+    assert not [o for o in outputs if o.get('output_type') == 'error']
+    table = [o for o in outputs if 'text/html' in o.get('data', {}) and 'BM25 &gt;&gt; CODER' in o['data']['text/html']]
+    assert table, 'the pt.Experiment table is missing from the outputs'
+    assert any('image/png' in o.get('data', {}) for o in outputs)
