@@ -31,9 +31,9 @@ MEASURES = ('nDCG@10', 'RR@10', 'R@100', 'R@1000', 'AP')
 FULL = dict(
     coder=dict(num_candidates=1000, min_label=2, lower_labels='ignore', lr=2e-5, optimizer='adamw', warmup=0.1,
                schedule='constant', max_steps=400, eval_every=50, batch_size=32),
-    adore=dict(k=200, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0.1, max_steps=300, eval_every=50,
-               patience=4, batch_size=32),
-    electra=dict(group_size=8, negatives_from=100, loss='lce', lr=3e-5, max_steps=200, eval_every=50,
+    adore=dict(k=200, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0.1, max_steps=200, eval_every=50,
+               batch_size=32),
+    electra=dict(group_size=8, negatives_from=100, loss='lce', lr=3e-5, max_steps=200, eval_every=100,
                  patience=3, train_batch_size=2, max_length=192),
     rerank_depth=50, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=50,
 )
