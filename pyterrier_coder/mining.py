@@ -28,6 +28,7 @@ class EmbeddingStore:
         self._vecs = None
         self._docnos = None
         self._exact = None
+        self._device_vecs = None
 
     @property
     def vecs(self) -> np.ndarray:
@@ -48,20 +49,29 @@ class EmbeddingStore:
     def dim(self) -> int:
         return self.vecs.shape[1]
 
+    # An exact in-memory docno -> row table is the fastest lookup; above this many documents it would cost too much
+    # memory, and npids' hashed lookup (verified) is used instead.
+    EXACT_LOOKUP_MAX_DOCS = 2_000_000
+    #: exact search keeps the whole matrix on the search device when it is at most this large (bytes)
+    SEARCH_CACHE_MAX_BYTES = 2 * 1024 ** 3
+
     def ids(self, docnos, *, component: str = 'pyterrier_coder', on_missing: str = 'error') -> np.ndarray:
         """Row ids of ``docnos``; unknown docnos raise a KeyError listing a few, or map to -1 when
         ``on_missing='drop'`` (the caller then drops them and warns)."""
         docnos = np.asarray(docnos, dtype=object).astype(str)
         if len(docnos) == 0:
             return np.empty(0, dtype=np.int64)
-        try:
-            out = np.asarray(self.docnos.inv[docnos], dtype=np.int64)
-            # npids' hashed lookup can answer a near-miss ("1" for "001"): verify by the forward mapping
-            if (self.docnos.fwd[out].astype(str) == docnos).all():
-                return out
-        except (KeyError, ValueError, IndexError):
-            pass
-        out = self._exact_index().get_indexer(docnos).astype(np.int64)
+        out = None
+        if len(self) > self.EXACT_LOOKUP_MAX_DOCS:
+            try:
+                out = np.asarray(self.docnos.inv[docnos], dtype=np.int64)
+                # npids' hashed lookup can answer a near-miss ("1" for "001"): verify by the forward mapping
+                if not (self.docnos.fwd[out].astype(str) == docnos).all():
+                    out = None
+            except (KeyError, ValueError, IndexError):
+                out = None
+        if out is None:
+            out = self._exact_index().get_indexer(docnos).astype(np.int64)
         missing = np.unique(docnos[out < 0])
         if len(missing) and on_missing == 'error':
             raise KeyError(f'{component}: {len(missing)} docno(s) are not in the document index '
@@ -70,30 +80,41 @@ class EmbeddingStore:
         return out
 
     def _exact_index(self) -> pd.Index:
-        """An exact docno -> row lookup, built only when the fast npids lookup fails or disagrees."""
+        """An exact docno -> row lookup (built once)."""
         if self._exact is None:
             self._exact = pd.Index(self.docnos.fwd[np.arange(len(self))].astype(str))
         return self._exact
 
     def gather(self, ids, device=None) -> torch.Tensor:
-        """Embeddings of the rows ``ids`` (any shape; -1 = padding gives a zero vector) as a float32 tensor."""
+        """Embeddings of the rows ``ids`` (any shape; -1 = padding gives a zero vector) as a float32 tensor.
+        Only the requested rows are read from the memory-mapped matrix, in sorted order."""
         ids = np.asarray(ids)
         flat = ids.reshape(-1)
         valid = flat >= 0
-        uniq, inverse = np.unique(flat[valid], return_inverse=True)  # sorted rows: sequential reads of the memmap
-        rows = np.zeros((flat.shape[0], self.dim), dtype=np.float32)
-        if len(uniq):
-            rows[valid] = np.asarray(self.vecs[uniq])[inverse]
+        if valid.all():
+            uniq, inverse = np.unique(flat, return_inverse=True)
+            rows = np.asarray(self.vecs[uniq])[inverse]
+        else:
+            uniq, inverse = np.unique(flat[valid], return_inverse=True)
+            rows = np.zeros((flat.shape[0], self.dim), dtype=np.float32)
+            if len(uniq):
+                rows[valid] = np.asarray(self.vecs[uniq])[inverse]
         out = torch.from_numpy(rows.reshape(*ids.shape, self.dim))
         return out.to(device, non_blocking=True) if device is not None else out
 
     def search(self, query_vecs: torch.Tensor, k: int, *, block_size: int = 65536) -> tuple:
         """Exact top-k by inner product over all documents: returns (scores [Q,k], ids [Q,k] int64).
 
-        Blocks of the memory-mapped matrix are scored on the queries' device and merged, so memory stays
-        bounded by ``block_size`` rows whatever the corpus size."""
+        A matrix of at most ``SEARCH_CACHE_MAX_BYTES`` is kept on the queries' device after the first call (ADORE
+        searches at every step); a larger one is streamed from the memory map in blocks of ``block_size`` rows and
+        the per-block top-k merged, so memory stays bounded whatever the corpus size."""
         q = query_vecs.detach().float()
         k = min(k, len(self))
+        if self.vecs.nbytes <= self.SEARCH_CACHE_MAX_BYTES:
+            if self._device_vecs is None or self._device_vecs.device != q.device:
+                self._device_vecs = torch.from_numpy(np.array(self.vecs)).to(q.device)
+            top = (q @ self._device_vecs.T).topk(k, dim=1)
+            return top.values, top.indices
         best_s = best_i = None
         for start in range(0, len(self), block_size):
             block = torch.from_numpy(np.array(self.vecs[start:start + block_size])).to(q.device)

@@ -184,3 +184,29 @@ def test_bad_arguments(setup):
     for kwargs, match in [(dict(loss='x'), 'loss'), (dict(scorer='x'), 'scorer'), (dict(lr_typo=1), 'unexpected')]:
         with pytest.raises((ValueError, TypeError), match=match):
             Coder(dense, encoder, **kwargs)
+
+
+def test_embedding_store_lookup_gather_and_search_paths(setup, monkeypatch):
+    ds, encoder, dense, bm25 = setup
+    store = EmbeddingStore(dense.flex)
+    vecs = np.asarray(dense.flex.np_vecs())
+    docnos = store.docnos.fwd[np.arange(len(store))].astype(str)
+    ids = store.ids(docnos[::-1])
+    assert (ids == np.arange(len(store))[::-1]).all()
+    monkeypatch.setattr(EmbeddingStore, 'EXACT_LOOKUP_MAX_DOCS', 0)        # the large-index (npids) path
+    assert (EmbeddingStore(dense.flex).ids(docnos[::-1]) == ids).all()
+    with pytest.raises(KeyError, match='nope'):
+        EmbeddingStore(dense.flex).ids(['d000', 'nope'])
+    grid = np.array([[3, 1, -1], [3, 3, 0]])
+    got = store.gather(grid).numpy()
+    np.testing.assert_array_equal(got[0, 0], vecs[3])
+    np.testing.assert_array_equal(got[0, 2], np.zeros(vecs.shape[1]))
+    np.testing.assert_array_equal(got[1], vecs[[3, 3, 0]])
+    q = torch.from_numpy(vecs[:4].copy())
+    cached = store.search(q, 5)
+    monkeypatch.setattr(EmbeddingStore, 'SEARCH_CACHE_MAX_BYTES', 0)     # the streamed (blocked) path
+    streamed = EmbeddingStore(dense.flex).search(q, 5, block_size=7)
+    expected = torch.from_numpy(q.numpy() @ vecs.T).topk(5, dim=1)
+    for got_s, got_i in (cached, streamed):
+        torch.testing.assert_close(got_s, expected.values)
+        assert (got_i == expected.indices).all()
