@@ -156,9 +156,10 @@ class Adore(DenseQueryTrainer):
 
     # --- fit ---------------------------------------------------------------------------------------------------
     def fit(self, train: pd.DataFrame, train_qrels: pd.DataFrame, valid: Optional[pd.DataFrame] = None,
-            valid_qrels: Optional[pd.DataFrame] = None) -> 'Adore':
+            valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Adore':
         """Trains the query encoder on the training topics (a result frame is accepted too: ADORE retrieves
-        its own negatives, so only ``qid``/``query`` are used)."""
+        its own negatives, so only ``qid``/``query`` are used). ``resume=True`` continues from the checkpoint
+        in ``checkpoint_dir``."""
         pta.validate.columns(train, includes=['qid', 'query'])
         self._prepare_device()
         topics = normalise_frame(train.drop_duplicates('qid')[['qid', 'query']], 'Adore')
@@ -191,7 +192,7 @@ class Adore(DenseQueryTrainer):
         try:
             history = self._run(self._loss, self._batches_of_queries(len(self._queries)),
                                 self._validation_fn(valid, valid_qrels),
-                                name=f'ADORE ({"dynamic" if self.dynamic else "static"})')
+                                name=f'ADORE ({"dynamic" if self.dynamic else "static"})', resume=resume)
         finally:
             for name in ('_positives', '_gains', '_queries', '_static'):
                 self.__dict__.pop(name, None)

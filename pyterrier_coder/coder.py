@@ -190,12 +190,13 @@ class Coder(DenseQueryTrainer):
                                              np.full(len(rows), retrieved.shape[1]), data.stats)
 
     def fit(self, train: pd.DataFrame, train_qrels: pd.DataFrame, valid: Optional[pd.DataFrame] = None,
-            valid_qrels: Optional[pd.DataFrame] = None) -> 'Coder':
+            valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Coder':
         """Fine-tunes the query encoder.
 
         ``train``/``valid`` are the results of the preceding pipeline stage on the training/validation topics
         (``qid``, ``query``, ``docno``, ``score``); given plain topics (no ``docno``), the candidates are
-        retrieved from the index with the base encoder itself (M_C = M_D).
+        retrieved from the index with the base encoder itself (M_C = M_D). ``resume=True`` continues from the
+        checkpoint in ``checkpoint_dir`` (see :class:`TrainingConfig`).
         """
         pta.validate.columns(train, includes=['qid', 'query'])
         self._prepare_device()
@@ -209,7 +210,7 @@ class Coder(DenseQueryTrainer):
         try:
             history = self._run(self._loss, self._batches_of_queries(len(self._train)),
                                 self._validation_fn(valid, valid_qrels), before_step=self._refresh,
-                                name=f'Coder ({self.loss})')
+                                name=f'Coder ({self.loss})', resume=resume)
             history['training_data'] = self._train.stats | {'train_queries': len(self._train)}
         finally:
             del self._train

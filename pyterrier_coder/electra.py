@@ -438,7 +438,7 @@ class MonoElectra(pt.Estimator):
         return validate
 
     def fit(self, train: pd.DataFrame, train_qrels: pd.DataFrame, valid: Optional[pd.DataFrame] = None,
-            valid_qrels: Optional[pd.DataFrame] = None) -> 'MonoElectra':
+            valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'MonoElectra':
         """Fine-tunes the cross-encoder on groups built from the preceding stage's results.
 
         ``train``/``valid`` are that stage's results on the training/validation topics (``qid``, ``query``,
@@ -458,7 +458,7 @@ class MonoElectra(pt.Estimator):
         loop = TrainingLoop(self.model, self.config, sample_batches=self._sample_batches, loss_fn=self._loss,
                             validate=validate, name=f'{COMPONENT} ({self.loss}, n={self.group_size})')
         try:
-            history = loop.run()
+            history = loop.run(resume=resume)
         finally:
             stats = self._train.stats
             del self._train

@@ -189,10 +189,10 @@ class DenseQueryTrainer(pt.Estimator):
         self.trainable_module().to(device)
         return device
 
-    def _run(self, loss_fn, sample_batches, validate, *, before_step=None, name=None) -> dict:
+    def _run(self, loss_fn, sample_batches, validate, *, before_step=None, name=None, resume=False) -> dict:
         loop = TrainingLoop(self.trainable_module(), self.config, sample_batches=sample_batches, loss_fn=loss_fn,
                             validate=validate, before_step=before_step, name=name or self.COMPONENT)
-        history = loop.run()
+        history = loop.run(resume=resume)
         self.history = history
         self.fitted = True
         return history

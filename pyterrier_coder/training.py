@@ -7,14 +7,13 @@ with the running loss and metric, a NaN/inf guard, timing and the training histo
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import random
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import pyterrier as pt
@@ -43,6 +42,8 @@ class TrainingConfig:
     amp: Optional[bool] = None          #: mixed precision; default: on when training on CUDA
     device: Optional[str] = None        #: default: CUDA when present, else CPU
     seed: int = 42
+    checkpoint_dir: Optional[str] = None    #: write a resumable checkpoint here (atomically)
+    checkpoint_every: Optional[int] = None  #: steps between checkpoints (default: eval_every)
     verbose: bool = True
 
     def replace(self, **overrides) -> 'TrainingConfig':
@@ -149,14 +150,22 @@ class TrainingLoop:
         self.amp = config.amp if config.amp is not None else self.device.type == 'cuda'
         self.timers = Timers()
 
-    def _batches(self, rng):
-        epoch = 0
+    def _batches(self, rng, cursor: dict):
+        """Yields batches forever, epoch after epoch. ``cursor`` (saved in checkpoints) records the epoch, the
+        position within it and the generator state at the epoch's start, so a resumed run replays the same
+        sequence from where it stopped."""
         while True:
-            batches = self.sample_batches(epoch, rng)
+            if cursor['rng_state'] is None:
+                cursor['rng_state'] = rng.bit_generator.state
+            else:
+                rng.bit_generator.state = cursor['rng_state']
+            batches = self.sample_batches(cursor['epoch'], rng)
             if not batches:
                 raise ValueError(f'{self.name}: no training batches (no usable training queries)')
-            yield from batches
-            epoch += 1
+            while cursor['position'] < len(batches):
+                cursor['position'] += 1
+                yield batches[cursor['position'] - 1]
+            cursor.update(epoch=cursor['epoch'] + 1, position=0, rng_state=None)
 
     def _total_steps(self, rng) -> int:
         if self.config.max_steps is not None:
@@ -181,9 +190,50 @@ class TrainingLoop:
         progress.set_postfix_str(f'{self.config.metric}={value:.4f}', refresh=False)
         return value
 
-    def run(self) -> dict:
-        """Trains, restores the best validated weights, and returns the history dict."""
+    def _checkpoint_path(self):
+        from pathlib import Path
+        return Path(self.config.checkpoint_dir) / 'checkpoint.pt' if self.config.checkpoint_dir else None
+
+    def _save_checkpoint(self, state: dict, optimizer, scheduler, scaler) -> None:
+        """Everything needed to continue exactly: weights, optimiser, schedule, scaler, RNG states, the batch
+        cursor, history and the best weights so far; written to a temp file then renamed (atomic)."""
+        import os
+        path = self._checkpoint_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {**state, 'model': self.module.state_dict(), 'optimizer': optimizer.state_dict(),
+                   'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
+                   'rng': {'python': random.getstate(), 'numpy': np.random.get_state(),
+                           'torch': torch.get_rng_state(),
+                           'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        tmp = path.with_name(path.name + '.tmp')
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    def _load_checkpoint(self, optimizer, scheduler, scaler) -> Optional[dict]:
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return None
+        payload = torch.load(path, map_location='cpu', weights_only=False)
+        self.module.load_state_dict(payload.pop('model'))
+        optimizer.load_state_dict(payload.pop('optimizer'))
+        scheduler.load_state_dict(payload.pop('scheduler'))
+        scaler.load_state_dict(payload.pop('scaler'))
+        rng = payload.pop('rng')
+        random.setstate(rng['python'])
+        np.random.set_state(rng['numpy'])
+        torch.set_rng_state(rng['torch'])
+        if rng['cuda'] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng['cuda'])
+        return payload
+
+    def run(self, resume: bool = False) -> dict:
+        """Trains, restores the best validated weights, and returns the history dict.
+
+        With ``config.checkpoint_dir`` a checkpoint is written every ``checkpoint_every`` steps; ``resume=True``
+        continues from it (same seed on CPU: the same final weights as an uninterrupted run)."""
         config = self.config
+        if resume and not config.checkpoint_dir:
+            raise ValueError(f'{self.name}: resume=True needs checkpoint_dir to be set')
         rng = seed_everything(config.seed)
         self.module.to(self.device)
         total = self._total_steps(rng)
@@ -192,28 +242,35 @@ class TrainingLoop:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total, config.schedule))
         use_scaler = self.amp and self.device.type == 'cuda' and not torch.cuda.is_bf16_supported()
         scaler = torch.amp.GradScaler('cuda', enabled=use_scaler)
-        history = {'metric': config.metric, 'loss': [], 'eval': [], 'lr': [], 'total_steps': total,
-                   'best_step': 0, 'best_metric': None, 'stopped_early': False, 'config': config.as_dict()}
-        best_state, best_value, bad_evals = None, -math.inf, 0
+        state = {'step': 0, 'cursor': {'epoch': 0, 'position': 0, 'rng_state': None},
+                 'history': {'metric': config.metric, 'loss': [], 'eval': [], 'lr': [], 'total_steps': total,
+                             'best_step': 0, 'best_metric': None, 'stopped_early': False, 'config': config.as_dict()},
+                 'best_state': None, 'best_value': -math.inf, 'bad_evals': 0}
+        restored = self._load_checkpoint(optimizer, scheduler, scaler) if resume else None
+        if restored is not None:
+            state = restored
+            state['history']['resumed_at'] = state['step']
+        history = state['history']
+        prior_seconds = state.get('elapsed', 0.0)
         start = time.perf_counter()
-        progress = pt.tqdm(total=total, desc=self.name, unit='step', disable=not config.verbose)
+        progress = pt.tqdm(total=total, initial=state['step'], desc=self.name, unit='step', disable=not config.verbose)
+        every = config.checkpoint_every or config.eval_every or 100
 
         def consider(step, value):
-            nonlocal best_state, best_value, bad_evals
-            if value > best_value:
-                best_value, bad_evals = value, 0
-                best_state = {k: v.detach().to('cpu', copy=True) for k, v in self.module.state_dict().items()}
+            if value > state['best_value']:
+                state['best_value'], state['bad_evals'] = value, 0
+                state['best_state'] = {k: v.detach().to('cpu', copy=True) for k, v in self.module.state_dict().items()}
                 history['best_step'], history['best_metric'] = step, value
             else:
-                bad_evals += 1
+                state['bad_evals'] += 1
 
-        if self.validate is not None:
+        if self.validate is not None and restored is None:
             consider(0, self._run_validation(0, history, progress))
 
-        batches = self._batches(rng)
-        step = 0
+        batches = self._batches(rng, state['cursor'])
         try:
-            while step < total:
+            while state['step'] < total:
+                step = state['step']
                 if self.before_step is not None:
                     self.before_step(step)
                 self.module.train()
@@ -238,7 +295,7 @@ class TrainingLoop:
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
-                step += 1
+                step = state['step'] = step + 1
                 history['loss'].append([step, step_loss])
                 history['lr'].append([step, scheduler.get_last_lr()[0]])
                 progress.update(1)
@@ -246,19 +303,23 @@ class TrainingLoop:
                     f' {config.metric}={history["eval"][-1][1]:.4f}' if history['eval'] else ''), refresh=False)
                 if self.validate is not None and config.eval_every and (step % config.eval_every == 0 or step == total):
                     consider(step, self._run_validation(step, history, progress))
-                    if config.patience is not None and bad_evals >= config.patience:
+                    if config.patience is not None and state['bad_evals'] >= config.patience:
                         history['stopped_early'] = True
                         break
-            if self.validate is not None and history['eval'][-1][0] != step:
-                consider(step, self._run_validation(step, history, progress))
+                if config.checkpoint_dir and (step % every == 0 or step == total):
+                    with self.timers('checkpoint'):
+                        state['elapsed'] = prior_seconds + time.perf_counter() - start
+                        self._save_checkpoint(state, optimizer, scheduler, scaler)
+            if self.validate is not None and history['eval'][-1][0] != state['step']:
+                consider(state['step'], self._run_validation(state['step'], history, progress))
         finally:
             progress.close()
-            if best_state is not None:
-                self.module.load_state_dict(best_state)
+            if state['best_state'] is not None:
+                self.module.load_state_dict(state['best_state'])
             self.module.eval()
-            history['steps'] = step
-            history['seconds'] = time.perf_counter() - start
+            history['steps'] = state['step']
+            history['seconds'] = prior_seconds + time.perf_counter() - start
             history['timing'] = dict(self.timers.seconds)
-        if best_state is None:
-            history['best_step'] = step
+        if state['best_state'] is None:
+            history['best_step'] = state['step']
         return history

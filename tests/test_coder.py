@@ -210,3 +210,27 @@ def test_embedding_store_lookup_gather_and_search_paths(setup, monkeypatch):
     for got_s, got_i in (cached, streamed):
         torch.testing.assert_close(got_s, expected.values)
         assert (got_i == expected.indices).all()
+
+
+def test_coder_resume_matches_uninterrupted_run(setup, tmp_path, monkeypatch):
+    ds, encoder, dense, bm25 = setup
+    res = (bm25 % 20)(ds.get_topics('train'))
+    qrels = ds.get_qrels('train')
+    options = dict(num_candidates=20, max_steps=9, **{**FAST, 'batch_size': 3, 'eval_every': 4})
+    reference = Coder(dense, encoder, **options).fit(res, qrels, res, qrels)
+    crashing = Coder(dense, encoder, checkpoint_dir=str(tmp_path / 'c'), checkpoint_every=4, **options)
+    original, calls = crashing._loss, {'n': 0}
+
+    def crash(batch):
+        calls['n'] += 1
+        if calls['n'] == 6:
+            raise KeyboardInterrupt
+        return original(batch)
+    monkeypatch.setattr(crashing, '_loss', crash)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit(res, qrels, res, qrels)
+    resumed = Coder(dense, encoder, checkpoint_dir=str(tmp_path / 'c'), checkpoint_every=4, **options)
+    resumed.fit(res, qrels, res, qrels, resume=True)
+    assert resumed.history['resumed_at'] == 4
+    assert [v for _, v in resumed.history['eval']] == [v for _, v in reference.history['eval']]
+    np.testing.assert_array_equal(resumed(res)['score'], reference(res)['score'])

@@ -99,3 +99,46 @@ def test_evaluate_counts_only_the_evaluated_topics():
     run = pd.DataFrame({'qid': ['1', '2'], 'docno': ['a', 'x'], 'score': [1.0, 1.0]})
     assert evaluate(run, qrels, 'RR@10', ['1', '2']) == pytest.approx(0.5)      # query 3 not evaluated
     assert evaluate(run, qrels, 'RR@10', ['1', '2', '3']) == pytest.approx(1 / 3)  # no results: counts 0
+
+
+class _Interrupt(RuntimeError):
+    pass
+
+
+def _dropout_module():
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path):
+    """Checkpoint every 3 steps, crash at step 8, resume: identical to an uninterrupted run (dropout, batch
+    order, schedule, optimiser state all restored)."""
+    config = TrainingConfig(lr=0.05, max_steps=14, eval_every=None, seed=3, verbose=False, device='cpu',
+                            checkpoint_dir=str(tmp_path / 'ckpt'), checkpoint_every=3)
+    reference = _dropout_module()
+    _loop(reference, config.replace(checkpoint_dir=str(tmp_path / 'ref'))).run()
+
+    interrupted = _dropout_module()
+    calls = {'n': 0}
+
+    def crash_at_8(loss):
+        calls['n'] += 1
+        if calls['n'] == 8:
+            raise _Interrupt('simulated crash')
+        return loss
+    with pytest.raises(_Interrupt):
+        _loop(interrupted, config, loss_hook=crash_at_8).run()
+    assert (tmp_path / 'ckpt' / 'checkpoint.pt').exists()
+    assert not list((tmp_path / 'ckpt').glob('*.tmp'))
+
+    resumed = _dropout_module()       # a fresh process would start from the initial weights
+    history = _loop(resumed, config).run(resume=True)
+    assert history['resumed_at'] == 6 and history['steps'] == 14
+    assert [s for s, _ in history['loss']] == list(range(1, 15))
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_needs_checkpoint_dir():
+    with pytest.raises(ValueError, match='checkpoint_dir'):
+        _loop(torch.nn.Linear(4, 1), TrainingConfig(max_steps=2, verbose=False, device='cpu')).run(resume=True)
