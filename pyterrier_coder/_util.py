@@ -4,17 +4,24 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pandas as pd
-import torch
+import pyterrier_alpha as pta
+
+try:
+    from pyterrier.validate import InputValidationError
+except ImportError:  # older pyterrier: pyterrier-alpha's own
+    from pyterrier_alpha.validate import InputValidationError
 
 CONFIG_FILE = 'pyterrier_coder.json'
 
 
-def infer_device(device=None) -> torch.device:
+def infer_device(device=None) -> 'torch.device':
     """``device`` if given, else CUDA when present, else CPU."""
+    import torch
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     return torch.device(device)
@@ -72,3 +79,155 @@ def evaluate(results: pd.DataFrame, qrels: pd.DataFrame, metric: str, qids) -> f
     per_query = {m.query_id: m.value for m in measure.iter_calc(qrels, run)}
     n = qrels['query_id'].nunique()
     return float(sum(per_query.values()) / n) if n else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# input validation that names the component
+
+def _describe_modes(modes) -> str:
+    parts = []
+    for m in modes:
+        what = []
+        if m.missing_columns:
+            what.append(f'missing {list(m.missing_columns)}')
+        if m.extra_columns:
+            what.append(f'must not have {list(m.extra_columns)}')
+        parts.append(f'{m.mode_name + " mode: " if m.mode_name else ""}{", ".join(what)}')
+    return ' or '.join(parts)
+
+
+@contextmanager
+def validate_columns(inp, component: str, what: str = 'input frame', hint: Optional[str] = None):
+    """``pta.validate.any(inp)`` whose error names the component and the missing columns, e.g.
+    ``Coder: the input frame does not have the required columns (rerank mode: missing ['docno', 'query'] or
+    retrieve mode: missing ['query']); its columns are ['qid', 'x']``. Raises pyterrier's
+    ``InputValidationError`` (a ``KeyError``), like ``pta.validate`` itself."""
+    try:
+        with pta.validate.any(inp) as v:
+            yield v
+    except InputValidationError as e:
+        columns = list(inp.columns) if isinstance(inp, pd.DataFrame) else list(inp)
+        message = (f'{component}: the {what} does not have the required columns ({_describe_modes(e.modes)}); '
+                   f'its columns are {columns}' + (f'. {hint}' if hint else ''))
+        raise InputValidationError(message, e.modes) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# truncation of long texts
+
+#: a passage is cut (at a word boundary) to this many characters per allowed token before tokenisation
+CHARS_PER_TOKEN = 16
+
+
+def model_max_tokens(model, tokenizer, configured: int) -> int:
+    """``configured``, capped by what the model can embed (position embeddings) and the tokenizer's limit, so an
+    over-long setting truncates instead of crashing inside the model."""
+    limits = [int(configured)]
+    positions = getattr(getattr(model, 'config', None), 'max_position_embeddings', None)
+    if positions:
+        limits.append(int(positions))
+    tok_max = getattr(tokenizer, 'model_max_length', None)
+    if tok_max and tok_max < 1_000_000:
+        limits.append(int(tok_max))
+    return min(limits)
+
+
+def _clip(text: str, max_tokens: int) -> Optional[str]:
+    """The text cut before the last whitespace within ``max_tokens * CHARS_PER_TOKEN`` characters, or None when
+    it is short enough (or has no whitespace to cut at)."""
+    limit = max_tokens * CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return None
+    cut = max(text.rfind(c, 0, limit) for c in ' \n\t\r')
+    return text[:cut].rstrip() if cut > 0 else None
+
+
+def tokenize_truncated(tokenizer, texts: Sequence[str], pairs: Optional[Sequence[str]] = None, *, max_length: int,
+                       padding: bool = False):
+    """``tokenizer(texts[, pairs], truncation=...)`` (the second text of pairs is the one truncated) without
+    tokenising what truncation throws away: a very long text is first cut at a word boundary after
+    ``max_length * CHARS_PER_TOKEN`` characters; when the cut text no longer fills ``max_length`` tokens it is
+    encoded again in full, so the result is the same as truncating the full text (for tokenizers that split
+    words at whitespace: WordPiece, byte-level BPE, SentencePiece with Metaspace)."""
+    texts = list(texts)
+    long = list(pairs) if pairs is not None else texts
+    clipped = [_clip(t, max_length) for t in long]
+    cut = [c if c is not None else t for c, t in zip(clipped, long)]
+    kwargs = dict(truncation='only_second' if pairs is not None else True, max_length=max_length)
+    enc = tokenizer(texts, cut, **kwargs) if pairs is not None else tokenizer(cut, **kwargs)
+    redo = [i for i, c in enumerate(clipped) if c is not None and len(enc['input_ids'][i]) < max_length]
+    if redo:
+        full = (tokenizer([texts[i] for i in redo], [long[i] for i in redo], **kwargs) if pairs is not None
+                else tokenizer([long[i] for i in redo], **kwargs))
+        for key in enc.keys():
+            for j, i in enumerate(redo):
+                enc[key][i] = full[key][j]
+    if padding:
+        return tokenizer.pad(dict(enc), return_tensors='pt')
+    return enc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face Hub sharing
+
+def _hf_hub(component: str, what: str):
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise ImportError(f'{component}.{what} needs the huggingface_hub package: pip install huggingface_hub') from e
+    return huggingface_hub
+
+
+class HubMixin:
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` on top of a component's ``save`` and ``load``
+    (a saved directory is uploaded as-is, so a hub repository and a local directory load the same way)."""
+
+    COMPONENT = 'component'
+
+    def save_pretrained(self, path) -> Path:
+        """Same as ``save(path)``; returns the path."""
+        self.save(path)
+        return Path(path)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *args, revision: Optional[str] = None, token=None,
+                        cache_dir=None, **kwargs):
+        """Loads from a local directory written by ``save``/``save_pretrained``, or else from a Hugging Face
+        Hub repository id (downloaded with ``huggingface_hub.snapshot_download``). Other arguments go to
+        ``load`` (e.g. ``index=`` for Coder/Adore, whose document index is never uploaded)."""
+        path = Path(str(name_or_path)).expanduser()
+        if not path.exists() and not _looks_like_path(str(name_or_path)):
+            hub = _hf_hub(cls.COMPONENT, 'from_pretrained')
+            path = Path(hub.snapshot_download(repo_id=str(name_or_path), revision=revision, token=token,
+                                              cache_dir=cache_dir))
+        return cls.load(path, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token=None,
+                    commit_message: Optional[str] = None, revision: Optional[str] = None, create_repo: bool = True):
+        """Saves to a temporary directory and uploads it to the Hugging Face Hub model repository ``repo_id``
+        (created if needed); returns ``upload_folder``'s commit info. Load it back with ``from_pretrained``."""
+        hub = _hf_hub(self.COMPONENT, 'push_to_hub')
+        api = hub.HfApi(token=token)
+        if create_repo:
+            api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type='model')
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            card = Path(tmp) / 'README.md'
+            if not card.exists():
+                card.write_text(_model_card(self.COMPONENT, repo_id))
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type='model', revision=revision,
+                                     commit_message=commit_message or f'Upload {self.COMPONENT} (pyterrier-coder)')
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything else (absolute, ./, ~, deeper) is meant as a path."""
+    return name.startswith(('/', '.', '~')) or '\\' in name or name.count('/') > 1
+
+
+def _model_card(component: str, repo_id: str) -> str:
+    from ._version import __version__
+    extra = ', index="<the document index it was trained on>"' if component in ('Coder', 'Adore') else ''
+    return (f'---\nlibrary_name: pyterrier-coder\ntags:\n- pyterrier\n- pyterrier-coder\n---\n\n'
+            f'# {component} ({repo_id})\n\nA pyterrier-coder {component} (version {__version__}).\n\n'
+            f'```python\nfrom pyterrier_coder import {component}\n'
+            f'model = {component}.from_pretrained("{repo_id}"{extra})\n```\n')

@@ -11,17 +11,15 @@ retrieved negative, weighted by how much pulling it up would gain).
 from __future__ import annotations
 
 import re
-import warnings
 from typing import Optional
 
 import numpy as np
 import pandas as pd
-import pyterrier_alpha as pta
 import torch
 
 from . import losses
 from .encoders import DenseEncoder
-from .mining import normalise_frame, normalise_qrels
+from .mining import normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .query_trainer import DenseQueryTrainer
 from .training import Timers, TrainingConfig
 
@@ -160,20 +158,18 @@ class Adore(DenseQueryTrainer):
         """Trains the query encoder on the training topics (a result frame is accepted too: ADORE retrieves
         its own negatives, so only ``qid``/``query`` are used). ``resume=True`` continues from the checkpoint
         in ``checkpoint_dir``."""
-        pta.validate.columns(train, includes=['qid', 'query'])
+        self._check_training_frame(train)
         self._prepare_device()
-        topics = normalise_frame(train.drop_duplicates('qid')[['qid', 'query']], 'Adore')
+        topics = normalise_frame(train[['qid', 'query']], 'Adore').drop_duplicates('qid')
         qrels = normalise_qrels(train_qrels, 'Adore')
-        unknown = int((~qrels['qid'].isin(set(topics['qid']))).sum())
+        unknown = unknown_qrels(qrels, topics['qid'], 'Adore')
         relevant = qrels[qrels['label'] >= self.min_label]
         ids = self.store.ids(relevant['docno'].values, component='Adore', on_missing='drop')
         relevant = relevant.assign(_id=ids)[ids >= 0]
         by_qid = {qid: (g['_id'].to_numpy(), g['label'].to_numpy(np.float32)) for qid, g in relevant.groupby('qid')}
         keep = topics['qid'].isin(by_qid.keys()).to_numpy()
         skipped = int((~keep).sum())
-        if skipped:
-            warnings.warn(f'Adore: skipped {skipped} of {len(topics)} training queries without a judged positive '
-                          f'(label >= {self.min_label}) in the index')
+        warn_skipped(skipped, len(topics), 'Adore', f'label >= {self.min_label} in the index')
         topics = topics[keep]
         if not len(topics):
             raise ValueError('Adore.fit: no training query has a judged positive in the index')

@@ -14,7 +14,6 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import pyterrier as pt
-import pyterrier_alpha as pta
 import torch
 from torch import nn
 
@@ -156,12 +155,26 @@ class Coder(DenseQueryTrainer):
             keep = ~((labels > 0) & (labels < self.min_label))
         return weights, keep
 
-    def _loss(self, batch_idx) -> torch.Tensor:
+    def _sample_batches(self, n_queries: int):
+        """Batches are ``[B, 1 + random_negatives]`` int arrays: the training-query index, then the random
+        negatives drawn for it. Drawing them here, from the loop's generator, makes them part of the sequence a
+        resumed run replays (and rows slice cleanly into micro-batches)."""
+        bs, extra = self.config.batch_size, self.random_negatives
+
+        def sample(epoch, rng):
+            rows = rng.permutation(n_queries)[:, None]
+            if extra:
+                rows = np.concatenate([rows, rng.integers(0, len(self.store), size=(n_queries, extra))], 1)
+            return [rows[i:i + bs] for i in range(0, n_queries, bs)]
+        return sample
+
+    def _loss(self, batch) -> torch.Tensor:
         data = self._train
+        batch_idx = batch[:, 0]
         ids = data.docids[batch_idx].astype(np.int64)
         weights, keep = self._targets(data.labels[batch_idx])
         if self.random_negatives:
-            rand = self._rng.integers(0, len(self.store), size=(len(batch_idx), self.random_negatives))
+            rand = batch[:, 1:]
             ids = np.concatenate([ids, rand], 1)
             weights = np.concatenate([weights, np.zeros(rand.shape, np.float32)], 1)
             keep = np.concatenate([keep, np.ones(rand.shape, bool)], 1)
@@ -198,7 +211,7 @@ class Coder(DenseQueryTrainer):
         retrieved from the index with the base encoder itself (M_C = M_D). ``resume=True`` continues from the
         checkpoint in ``checkpoint_dir`` (see :class:`TrainingConfig`).
         """
-        pta.validate.columns(train, includes=['qid', 'query'])
+        self._check_training_frame(train)
         self._prepare_device()
         if 'docno' not in train.columns:
             train = self._self_candidates(train)
@@ -206,9 +219,8 @@ class Coder(DenseQueryTrainer):
                                       min_label=self.min_label, on_missing=self.on_missing, component='Coder')
         if not len(self._train):
             raise ValueError('Coder.fit: no training query has a judged positive in the index')
-        self._rng = np.random.default_rng(self.config.seed)
         try:
-            history = self._run(self._loss, self._batches_of_queries(len(self._train)),
+            history = self._run(self._loss, self._sample_batches(len(self._train)),
                                 self._validation_fn(valid, valid_qrels), before_step=self._refresh,
                                 name=f'Coder ({self.loss})', resume=resume)
             history['training_data'] = self._train.stats | {'train_queries': len(self._train)}

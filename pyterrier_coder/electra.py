@@ -20,13 +20,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 import pyterrier as pt
-import pyterrier_alpha as pta
 import torch
 
 from . import losses
-from ._util import atomic_write_text, evaluate, infer_device, read_component_config, write_component_config
+from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, model_max_tokens, read_component_config,
+                    tokenize_truncated, validate_columns, write_component_config)
 from .encoders import resolve_model_path
-from .mining import normalise_frame, normalise_qrels
+from .mining import normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .training import TrainingConfig, TrainingLoop, autocast_for, split_training_kwargs
 
 COMPONENT = 'MonoElectra'
@@ -45,10 +45,14 @@ PAPER_DEFAULTS = TrainingConfig(lr=1e-5, optimizer='adamw', weight_decay=0.01, w
 TextSource = Union[Callable[[str], str], Mapping, pt.Transformer]
 
 
+def _text_hint(text_field: str, what: str = 'input') -> str:
+    return (f"{COMPONENT} needs the document text in a {text_field!r} column of its {what}. Attach it in the first "
+            f"stage, e.g. BM25(path, text=True) % 100 >> electra, or add a text loader: "
+            f"bm25 % 100 >> bm25.text_loader() >> electra")
+
+
 def _missing_text_error(text_field: str, what: str = 'input') -> KeyError:
-    return KeyError(f"{COMPONENT} needs the document text in a {text_field!r} column of its {what}, but there is none. "
-                    f"Attach it in the first stage, e.g. BM25(path, text=True) % 100 >> electra, or add a text loader: "
-                    f"bm25 % 100 >> bm25.text_loader() >> electra")
+    return KeyError(_text_hint(text_field, what).replace('. Attach', ', but there is none. Attach'))
 
 
 def _clean_text(values) -> List[str]:
@@ -118,8 +122,7 @@ def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_fiel
     frame = normalise_frame(frame, COMPONENT)
     qrels = normalise_qrels(qrels, COMPONENT)
     topics = frame.drop_duplicates('qid')[['qid', 'query']]
-    stats = {'queries': len(topics),
-             'qrels_for_unknown_queries': int((~qrels['qid'].isin(set(topics['qid']))).sum())}
+    stats = {'queries': len(topics), 'qrels_for_unknown_queries': unknown_qrels(qrels, topics['qid'], COMPONENT)}
     text_of = dict(zip(frame['docno'], _clean_text(frame[text_field].values)))
     positives = qrels[(qrels['label'] >= min_label) & qrels['qid'].isin(set(topics['qid']))]
     pos_by_qid = {qid: list(dict.fromkeys(g['docno'])) for qid, g in positives.groupby('qid')}
@@ -152,18 +155,13 @@ def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_fiel
             out.texts[d] = text_of[d]
     stats.update(skipped_no_positive=skipped, positives_without_text=positives_without_text,
                  queries_with_few_negatives=few, train_queries=len(out))
-    if skipped:
-        warnings.warn(f'{COMPONENT}: skipped {skipped} of {len(topics)} training queries without a judged positive '
-                      f'(label >= {min_label}) that has text')
+    warn_skipped(skipped, len(topics), COMPONENT, f'label >= {min_label} with text')
     if positives_without_text:
         warnings.warn(f'{COMPONENT}: skipped {positives_without_text} judged positives without text (not among the '
                       f'candidates and not given by texts=)')
     if few:
         warnings.warn(f'{COMPONENT}: {few} training queries have fewer than group_size - 1 = {group_size - 1} '
                       f'negatives in their top {negatives_from} candidates; their groups are smaller')
-    if stats['qrels_for_unknown_queries']:
-        warnings.warn(f'{COMPONENT}: ignored {stats["qrels_for_unknown_queries"]} qrels of queries absent from the '
-                      f'training frame')
     return out
 
 
@@ -225,7 +223,7 @@ def _load_tokenizer(tokenizer, model: str):
     return tok
 
 
-class MonoElectra(pt.Estimator):
+class MonoElectra(HubMixin, pt.Estimator):
     """monoELECTRA cross-encoder reranker, trainable with LCE.
 
     .. code-block:: python
@@ -258,6 +256,8 @@ class MonoElectra(pt.Estimator):
             eval_every, patience, metric, amp, seed, ...).
     """
 
+    COMPONENT = COMPONENT
+
     def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer=None, query_max_length: int = 50,
                  max_length: int = 256, batch_size: int = 32, device=None, verbose: bool = True,
                  text_field: str = 'text', group_size: int = 8, negatives_from: int = 200, min_label: int = 1,
@@ -283,6 +283,14 @@ class MonoElectra(pt.Estimator):
                              f'(score = logit) and 2-logit (score = logit[1] - logit[0]) heads are supported')
         self.query_max_length = query_max_length
         self.max_length = max_length
+        #: what the model can take: an over-long max_length truncates to it instead of crashing in the model
+        self._max_tokens = model_max_tokens(self.model, self.tokenizer, max_length)
+        if not query_max_length < self._max_tokens - 3:
+            raise ValueError(f'{COMPONENT}: {self.model_name!r} takes at most {self._max_tokens} tokens: need '
+                             f'query_max_length < {self._max_tokens - 3}, got {query_max_length}')
+        if self._max_tokens < max_length:
+            warnings.warn(f'{COMPONENT}: max_length={max_length} is more than {self.model_name!r} can take; pairs are '
+                          f'truncated to {self._max_tokens} tokens')
         self.batch_size = batch_size
         self.verbose = verbose
         self.text_field = text_field
@@ -327,8 +335,7 @@ class MonoElectra(pt.Estimator):
 
     def _encode(self, queries: Sequence[str], docs: Sequence[str], padding=False):
         """Tokenises (already query-truncated) pairs, cutting only the passage to fit ``max_length``."""
-        return self.tokenizer(list(queries), list(docs), truncation='only_second', max_length=self.max_length,
-                              padding=padding, return_tensors='pt' if padding else None)
+        return tokenize_truncated(self.tokenizer, queries, docs, max_length=self._max_tokens, padding=padding)
 
     def _to_device(self, enc) -> dict:
         cuda = self.device.type == 'cuda'
@@ -373,10 +380,10 @@ class MonoElectra(pt.Estimator):
         bar.close()
         return out
 
-    def _check_input(self, inp: pd.DataFrame, what: str = 'input') -> None:
-        if self.text_field not in inp.columns:
-            raise _missing_text_error(self.text_field, what)
-        pta.validate.result_frame(inp, extra_columns=['query', self.text_field])
+    def _check_input(self, inp: pd.DataFrame, what: str = 'input frame', component: str = COMPONENT) -> None:
+        hint = _text_hint(self.text_field, what) if self.text_field not in inp.columns else None
+        with validate_columns(inp, component, what, hint=hint) as v:
+            v.result_frame(extra_columns=['query', self.text_field])
 
     def _rerank(self, frame: pd.DataFrame, progress: bool) -> pd.DataFrame:
         frame = frame.reset_index(drop=True)
@@ -388,9 +395,9 @@ class MonoElectra(pt.Estimator):
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         """Rescores a result frame (``qid``, ``query``, ``docno``, text) and ranks by the new score."""
+        self._check_input(inp)
         if not len(inp):
             return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
-        self._check_input(inp)
         return self._rerank(normalise_frame(inp, COMPONENT), progress=True)
 
     # --- training ------------------------------------------------------------------------------------------
@@ -429,7 +436,7 @@ class MonoElectra(pt.Estimator):
         if 'docno' not in valid.columns:
             raise ValueError(f'{COMPONENT}.fit: the validation frame needs candidates (qid, query, docno, '
                              f'{self.text_field}): pass the preceding stage\'s results on the validation topics')
-        self._check_input(valid, 'validation frame')
+        self._check_input(valid, 'validation frame', f'{COMPONENT}.fit')
         frame = normalise_frame(valid, COMPONENT)
         qrels = normalise_qrels(valid_qrels, COMPONENT)
 
@@ -446,7 +453,7 @@ class MonoElectra(pt.Estimator):
         Validation reranks ``valid`` and computes ``metric`` against ``valid_qrels``; the best validated weights are
         kept. The history (loss, validation metric, timing, data statistics) is in ``self.history``.
         """
-        pta.validate.columns(train, includes=['qid', 'query', 'docno'])
+        self._check_input(train, 'training frame', f'{COMPONENT}.fit')
         validate = self._prepare_validation(valid, valid_qrels)
         self._train = build_training_groups(train, train_qrels, text_field=self.text_field,
                                             negatives_from=self.negatives_from, group_size=self.group_size,

@@ -10,17 +10,18 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 import pandas as pd
 import pyterrier as pt
-import pyterrier_alpha as pta
 import pyterrier_dr
 import torch
 
-from ._util import infer_device, check_component_dir, write_component_config
+from ._util import (check_component_dir, infer_device, model_max_tokens, tokenize_truncated, validate_columns,
+                    write_component_config)
 
 POOLINGS = ('cls', 'mean')
 
@@ -89,6 +90,8 @@ class DenseEncoder(pyterrier_dr.BiEncoder):
         self.device = infer_device(device)
         self.model = AutoModel.from_pretrained(path).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer) if tokenizer else path)
+        #: the most tokens the model can embed; longer settings truncate to it instead of crashing in the model
+        self.max_model_length = model_max_tokens(self.model, self.tokenizer, 1 << 30)
 
     # --- presets -------------------------------------------------------------------------------------------
     @classmethod
@@ -103,7 +106,7 @@ class DenseEncoder(pyterrier_dr.BiEncoder):
 
     # --- encoding ------------------------------------------------------------------------------------------
     def _embed(self, texts, max_length: int) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), return_tensors='pt', padding=True, truncation=True, max_length=max_length)
+        batch = tokenize_truncated(self.tokenizer, texts, max_length=min(max_length, self.max_model_length), padding=True)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         out = self.model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'],
                          **({'token_type_ids': batch['token_type_ids']} if 'token_type_ids' in batch else {}))
@@ -263,11 +266,17 @@ class DenseIndex:
         backend: ``'exact'`` (numpy brute force, memory-mapped), ``'faiss'`` (faiss flat; on all GPUs when present
         unless ``gpu=False``) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder).
         """
-        return self.encoder.query_encoder() >> search_transformer(self.flex, k, backend=backend, gpu=gpu, **kwargs)
+        inner = self.encoder.query_encoder() >> search_transformer(self.flex, k, backend=backend, gpu=gpu, **kwargs)
+        return _CheckedStage(inner, 'DenseIndex.retriever', 'retrieve', self.flex)
 
-    def scorer(self) -> pt.Transformer:
-        """Re-ranks a result frame (``qid``, ``query``, ``docno``) with the indexed document embeddings."""
-        return self.encoder.query_encoder() >> self.flex.scorer()
+    def scorer(self, *, on_missing: str = 'error') -> pt.Transformer:
+        """Re-ranks a result frame (``qid``, ``query``, ``docno``) with the indexed document embeddings.
+        Docnos absent from the index raise a KeyError listing a few, or with ``on_missing='drop'`` are dropped
+        with a warning."""
+        if on_missing not in ('error', 'drop'):
+            raise ValueError(f"DenseIndex.scorer: on_missing must be 'error' or 'drop', got {on_missing!r}")
+        inner = self.encoder.query_encoder() >> self.flex.scorer()
+        return _CheckedStage(inner, 'DenseIndex.scorer', 'rerank', self.flex, on_missing=on_missing)
 
     def __repr__(self):
         return f'DenseIndex({self.encoder!r}, {str(self.flex.index_path)!r})'
@@ -283,6 +292,46 @@ def search_transformer(flex, k: int, *, backend: str = 'exact', gpu: Optional[bo
     if backend == 'hnsw':
         return _DropQueryVec(flex.faiss_hnsw_retriever(num_results=k, **kwargs))
     raise ValueError(f"backend must be 'exact', 'faiss' or 'hnsw', got {backend!r}")
+
+
+class _CheckedStage(pt.Transformer):
+    """Runs a pyterrier-dr pipeline on checked, normalised input: missing columns raise an error naming the
+    component; qid/docno become str and NaN queries ''; duplicated (qid, docno) rows are dropped (warned), as are
+    docnos absent from the index when reranking with ``on_missing='drop'`` (else a KeyError lists them), which
+    pyterrier-dr's hashed lookup would otherwise score as some other document. Empty input gives empty output."""
+
+    def __init__(self, inner: pt.Transformer, component: str, mode: str, flex, on_missing: str = 'error'):
+        self.inner = inner
+        self.component = component
+        self.mode = mode
+        self.flex = flex
+        self.on_missing = on_missing
+        self._store = None
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        from .mining import EmbeddingStore, normalise_frame
+        with validate_columns(inp, self.component) as v:
+            if self.mode == 'retrieve':
+                v.query_frame(extra_columns=['query'])
+            else:
+                v.result_frame(extra_columns=['query'])
+        if self.mode == 'rerank' and not len(inp):
+            return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
+        frame = normalise_frame(inp, self.component)
+        if self.mode == 'rerank':
+            if self._store is None:
+                self._store = EmbeddingStore(self.flex)
+            ids = self._store.ids(frame['docno'].values, component=self.component, on_missing=self.on_missing)
+            if (ids < 0).any():
+                warnings.warn(f'{self.component}: dropped {int((ids < 0).sum())} rows whose docno is not in the index')
+                frame = frame[ids >= 0]
+            if not len(frame):
+                return frame.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
+        out = self.inner(frame.reset_index(drop=True))
+        return out.drop(columns=[c for c in ('query_vec', 'docid') if c in out.columns])
+
+    def __repr__(self):
+        return repr(self.inner)
 
 
 class _DropQueryVec(pt.Transformer):

@@ -75,7 +75,7 @@ class EmbeddingStore:
         missing = np.unique(docnos[out < 0])
         if len(missing) and on_missing == 'error':
             raise KeyError(f'{component}: {len(missing)} docno(s) are not in the document index '
-                           f'{self.flex.index_path}: {list(missing[:5])}{" ..." if len(missing) > 5 else ""} '
+                           f'{self.flex.index_path}: {[str(d) for d in missing[:5]]}{" ..." if len(missing) > 5 else ""} '
                            f"(pass on_missing='drop' to drop them with a warning)")
         return out
 
@@ -159,7 +159,9 @@ class CandidateSet:
 
 
 def normalise_frame(frame: pd.DataFrame, component: str) -> pd.DataFrame:
-    """String qid/docno, no NaN query text, no duplicated (qid, docno) rows (the first, best-scored, is kept)."""
+    """String qid/docno, no NaN query text (it becomes ''), no duplicated (qid, docno) rows: the best one -- highest
+    ``score``, else lowest ``rank``, else first -- is kept and the others are dropped with a warning. Result
+    frames come back grouped by qid, best first."""
     frame = frame.copy()
     frame['qid'] = frame['qid'].astype(str)
     if 'docno' in frame.columns:
@@ -169,21 +171,42 @@ def normalise_frame(frame: pd.DataFrame, component: str) -> pd.DataFrame:
     if 'docno' in frame.columns:
         if 'score' in frame.columns:
             frame = frame.sort_values(['qid', 'score'], ascending=[True, False], kind='stable')
+        elif 'rank' in frame.columns:
+            frame = frame.sort_values(['qid', 'rank'], kind='stable')
         dup = frame.duplicated(['qid', 'docno'])
         if dup.any():
-            warnings.warn(f'{component}: dropped {int(dup.sum())} duplicated (qid, docno) rows')
+            warnings.warn(f'{component}: dropped {int(dup.sum())} duplicated (qid, docno) rows (kept the best scored)')
             frame = frame[~dup]
     return frame
 
 
 def normalise_qrels(qrels: pd.DataFrame, component: str) -> pd.DataFrame:
-    missing = [c for c in ('qid', 'docno', 'label') if c not in qrels.columns]
-    if missing:
-        raise KeyError(f'{component}: qrels need columns qid, docno, label; missing {missing}')
+    """``qid, docno, label`` with string ids; a (qid, docno) judged twice keeps its highest label (warned)."""
+    from ._util import validate_columns
+    with validate_columns(qrels, component, 'qrels frame') as v:
+        v.columns(includes=['qid', 'docno', 'label'])
     qrels = qrels[['qid', 'docno', 'label']].copy()
     qrels['qid'] = qrels['qid'].astype(str)
     qrels['docno'] = qrels['docno'].astype(str)
-    return qrels
+    qrels = qrels.sort_values('label', ascending=False, kind='stable')
+    dup = qrels.duplicated(['qid', 'docno'])
+    if dup.any():
+        warnings.warn(f'{component}: dropped {int(dup.sum())} duplicated (qid, docno) qrels (kept the highest label)')
+        qrels = qrels[~dup]
+    return qrels.sort_index(kind='stable')
+
+
+def unknown_qrels(qrels: pd.DataFrame, qids, component: str) -> int:
+    """How many (normalised) qrels belong to queries not in ``qids``; they are ignored, with a warning."""
+    n = int((~qrels['qid'].isin(set(qids))).sum())
+    if n:
+        warnings.warn(f'{component}: ignored {n} qrels of queries absent from the training topics')
+    return n
+
+
+def warn_skipped(skipped: int, total: int, component: str, why: str) -> None:
+    if skipped:
+        warnings.warn(f'{component}: skipped {skipped} of {total} training queries without a judged positive ({why})')
 
 
 def mine_candidates(candidates: pd.DataFrame, qrels: pd.DataFrame, store: EmbeddingStore, *,
@@ -200,7 +223,7 @@ def mine_candidates(candidates: pd.DataFrame, qrels: pd.DataFrame, store: Embedd
     stats = {}
     topics = candidates.drop_duplicates('qid')[['qid', 'query']]
     stats['queries'] = len(topics)
-    stats['qrels_for_unknown_queries'] = int((~qrels['qid'].isin(set(topics['qid']))).sum())
+    stats['qrels_for_unknown_queries'] = unknown_qrels(qrels, topics['qid'], component)
     positives = qrels[qrels['label'] >= min_label]
     pos_ids = store.ids(positives['docno'].values, component=component, on_missing='drop')
     stats['positives_not_in_index'] = int((pos_ids < 0).sum())
@@ -236,9 +259,5 @@ def mine_candidates(candidates: pd.DataFrame, qrels: pd.DataFrame, store: Embedd
         queries.append(query)
         n_retrieved.append(len(retrieved))
     stats['skipped_no_positive'] = skipped
-    if skipped:
-        warnings.warn(f'{component}: skipped {skipped} of {len(topics)} training queries without a judged positive '
-                      f'(label >= {min_label}) in the index')
-    if stats['qrels_for_unknown_queries']:
-        warnings.warn(f'{component}: ignored {stats["qrels_for_unknown_queries"]} qrels of queries absent from the topics')
+    warn_skipped(skipped, len(topics), component, f'label >= {min_label} in the index')
     return CandidateSet.from_rows(qids, queries, [r for r, _ in rows], [l for _, l in rows], n_retrieved, stats)

@@ -17,14 +17,14 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import pyterrier as pt
-import pyterrier_alpha as pta
 import pyterrier_dr
 import torch
 from torch import nn
 
-from ._util import atomic_write_text, evaluate, infer_device, read_component_config, write_component_config
+from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, read_component_config, validate_columns,
+                    write_component_config)
 from .encoders import DenseEncoder, DenseIndex
-from .mining import PAD, EmbeddingStore, normalise_frame
+from .mining import PAD, EmbeddingStore, normalise_frame, normalise_qrels
 from .training import TrainingConfig, TrainingLoop, split_training_kwargs
 
 VALIDATE_WITH = ('rerank', 'retrieve')
@@ -50,7 +50,7 @@ def pad_groups(codes: np.ndarray, values: np.ndarray, n_groups: int) -> tuple:
     return padded, order, positions
 
 
-class DenseQueryTrainer(pt.Estimator):
+class DenseQueryTrainer(HubMixin, pt.Estimator):
     """Base class of :class:`~pyterrier_coder.Coder` and :class:`~pyterrier_coder.Adore` (not used directly)."""
 
     COMPONENT = 'DenseQueryTrainer'
@@ -123,11 +123,11 @@ class DenseQueryTrainer(pt.Estimator):
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         """A result frame (``qid``, ``query``, ``docno``) is re-ranked; a query frame (``qid``, ``query``) gets
         single-stage retrieval of ``num_results`` documents from the index."""
-        with pta.validate.any(inp) as v:
+        with validate_columns(inp, self.COMPONENT) as v:
             v.result_frame(extra_columns=['query'], mode='rerank')
             v.query_frame(extra_columns=['query'], mode='retrieve')
         if v.mode == 'retrieve':
-            return self.retriever(self.num_results)(inp)
+            return self.retriever(self.num_results)(normalise_frame(inp, self.COMPONENT))
         if not len(inp):
             return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
         frame = normalise_frame(inp, self.COMPONENT).reset_index(drop=True)
@@ -159,7 +159,9 @@ class DenseQueryTrainer(pt.Estimator):
         documents from the whole index. Judged positives are never injected here (that would leak)."""
         if valid is None or valid_qrels is None:
             return None
-        valid_qrels = valid_qrels.assign(qid=valid_qrels['qid'].astype(str), docno=valid_qrels['docno'].astype(str))
+        with validate_columns(valid, f'{self.COMPONENT}.fit', 'validation frame') as v:
+            v.columns(includes=['qid', 'query'])
+        valid_qrels = normalise_qrels(valid_qrels, f'{self.COMPONENT}.fit')
         docnos = self.store.docnos
         frame = normalise_frame(valid, self.COMPONENT)
         if self.validate_with == 'retrieve' or 'docno' not in frame.columns:
@@ -182,6 +184,10 @@ class DenseQueryTrainer(pt.Estimator):
                                 'docno': docnos.fwd[ids[cells]], 'score': scores[cells]})
             return evaluate(res, valid_qrels, self.config.metric, qids)
         return validate
+
+    def _check_training_frame(self, train: pd.DataFrame) -> None:
+        with validate_columns(train, f'{self.COMPONENT}.fit', 'training frame') as v:
+            v.columns(includes=['qid', 'query'])
 
     def _prepare_device(self) -> torch.device:
         device = infer_device(self.config.device)
@@ -232,6 +238,10 @@ class DenseQueryTrainer(pt.Estimator):
         """Loads a saved model; ``index`` defaults to the index path it was trained with."""
         path = Path(path)
         conf = read_component_config(path, cls.COMPONENT)
+        if index is None and not Path(conf['index']).exists():
+            raise FileNotFoundError(f'{cls.COMPONENT}: the document index this model was trained with '
+                                    f'({conf["index"]!r}) is not here; pass the same index: '
+                                    f'{cls.COMPONENT}.load(path, index=...) / from_pretrained(..., index=...)')
         encoder = DenseEncoder.load(path / 'encoder', device=device)
         training = dict(conf.get('training', {}))
         if device is not None:

@@ -29,6 +29,8 @@ import pandas as pd
 import pyterrier as pt
 import pyterrier_alpha as pta
 
+from ._util import validate_columns
+
 __all__ = ['BM25', 'TextLoader', 'terrier_unavailable_reason']
 
 BACKENDS = ('pisa', 'terrier')
@@ -215,7 +217,8 @@ class BM25(pt.Transformer):
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         """Retrieves ``num_results`` documents for each query in ``inp`` (columns ``qid``, ``query``)."""
-        pta.validate.query_frame(inp, extra_columns=['query'])
+        with validate_columns(inp, 'BM25') as v:
+            v.query_frame(extra_columns=['query'])
         added = _RESULT_COLUMNS + (['text'] if self.text else [])
         out_columns = [c for c in inp.columns if c not in added] + added
         if len(inp) == 0:
