@@ -111,6 +111,16 @@ def tiny_cross_encoder_dir(tmp_path_factory, tiny_collection) -> Path:
     return path
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threading only adds contention (up to 40x slower)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def require_dataset(name: str) -> Path:
     path = DATASETS / name
     if not (path / 'corpus.jsonl').exists():

@@ -13,13 +13,7 @@ from pyterrier_coder.electra import MonoElectra, build_training_groups, sample_g
 from pyterrier_coder.retrievers import BM25
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: intra-op threading only adds contention (40x slower here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

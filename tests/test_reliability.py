@@ -30,12 +30,7 @@ TRAINERS = ['Coder', 'Adore', 'MonoElectra']
 pytestmark = pytest.mark.filterwarnings('ignore:MonoElectra.*fewer than group_size')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
