@@ -20,8 +20,10 @@ CONFIG_FILE = 'pyterrier_coder.json'
 
 
 def infer_device(device=None) -> 'torch.device':
-    """``device`` if given, else CUDA when present, else CPU."""
+    """``device`` if given, else CUDA when present, else CPU; under torchrun, ``'cuda'`` is this rank's GPU."""
     import torch
+    from .distributed import device_for_rank
+    device = device_for_rank(device)
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     return torch.device(device)

@@ -20,6 +20,7 @@ import pyterrier as pt
 import torch
 
 from ._util import infer_device
+from .distributed import DataParallel
 
 
 @dataclasses.dataclass
@@ -149,6 +150,8 @@ class TrainingLoop:
         self.device = infer_device(config.device)
         self.amp = config.amp if config.amp is not None else self.device.type == 'cuda'
         self.timers = Timers()
+        #: data parallelism under torchrun (a no-op in a single process), see pyterrier_coder.distributed
+        self.dp = DataParallel()
 
     def _batches(self, rng, cursor: dict):
         """Yields batches forever, epoch after epoch. ``cursor`` (saved in checkpoints) records the epoch, the
@@ -176,16 +179,41 @@ class TrainingLoop:
 
     def _micro_batches(self, batch):
         n = self.config.grad_accumulation
-        if n <= 1:
-            return [batch]
+        if n <= 1 or not len(batch):
+            return [batch] if len(batch) else []
         size = int(math.ceil(len(batch) / n))
         return [batch[i:i + size] for i in range(0, len(batch), size)]
 
+    def _forward_backward(self, batch, step, scaler) -> float:
+        """Backpropagates this rank's shard of the global ``batch`` in micro-batches, each loss weighted by its
+        share of the global batch, so that (summed over micro-batches and ranks) the gradient is the one of the
+        mean loss over the whole batch. Returns that mean loss (over all ranks)."""
+        total = len(batch)
+        step_loss, bad = 0.0, None
+        for part in self._micro_batches(self.dp.shard(batch)):
+            with autocast_for(self.device, self.amp):
+                loss = self.loss_fn(part)
+            if not torch.isfinite(loss.detach()):
+                bad = loss.item()
+                break
+            weight = len(part) / total
+            scaler.scale(loss * weight).backward()
+            step_loss += loss.item() * weight
+        if self.dp.any(bad is not None):   # every rank stops together, never one left waiting in a collective
+            raise NonFiniteLossError(
+                f'{self.name}: loss became {bad if bad is not None else "non-finite on another rank"} at step '
+                f'{step + 1}; training stopped (the best validated weights so far are kept). Try a lower lr or '
+                f'a larger temperature.')
+        return self.dp.sum_scalar(step_loss)
+
     def _run_validation(self, step, history, progress):
         with self.timers('validation'):
-            self.module.eval()
-            with torch.inference_mode():
-                value = float(self.validate())
+            value = None
+            if self.dp.is_main:   # rank 0 validates; the others get its value, so their decisions agree
+                self.module.eval()
+                with torch.inference_mode():
+                    value = float(self.validate())
+            value = self.dp.broadcast(value)
         history['eval'].append([step, value])
         progress.set_postfix_str(f'{self.config.metric}={value:.4f}', refresh=False)
         return value
@@ -253,7 +281,8 @@ class TrainingLoop:
         history = state['history']
         prior_seconds = state.get('elapsed', 0.0)
         start = time.perf_counter()
-        progress = pt.tqdm(total=total, initial=state['step'], desc=self.name, unit='step', disable=not config.verbose)
+        progress = pt.tqdm(total=total, initial=state['step'], desc=self.name, unit='step',
+                           disable=not (config.verbose and self.dp.is_main))
         every = config.checkpoint_every or config.eval_every or 100
 
         def consider(step, value):
@@ -275,18 +304,11 @@ class TrainingLoop:
                     self.before_step(step)
                 self.module.train()
                 batch = next(batches)
-                step_loss = 0.0
-                micro = self._micro_batches(batch)
                 with self.timers('forward_backward'):
-                    for part in micro:
-                        with autocast_for(self.device, self.amp):
-                            loss = self.loss_fn(part)
-                        if not torch.isfinite(loss.detach()):
-                            raise NonFiniteLossError(
-                                f'{self.name}: loss became {loss.item()} at step {step + 1}; training stopped '
-                                f'(the best validated weights so far are kept). Try a lower lr or a larger temperature.')
-                        scaler.scale(loss / len(micro)).backward()
-                        step_loss += loss.item() / len(micro)
+                    step_loss = self._forward_backward(batch, step, scaler)
+                if self.dp.enabled:
+                    with self.timers('gradient_sync'):
+                        self.dp.sum_gradients(self.module.parameters())
                 with self.timers('optimizer'):
                     if config.grad_clip:
                         scaler.unscale_(optimizer)
@@ -309,7 +331,9 @@ class TrainingLoop:
                 if config.checkpoint_dir and (step % every == 0 or step == total):
                     with self.timers('checkpoint'):
                         state['elapsed'] = prior_seconds + time.perf_counter() - start
-                        self._save_checkpoint(state, optimizer, scheduler, scaler)
+                        if self.dp.is_main:
+                            self._save_checkpoint(state, optimizer, scheduler, scaler)
+                        self.dp.barrier()
             if self.validate is not None and history['eval'][-1][0] != state['step']:
                 consider(state['step'], self._run_validation(state['step'], history, progress))
         finally:

@@ -1,0 +1,159 @@
+"""Data-parallel training under ``torchrun`` (torch.distributed): every trainer's loop uses it, nothing else does.
+
+Launch any training script with ``torchrun --nproc_per_node=N script.py``: each process builds the same
+components and calls ``fit`` as usual. The shared :class:`~pyterrier_coder.training.TrainingLoop` then
+
+- draws the *same* global batches on every rank (same seed) and gives each rank a strided shard of it;
+- weights each rank's loss by its share of the global batch and sums the gradients over ranks (all-reduce in
+  buckets), so an optimiser step sees exactly the gradient of one process on the whole global batch;
+- validates on rank 0 only and broadcasts the value (best-checkpoint and early-stopping decisions agree);
+- draws progress bars and writes resumable checkpoints on rank 0 only.
+
+Gradients are reduced explicitly after backward rather than through ``DistributedDataParallel``'s forward hooks
+because the trainers' losses call into several modules (encoder, candidate store, optional head) instead of one
+``module(batch)`` forward; the arithmetic is the same as DDP's (NCCL on GPUs, gloo on CPU).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+#: elements per all-reduce bucket: bounds the extra memory of the flattened gradients
+BUCKET_ELEMENTS = 1 << 24
+
+
+def launched() -> bool:
+    """True in a process started by torchrun (or any launcher setting WORLD_SIZE > 1)."""
+    return int(os.environ.get('WORLD_SIZE', '1')) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else int(os.environ.get('RANK', '0'))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else int(os.environ.get('WORLD_SIZE', '1'))
+
+
+def local_rank() -> int:
+    return int(os.environ.get('LOCAL_RANK', '0'))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or not distributed): the process that should save models and write reports."""
+    return rank() == 0
+
+
+def init() -> bool:
+    """Joins the process group set up by torchrun (NCCL when CUDA is present, else gloo); no-op otherwise.
+    Returns whether training is distributed."""
+    if launched() and dist.is_available() and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend='nccl' if cuda else 'gloo')
+    return active()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+class DataParallel:
+    """What the training loop needs from torch.distributed; with one process every method is a no-op."""
+
+    def __init__(self):
+        self.enabled = init()
+        self.rank = rank() if self.enabled else 0
+        self.world = world_size() if self.enabled else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch):
+        """This rank's part of a global batch (strided, so shard sizes differ by at most one)."""
+        return batch if self.world == 1 else batch[self.rank::self.world]
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], device=self._reduce_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast(self, value):
+        """``value`` of rank 0, on every rank (any picklable object)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _reduce_device(self) -> torch.device:
+        return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' \
+            else torch.device('cpu')
+
+    def sum_scalar(self, value: float) -> float:
+        """Sum of a float over ranks (works with NCCL and gloo)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._reduce_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item())
+
+    def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Sums ``.grad`` over ranks in flattened buckets. A parameter that got a gradient on some rank only gets
+        zeros elsewhere first; one that got none anywhere keeps ``grad=None`` (as in a single process, so the
+        optimiser skips it there too)."""
+        if not self.enabled:
+            return
+        params = [p for p in parameters if p.requires_grad]
+        if not params:
+            return
+        device = self._reduce_device()
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        used = [p for p, h in zip(params, has.tolist()) if h]
+        for p in used:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket, size = [], 0
+        for p in used:
+            bucket.append(p)
+            size += p.numel()
+            if size >= BUCKET_ELEMENTS:
+                self._reduce_bucket(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._reduce_bucket(bucket)
+
+    @staticmethod
+    def _reduce_bucket(params) -> None:
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def device_for_rank(device: Optional[str]) -> Optional[str]:
+    """Under torchrun with CUDA, a bare ``'cuda'`` (or the default) means this rank's GPU."""
+    if launched() and torch.cuda.is_available() and (device is None or str(device) == 'cuda'):
+        return f'cuda:{local_rank()}'
+    return device
