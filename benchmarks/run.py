@@ -59,8 +59,10 @@ SIZES = {
                                     train_batch_size=8, group_size=8, steps=10, warmup=1, repeats=3),
                           small=dict(infer_queries=4, infer_candidates=16, batch_size=16, max_length=128, train_queries=16,
                                      train_batch_size=2, group_size=8, steps=3, warmup=1, repeats=3)),
-    'gather': dict(full=dict(docs=1_000_000, dim=768, batch_queries=32, candidates=1000, repeats=10),
-                   small=dict(docs=100_000, dim=128, batch_queries=32, candidates=1000, repeats=10)),
+    'gather': dict(full=dict(docs=1_000_000, dim=768, batch_queries=32, candidates=1000, repeats=10,
+                             epoch_queries=256),
+                   small=dict(docs=100_000, dim=128, batch_queries=32, candidates=1000, repeats=10,
+                              epoch_queries=64)),
 }
 
 
@@ -239,19 +241,21 @@ def train_wordpiece(path: Path):
     return len(fast)
 
 
-def tiny_model(workdir: Path, kind: str) -> Path:
-    """A random 2-layer BERT (``kind='bert'``) or ELECTRA sequence classifier (``'electra'``), hidden 32."""
+def tiny_model(workdir: Path, kind: str, hidden: int = 32, layers: int = 2) -> Path:
+    """A random BERT (``kind='bert'``) or ELECTRA sequence classifier (``'electra'``), hidden 32 and 2 layers
+    unless told otherwise."""
     import torch
     from transformers import BertConfig, BertModel, ElectraConfig, ElectraForSequenceClassification
-    path = workdir / 'models' / f'tiny_{kind}'
+    shape = '' if (hidden, layers) == (32, 2) else f'_{hidden}x{layers}'
+    path = workdir / 'models' / f'tiny_{kind}{shape}'
     if (path / 'config.json').exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
     vocab = train_wordpiece(path)
     torch.manual_seed(SEED)
     if kind == 'bert':
-        BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=512)).save_pretrained(path)
+        BertModel(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                             intermediate_size=2 * hidden, max_position_embeddings=512)).save_pretrained(path)
     else:
         ElectraForSequenceClassification(ElectraConfig(
             vocab_size=vocab, hidden_size=32, embedding_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -842,9 +846,40 @@ Warm figures: {size['repeats']} fresh random batches (the two methods alternate 
     report.note("""File-backed RSS counts pages of vecs.f4 the kernel mapped into this process (shared, reclaimable page
 cache, incl. fault-around neighbours of the rows read); they are not a copy of the matrix. The copy
 never made is what the anonymous RSS and the traced allocation show.""")
+    coder_epoch_memory(args, flex, size, report)
     if args.child_json:
         with open(args.child_json, 'w') as f:
             json.dump(report.results.get('gather', {}), f)
+
+
+def coder_epoch_memory(args, flex, size, report: Report):
+    """One CODER epoch over the same memory-mapped index, in the same fresh process: peak RSS (issue target < 4 GB
+    over a 1M-document index). The query encoder is a random 1-layer BERT with the index's width (no 768-d
+    encoder is available offline; the encoder's size does not depend on the index)."""
+    from pyterrier_coder import Coder, DenseEncoder
+    n, dim = flex.np_vecs().shape
+    encoder = DenseEncoder(str(tiny_model(args.workdir, 'bert', hidden=dim, layers=1)), pooling='mean',
+                           normalize=False, query_max_length=32, device=args.device)
+    rng = np.random.default_rng(SEED + 1)
+    topics = read_topics('train', limit=size['epoch_queries'])
+    frame = candidate_frame(topics, n, size['candidates'], rng)
+    qrels = random_qrels(topics, n, rng, frame=frame)
+    coder = Coder(flex, encoder, num_candidates=size['candidates'], batch_size=size['batch_queries'], epochs=1,
+                  eval_every=None, verbose=False, device=args.device)
+    before = proc_status()
+    start = time.perf_counter()
+    coder.fit(frame, qrels)
+    seconds = time.perf_counter() - start
+    del frame
+    after = proc_status()
+    steps = coder.history['steps']
+    report.value('coder_epoch_seconds', f'CODER epoch: {len(topics)} queries x {size["candidates"]} candidates, '
+                 f'{steps} steps of {size["batch_queries"]}', seconds, 's')
+    report.value('coder_epoch_peak_rss_mib', 'peak RSS (VmHWM) of this process after the epoch', after.get('VmHWM', 0.0),
+                 'MiB', f'target < 4096 MiB; {"met" if after.get("VmHWM", 0.0) < 4096 else "NOT met"}')
+    if 'RssAnon' in after:
+        report.value('coder_epoch_anon_rss_mib', 'anonymous RSS after the epoch', after['RssAnon'], 'MiB',
+                     f'{after["RssAnon"] - before["RssAnon"]:+,.0f} MiB over the epoch')
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -182,8 +182,15 @@ def sample_groups(data: TrainingGroups, group_size: int, rng: np.random.Generato
 
 # -------------------------------------------------------------------------------------------------------------
 
-def _load_model(model: str):
-    """AutoModelForSequenceClassification; a checkpoint without such head gets a fresh 1-logit head (warned)."""
+def _load_model(model: str, seed: int):
+    """AutoModelForSequenceClassification; a checkpoint without such head gets a fresh 1-logit head (warned),
+    initialised from ``seed`` so that runs compared with each other start from the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _load_model_unseeded(model)
+
+
+def _load_model_unseeded(model: str):
     from transformers import AutoConfig, AutoModelForSequenceClassification
     config = AutoConfig.from_pretrained(model)
     archs = config.architectures or []
@@ -274,7 +281,7 @@ class MonoElectra(HubMixin, pt.Estimator):
                              f'(got {query_max_length}, {max_length})')
         self.model_name = str(model)
         path = resolve_model_path(PRESETS.get(self.model_name, self.model_name))
-        self.model = _load_model(path)
+        self.model = _load_model(path, training.get('seed', PAPER_DEFAULTS.seed))
         self.tokenizer = _load_tokenizer(tokenizer, path)
         self.tokenizer_name = None if tokenizer is None or not isinstance(tokenizer, str) else tokenizer
         num_labels = self.model.config.num_labels

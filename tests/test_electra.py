@@ -334,3 +334,14 @@ def test_load_wrong_directory(tmp_path, tiny_cross_encoder_dir):
         MonoElectra.load(tiny_cross_encoder_dir)
     with pytest.raises(FileNotFoundError):
         MonoElectra.load(tmp_path / 'missing')
+
+
+def test_fresh_head_is_initialised_from_the_seed(tiny_bert_dir):
+    """A backbone without a ranking head gets the same fresh head for the same seed (comparable runs), another
+    one for another seed."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        a, b, c = (MonoElectra(str(tiny_bert_dir), max_length=64, verbose=False, seed=s) for s in (1, 1, 2))
+    head = lambda m: m.model.classifier.weight
+    assert torch.equal(head(a), head(b)) and not torch.equal(head(a), head(c))
