@@ -7,6 +7,7 @@ TREC runs under ``runs/``, ``report.md``, and PNG plots of training curves and p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import json
 import shutil
@@ -19,12 +20,22 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 
-from ._util import infer_device
+from ._util import atomic_write_text, infer_device
 from .datasets import load_dataset
 
 COMPONENTS = ('bm25', 'dense', 'coder', 'adore', 'electra')
 BASELINE = 'BM25 >> Dense'
 MEASURES = ('nDCG@10', 'RR@10', 'R@100', 'R@1000', 'AP')
+#: paired comparisons reported besides the baseline table: (system, reference) -- a reranker against its own
+#: first stage, a fine-tuned single-stage retriever against the model it started from, an ablation against the
+#: full method (same budget)
+COMPARISONS = (
+    ('BM25 >> CODER', 'BM25'), ('BM25 >> MonoELECTRA', 'BM25'), ('CODER', 'Dense'), ('ADORE', 'Dense'),
+    ('BM25 >> CODER (margin loss)', 'BM25 >> CODER'), ('BM25 >> CODER (N=32)', 'BM25 >> CODER'),
+    ('BM25 >> CODER(ADORE init)', 'BM25 >> CODER'), ('ADORE (static negatives)', 'ADORE'),
+    ('ADORE (RankNet, no ΔM)', 'ADORE'), ('BM25 >> MonoELECTRA (CE)', 'BM25 >> MonoELECTRA'),
+    ('BM25 >> MonoELECTRA (LCE, n=2)', 'BM25 >> MonoELECTRA'),
+)
 
 # Budgets that work on nfcorpus with the MiniLM base on a 2-core CPU (see docs/results.md for how they were
 # chosen); --quick shrinks everything to a smoke run whose figures mean nothing.
@@ -33,18 +44,21 @@ FULL = dict(
                schedule='constant', max_steps=400, eval_every=50, batch_size=32),
     adore=dict(k=200, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0.1, max_steps=200, eval_every=50,
                batch_size=32),
-    electra=dict(group_size=8, negatives_from=100, loss='lce', lr=3e-5, max_steps=200, eval_every=100,
-                 patience=3, train_batch_size=2, max_length=192),
-    rerank_depth=50, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=50,
+    # a MiniLM backbone with a fresh head (no ELECTRA offline); 300 steps x 32 pairs, passages cut to 128 tokens
+    electra=dict(group_size=8, negatives_from=100, min_label=1, loss='lce', lr=1e-4, warmup=0.1, max_steps=300,
+                 eval_every=100, train_batch_size=4, max_length=128),
+    rerank_depth=100, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=60,
+    electra_dev_depth=30,
 )
 QUICK = dict(
     coder=dict(num_candidates=100, min_label=2, lower_labels='ignore', lr=2e-5, optimizer='adamw', warmup=0,
                schedule='constant', max_steps=10, eval_every=5, batch_size=16),
     adore=dict(k=50, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0, max_steps=10, eval_every=5,
                batch_size=16),
-    electra=dict(group_size=4, negatives_from=20, loss='lce', lr=3e-5, max_steps=4, eval_every=2,
+    electra=dict(group_size=4, negatives_from=20, min_label=1, loss='lce', lr=1e-4, max_steps=4, eval_every=2,
                  train_batch_size=2, max_length=128),
     rerank_depth=10, train_queries=200, dev_queries=30, test_queries=60, electra_dev_queries=10,
+    electra_dev_depth=10,
 )
 
 
@@ -88,6 +102,8 @@ class Experiment:
         self.device = str(infer_device(settings.device))
         self.timings: Dict[str, float] = {}
         self.histories: Dict[str, dict] = {}
+        self._models: Dict[str, object] = {}
+        self._used_models: List[str] = []
 
     # --- data ------------------------------------------------------------------------------------------------
     def _topics(self, split: str, limit: Optional[int], only: Optional[set] = None) -> pd.DataFrame:
@@ -144,6 +160,9 @@ class Experiment:
     def _train_or_load(self, name: str, cls, make, fit):
         """Loads ``models/<name>`` when present (unless --retrain), else builds with ``make()``, trains with
         ``fit(model)`` and saves."""
+        self._used_models.append(name)
+        if name in self._models:   # already trained or loaded in this run
+            return self._models[name]
         path = self._model_dir(name)
         if path.exists() and not self.s.retrain:
             _log(f'reusing trained {name} from {path}')
@@ -160,6 +179,7 @@ class Experiment:
             model.save(path)
         if model.history is not None:
             self.histories[name] = model.history
+        self._models[name] = model
         return model
 
     def _coder(self, name='coder', *, single_stage=False, init=None, **overrides):
@@ -189,8 +209,8 @@ class Experiment:
     def _electra(self, name='electra', **overrides):
         from .electra import MonoElectra
         kwargs = {**self.budget['electra'], **overrides}
-        depth = self.budget['rerank_depth']
-        first = self.bm25 % depth >> self.bm25.text_loader()
+        # validation reranks a shallower list than the test (it runs several times during training)
+        first = self.bm25 % self.budget['electra_dev_depth'] >> self.bm25.text_loader()
         negatives_from = kwargs.get('negatives_from', 200)
         dev = self._topics(self.s.dev_split, self.budget['electra_dev_queries'])
         return self._train_or_load(
@@ -202,71 +222,128 @@ class Experiment:
 
     def pipelines(self) -> Dict[str, tuple]:
         """Trains what is needed; returns ``{name: (first stage name or None, transformer)}`` in report order.
-        A pipeline with a first stage is ``first_stage >> transformer``; first stages run once and are shared."""
+        A pipeline with a first stage is ``first_stage >> transformer``; first stages run once and are shared.
+        ``self.system_models[name]`` lists the trained models each pipeline uses (for the run cache)."""
         comps = set(self.s.components)
         depth = self.budget['rerank_depth']
-        self.first_stages = {'BM25': self.bm25,
-                             f'BM25 top-{depth} + text': self.bm25 % depth >> self.bm25.text_loader()}
-        systems = {}
-        if 'bm25' in comps:
-            systems['BM25'] = (None, self.bm25)
-        if 'dense' in comps:
-            systems['Dense'] = (None, self.dense.retriever(1000))
-        systems[BASELINE] = ('BM25', self.dense.scorer())     # the baseline is always there
-        if 'coder' in comps:
-            systems['BM25 >> CODER'] = ('BM25', self._coder())
-            systems['CODER'] = (None, self._coder('coder_single_stage', single_stage=True).retriever(1000))
-        if 'adore' in comps:
-            adore = self._adore()
-            systems['ADORE'] = (None, adore.retriever(1000))
-            if 'coder' in comps and self.s.ablations:
-                systems['BM25 >> CODER(ADORE init)'] = ('BM25', self._coder('coder_from_adore', init=adore.encoder))
-        if 'electra' in comps:
-            systems['BM25 >> MonoELECTRA'] = (f'BM25 top-{depth} + text', self._electra())
-        if self.s.ablations:
-            systems.update(self._ablations(comps))
-        return systems
+        text_stage = f'BM25 top-{depth} + text'
+        self.first_stages = {'BM25': self.bm25, text_stage: self.bm25 % depth >> self.bm25.text_loader()}
+        systems, self.system_models = {}, {}
 
-    def _ablations(self, comps) -> Dict[str, pt.Transformer]:
-        """The papers' ablation rows (CODER Fig. 2, ADORE static negatives / RankNet, LCE vs CE)."""
-        systems = {}
+        def add(name, first, build):
+            before = len(self._used_models)
+            systems[name] = (first, build())
+            self.system_models[name] = sorted(set(self._used_models[before:]))
+
+        if 'bm25' in comps:
+            add('BM25', None, lambda: self.bm25)
+        if 'dense' in comps:
+            add('Dense', None, lambda: self.dense.retriever(1000))
+        add(BASELINE, 'BM25', self.dense.scorer)     # the baseline is always there
         if 'coder' in comps:
-            systems['BM25 >> CODER (margin loss)'] = ('BM25', self._coder('coder_margin', loss='margin'))
-            systems['BM25 >> CODER (N=32)'] = ('BM25', self._coder('coder_n32', num_candidates=32))
+            add('BM25 >> CODER', 'BM25', self._coder)
+            add('CODER', None, lambda: self._coder('coder_single_stage', single_stage=True).retriever(1000))
         if 'adore' in comps:
-            systems['ADORE (static negatives)'] = (None, self._adore('adore_static', dynamic=False).retriever(1000))
-            systems['ADORE (RankNet, no ΔM)'] = (None, self._adore('adore_ranknet',
-                                                                    lambda_weighting=False).retriever(1000))
+            add('ADORE', None, lambda: self._adore().retriever(1000))
+            if 'coder' in comps and self.s.ablations:
+                add('BM25 >> CODER(ADORE init)', 'BM25',
+                    lambda: self._coder('coder_from_adore', init=self._adore().encoder))
         if 'electra' in comps:
-            depth = self.budget['rerank_depth']
-            systems['BM25 >> MonoELECTRA (CE)'] = (f'BM25 top-{depth} + text', self._electra('electra_ce', loss='ce'))
+            add('BM25 >> MonoELECTRA', text_stage, self._electra)
+        if not self.s.ablations:
+            return systems
+        # the papers' ablation rows (CODER Fig. 2, ADORE static negatives / RankNet, LCE vs CE and group size)
+        if 'coder' in comps:
+            add('BM25 >> CODER (margin loss)', 'BM25', lambda: self._coder('coder_margin', loss='margin'))
+            add('BM25 >> CODER (N=32)', 'BM25', lambda: self._coder('coder_n32', num_candidates=32))
+        if 'adore' in comps:
+            add('ADORE (static negatives)', None, lambda: self._adore('adore_static', dynamic=False).retriever(1000))
+            add('ADORE (RankNet, no ΔM)', None,
+                lambda: self._adore('adore_ranknet', lambda_weighting=False).retriever(1000))
+        if 'electra' in comps:
+            add('BM25 >> MonoELECTRA (CE)', text_stage, lambda: self._electra('electra_ce', loss='ce'))
+            # LCE paper, Fig. 3: group size at an equal number of query-passage pairs per step
+            e = self.budget['electra']
+            pairs = e['group_size'] * e['train_batch_size']
+            add('BM25 >> MonoELECTRA (LCE, n=2)', text_stage,
+                lambda: self._electra('electra_n2', group_size=2, train_batch_size=max(1, pairs // 2)))
         return systems
 
     # --- evaluation and report -----------------------------------------------------------------------------
+    def _run_key(self, name: str, first: Optional[str]) -> str:
+        """What a pipeline's test run depends on: its name and first stage, the test queries, the budget, and the
+        files of the indexes and trained models it uses (their modification times)."""
+        stamps = {}
+        for path in [self.out / 'indexes' / 'bm25', self.out / 'indexes' / 'dense.flex'] + \
+                [self._model_dir(m) for m in self.system_models.get(name, [])]:
+            if path.exists():
+                stamps[str(path.relative_to(self.out))] = sorted(
+                    (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                    for f in path.rglob('*') if f.is_file())
+        blob = json.dumps([name, first, sorted(self.test['qid']), self.budget, self.s.base, self.s.cross_encoder,
+                           stamps], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def _run_systems(self, systems: Dict[str, tuple]) -> Dict[str, pd.DataFrame]:
         """Runs every pipeline on the test topics once, timing first stages and rerankers separately, and writes
-        the TREC runs."""
+        the TREC runs. A run whose inputs did not change since a previous invocation (same ``--out``, see
+        :meth:`_run_key`) is read back with its measured latency instead of recomputed, unless ``--retrain``."""
         runs_dir = self.out / 'runs'
-        if runs_dir.exists():
-            shutil.rmtree(runs_dir)   # pipelines may have been retrained: never leave a stale run behind
-        runs_dir.mkdir(parents=True)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        manifest_path = runs_dir / 'manifest.json'
+        old = json.loads(manifest_path.read_text()) if manifest_path.exists() and not self.s.retrain else {}
+        manifest = {}
         n = max(1, len(self.test))
-        first_results, runs, self.latency = {}, {}, {}
+        first_results, runs, self.latency, self.cached_runs = {}, {}, {}, []
         for name, (first, transformer) in systems.items():
-            if first is not None and first not in first_results:
-                start = time.perf_counter()
-                first_results[first] = self.first_stages[first](self.test)
-                self.latency[f'first stage: {first}'] = 1000 * (time.perf_counter() - start) / n
-            start = time.perf_counter()
-            res = transformer(first_results[first] if first is not None else self.test)
-            elapsed = 1000 * (time.perf_counter() - start) / n
-            self.latency[name] = elapsed + (self.latency[f'first stage: {first}'] if first else 0.0)
-            if first is not None:
-                self.latency[f'{name} (reranking only)'] = elapsed
-            runs[name] = res
             slug = re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')
-            pt.io.write_results(res, str(runs_dir / f'{slug}.res.gz'), format='trec', run_name=slug)
+            path = runs_dir / f'{slug}.res.gz'
+            key = self._run_key(name, first)
+            entry = old.get(name)
+            if entry and entry['key'] == key and path.exists():
+                _log(f'reusing the test run of {name!r} ({path.name}): its indexes and models did not change')
+                res = pt.io.read_results(str(path))
+                self.latency.update(entry['latency'])
+                self.cached_runs.append(name)
+            else:
+                if first is not None and first not in first_results:
+                    start = time.perf_counter()
+                    first_results[first] = self.first_stages[first](self.test)
+                    self.latency[f'first stage: {first}'] = 1000 * (time.perf_counter() - start) / n
+                start = time.perf_counter()
+                res = transformer(first_results[first] if first is not None else self.test)
+                elapsed = 1000 * (time.perf_counter() - start) / n
+                self.latency[name] = elapsed + (self.latency[f'first stage: {first}'] if first else 0.0)
+                if first is not None:
+                    self.latency[f'{name} (reranking only)'] = elapsed
+                pt.io.write_results(res, str(path), format='trec', run_name=slug)
+                entry = {'key': key, 'latency': {k: v for k, v in self.latency.items()
+                                                 if k in (name, f'{name} (reranking only)', f'first stage: {first}')}}
+            manifest[name] = {**entry, 'file': path.name}
+            runs[name] = res
+        for stale in set(p.name for p in runs_dir.glob('*.res.gz')) - {e['file'] for e in manifest.values()}:
+            (runs_dir / stale).unlink()   # never leave a run of a pipeline that is not in this report
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
         return runs
+
+    def _comparisons(self, perquery: pd.DataFrame, names: List[str]) -> pd.DataFrame:
+        """Paired t-tests of :data:`COMPARISONS` whose two systems are both in this run (uncorrected p-values:
+        each pair is its own question)."""
+        from scipy import stats
+        rows = []
+        for measure in ('nDCG@10', 'RR@10'):
+            table = perquery[perquery['measure'] == measure].pivot(index='qid', columns='name', values='value')
+            for system, reference in COMPARISONS:
+                if system in names and reference in names:
+                    a, b = table[system], table[reference]
+                    with warnings.catch_warnings():
+                        warnings.simplefilter('ignore', RuntimeWarning)
+                        p = stats.ttest_rel(a, b).pvalue
+                    rows.append({'system': system, 'reference': reference, 'measure': measure,
+                                 'system value': a.mean(), 'reference value': b.mean(), 'difference': a.mean() - b.mean(),
+                                 'wins': int((a > b).sum()), 'losses': int((a < b).sum()), 'p-value': p})
+        return pd.DataFrame(rows, columns=['system', 'reference', 'measure', 'system value', 'reference value',
+                                           'difference', 'wins', 'losses', 'p-value'])
 
     def run(self) -> pd.DataFrame:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -286,9 +363,11 @@ class Experiment:
         results['ms/query'] = [self.latency[name] for name in names]
         results.to_csv(self.out / 'results.csv', index=False)
         perquery.to_csv(self.out / 'perquery.csv', index=False)
+        comparisons = self._comparisons(perquery, names)
+        comparisons.to_csv(self.out / 'comparisons.csv', index=False)
         self.timings['total'] = time.perf_counter() - started
         plots = self._plots(perquery, names)
-        self._report(results, plots)
+        self._report(results, plots, comparisons)
         _log(f'wrote {self.out / "report.md"}')
         return results
 
@@ -335,7 +414,7 @@ class Experiment:
             files.append(path.name)
         return files
 
-    def _report(self, results: pd.DataFrame, plots: List[str]) -> None:
+    def _report(self, results: pd.DataFrame, plots: List[str], comparisons: pd.DataFrame) -> None:
         cols = ['name'] + [m for m in MEASURES if m in results.columns]
         pcols = [f'{m} p-value corrected' for m in ('nDCG@10', 'RR@10') if f'{m} p-value corrected' in results.columns]
         table = results[cols + pcols + ['ms/query']].copy()
@@ -343,7 +422,16 @@ class Experiment:
                  f'Test split `{self.s.test_split}` ({len(self.test)} queries); baseline `{BASELINE}`; paired t-test '
                  f'with Holm correction over all pipelines; `ms/query` = wall time per query of the whole pipeline.',
                  '' if not self.s.quick else '\n**--quick smoke run: tiny budgets, the figures mean nothing.**\n',
-                 _markdown(table), '', '## Settings', '', '```json',
+                 markdown_table(table), '']
+        if len(comparisons):
+            lines += ['## Paired comparisons', '',
+                      'Each reranker against its own first stage, each fine-tuned single-stage retriever against '
+                      'the model it started from, each ablation against the full method (paired t-test over the '
+                      'test queries, uncorrected).', '', markdown_table(comparisons), '']
+        if self.cached_runs:
+            lines += [f'Test runs reused from a previous invocation (unchanged indexes and models): '
+                      f'{", ".join(self.cached_runs)}.', '']
+        lines += ['## Settings', '', '```json',
                  json.dumps({**dataclasses.asdict(self.s), 'device': self.device,
                              'budget': self.budget}, indent=2, default=str), '```', '',
                  '## Training and indexing time (s)', '', '| what | seconds |', '|---|---|']
@@ -360,7 +448,8 @@ class Experiment:
         (self.out / 'report.md').write_text('\n'.join(lines))
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame as a GitHub markdown table (4 decimals; no tabulate dependency)."""
     def fmt(v):
         if isinstance(v, float):
             return 'nan' if np.isnan(v) else (f'{v:.2e}' if 0 < abs(v) < 1e-3 else f'{v:.4f}')

@@ -1,6 +1,7 @@
 """The main job (`pyterrier-coder experiment --quick`) on the real NFCorpus: outputs exist, parse and agree."""
 import contextlib
 import io
+import json
 
 import matplotlib.image
 import pandas as pd
@@ -32,8 +33,9 @@ def test_perquery_and_runs_agree_with_results(nfcorpus_quick_run):
     means = perquery[perquery['measure'] == 'nDCG@10'].groupby('name')['value'].mean()
     for name in EXPECTED:
         assert means[name] == pytest.approx(results.loc[name, 'nDCG@10'], abs=1e-9)
-    runs = sorted(p.name for p in (out / 'runs').iterdir())
+    runs = sorted(p.name for p in (out / 'runs').glob('*.res.gz'))
     assert len(runs) == len(EXPECTED)
+    assert set(json.loads((out / 'runs' / 'manifest.json').read_text())) == set(EXPECTED)
     assert perquery['qid'].nunique() == 60
     dense_run = pt.io.read_results(str(out / 'runs' / 'Dense.res.gz'))
     assert dense_run['qid'].nunique() == 60 and dense_run.groupby('qid').size().eq(1000).all()
@@ -52,16 +54,57 @@ def test_report_and_plots(nfcorpus_quick_run):
         assert f'![{name}]({name})' in report
 
 
-def test_rerun_reuses_models(nfcorpus_quick_run):
+def test_paired_comparisons(nfcorpus_quick_run):
+    out, _ = nfcorpus_quick_run
+    comparisons = pd.read_csv(out / 'comparisons.csv')
+    ndcg = comparisons[comparisons['measure'] == 'nDCG@10'].set_index('system')
+    assert ndcg['reference'].to_dict() == {'BM25 >> CODER': 'BM25', 'BM25 >> MonoELECTRA': 'BM25',
+                                           'CODER': 'Dense', 'ADORE': 'Dense'}
+    perquery = pd.read_csv(out / 'perquery.csv', dtype={'qid': str})
+    table = perquery[perquery['measure'] == 'nDCG@10'].pivot(index='qid', columns='name', values='value')
+    from scipy import stats
+    row = ndcg.loc['BM25 >> CODER']
+    assert row['difference'] == pytest.approx(table['BM25 >> CODER'].mean() - table['BM25'].mean())
+    assert row['p-value'] == pytest.approx(stats.ttest_rel(table['BM25 >> CODER'], table['BM25']).pvalue)
+    assert '## Paired comparisons' in (out / 'report.md').read_text()
+
+
+def test_rerun_reuses_models_and_unchanged_runs(nfcorpus_quick_run):
     out, _ = nfcorpus_quick_run
     stamps = {p: p.stat().st_mtime_ns for p in (out / 'models').rglob('*') if p.is_file()}
+    before = pd.read_csv(out / 'results.csv')
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(['experiment', '--dataset', str(_dataset_path()), '--quick', '--out', str(out),
                      '--device', 'cpu'])
     assert code == 0
     assert stdout.getvalue().count('reusing trained') == 4
+    assert stdout.getvalue().count('reusing the test run') == len(EXPECTED)
     assert {p: p.stat().st_mtime_ns for p in (out / 'models').rglob('*') if p.is_file()} == stamps
+    after = pd.read_csv(out / 'results.csv')
+    pd.testing.assert_frame_equal(after, before)   # identical, latency included (measured when first run)
+    assert 'Test runs reused' in (out / 'report.md').read_text()
+
+
+def test_run_cache_misses_when_a_model_changes(nfcorpus_quick_run, tmp_path):
+    out, _ = nfcorpus_quick_run
+    import shutil
+    copy = tmp_path / 'out'
+    shutil.copytree(out, copy)
+    config = copy / 'models' / 'coder' / 'pyterrier_coder.json'
+    config.write_text(config.read_text())       # touched: the model may have changed
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(['experiment', '--dataset', str(_dataset_path()), '--quick', '--out', str(copy),
+                     '--device', 'cpu', '--components', 'bm25,dense,coder'])
+    assert code == 0
+    log = stdout.getvalue()
+    assert "reusing the test run of 'BM25 >> CODER'" not in log
+    assert "reusing the test run of 'CODER'" in log and "reusing the test run of 'BM25'" in log
+    results = pd.read_csv(copy / 'results.csv')
+    assert results['name'].tolist() == ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'CODER']
+    assert sorted(p.name for p in (copy / 'runs').glob('*.res.gz')) == sorted(
+        f"{n.replace(' >> ', '_')}.res.gz" for n in results['name'])   # runs of dropped pipelines are removed
 
 
 def _dataset_path():
