@@ -229,7 +229,7 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
         self.encoder.save(path / 'encoder')
         self._save_extra(path)
         write_component_config(path, self.COMPONENT, self.settings(), training=self.config.as_dict(),
-                               index=str(self.flex.index_path), fitted=self.fitted)
+                               index=str(Path(self.flex.index_path).resolve()), fitted=self.fitted)
         if self.history is not None:
             atomic_write_text(path / 'history.json', json.dumps(self.history, default=str))
 

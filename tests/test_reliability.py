@@ -491,3 +491,18 @@ def test_coder_scores_and_trains_on_1000_candidates_of_one_query(env, numeric):
     qrels = pd.DataFrame({'qid': ['q'], 'docno': ['3'], 'label': [1]})
     coder.fit(frame, qrels, frame, qrels)
     assert coder.history['training_data']['train_queries'] == 1 and coder.history['steps'] == 2
+
+
+@pytest.mark.parametrize('name', ['Coder', 'Adore'])
+def test_saved_index_path_is_absolute(env, name, tmp_path, monkeypatch):
+    """A model trained on an index given by a relative path loads from any working directory."""
+    import os
+    monkeypatch.chdir(env.dense.flex.index_path.parent)
+    relative = DenseIndex(env.encoder, env.dense.flex.index_path.name, verbose=False)
+    model = trainer(name, env, index=relative)
+    model.save(tmp_path / 'model')
+    saved = json.loads((tmp_path / 'model' / 'pyterrier_coder.json').read_text())['index']
+    assert os.path.isabs(saved)
+    monkeypatch.chdir(tmp_path)
+    loaded = type(model).load(tmp_path / 'model', device='cpu')
+    assert str(loaded.flex.index_path) == saved
