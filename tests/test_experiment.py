@@ -138,3 +138,34 @@ def test_quickstart_notebook_runs(nfcorpus_quick_run, monkeypatch):
     table = [o for o in outputs if 'text/html' in o.get('data', {}) and 'BM25 &gt;&gt; CODER' in o['data']['text/html']]
     assert table, 'the pt.Experiment table is missing from the outputs'
     assert any('image/png' in o.get('data', {}) for o in outputs)
+
+
+def test_electra_ablations_reuse_the_main_row_and_match_its_pairs(nfcorpus_quick_run, tmp_path):
+    """--ablations after a main run: the main rows' models and test runs are reused; CE and LCE n=2 are trained at
+    the same steps and query-passage pairs per step, and compared with the main MonoELECTRA row."""
+    import shutil
+    from pyterrier_coder.electra import MonoElectra
+    from pyterrier_coder.experiment import QUICK
+    out, _ = nfcorpus_quick_run
+    copy = tmp_path / 'out'
+    shutil.copytree(out, copy)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(['experiment', '--dataset', str(_dataset_path()), '--quick', '--out', str(copy), '--device', 'cpu',
+                     '--components', 'bm25,dense,electra', '--ablations'])
+    assert code == 0, stdout.getvalue()
+    log = stdout.getvalue()
+    assert "reusing the test run of 'BM25 >> MonoELECTRA'" in log and 'training electra_ce' in log
+    results = pd.read_csv(copy / 'results.csv')
+    assert results['name'].tolist() == ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> MonoELECTRA',
+                                        'BM25 >> MonoELECTRA (CE)', 'BM25 >> MonoELECTRA (LCE, n=2)']
+    e = QUICK['electra']
+    n2 = MonoElectra.load(copy / 'models' / 'electra_n2', device='cpu')
+    ce = MonoElectra.load(copy / 'models' / 'electra_ce', device='cpu')
+    assert (n2.group_size, n2.loss, ce.group_size, ce.loss) == (2, 'lce', e['group_size'], 'ce')
+    assert n2.group_size * n2.config.batch_size == e['group_size'] * e['train_batch_size']
+    assert n2.history['steps'] == ce.history['steps'] == e['max_steps']
+    comparisons = pd.read_csv(copy / 'comparisons.csv')
+    pairs = set(zip(comparisons['system'], comparisons['reference']))
+    assert {('BM25 >> MonoELECTRA (CE)', 'BM25 >> MonoELECTRA'), ('BM25 >> MonoELECTRA (LCE, n=2)', 'BM25 >> MonoELECTRA'),
+            ('BM25 >> MonoELECTRA', 'BM25')} <= pairs
