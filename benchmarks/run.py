@@ -518,7 +518,7 @@ One warm-up fit, then the median over {size['repeats']} fits of the per-step mea
     coder2._rng = np.random.default_rng(SEED)
     module = coder2.trainable_module()
     config = coder2.config.replace(max_steps=S)
-    sampler = coder2._batches_of_queries(len(coder2._train))
+    sampler = coder2._sample_batches(len(coder2._train))
 
     def loop_run():
         TrainingLoop(module, config, sample_batches=sampler, loss_fn=coder2._loss).run()
