@@ -62,11 +62,6 @@ def init() -> bool:
     return active()
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
 class DataParallel:
     """What the training loop needs from torch.distributed; with one process every method is a no-op."""
 

@@ -270,16 +270,21 @@ class Experiment:
         return systems
 
     # --- evaluation and report -----------------------------------------------------------------------------
-    def _run_key(self, name: str, first: Optional[str]) -> str:
+    def _file_stamps(self) -> Dict[str, list]:
+        """(file, size, modification time) of every file of the indexes and of each trained model directory, read
+        once before any pipeline runs."""
+        dirs = [self.out / 'indexes' / 'bm25', self.out / 'indexes' / 'dense.flex'] + \
+            [self._model_dir(m) for m in sorted({m for ms in self.system_models.values() for m in ms})]
+        return {str(path.relative_to(self.out)): sorted((str(f.relative_to(path)), f.stat().st_size,
+                                                          f.stat().st_mtime_ns)
+                                                         for f in path.rglob('*') if f.is_file())
+                for path in dirs if path.exists()}
+
+    def _run_key(self, name: str, first: Optional[str], file_stamps: Dict[str, list]) -> str:
         """What a pipeline's test run depends on: its name and first stage, the test queries, the budget, and the
-        files of the indexes and trained models it uses (their modification times)."""
-        stamps = {}
-        for path in [self.out / 'indexes' / 'bm25', self.out / 'indexes' / 'dense.flex'] + \
-                [self._model_dir(m) for m in self.system_models.get(name, [])]:
-            if path.exists():
-                stamps[str(path.relative_to(self.out))] = sorted(
-                    (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-                    for f in path.rglob('*') if f.is_file())
+        files of the indexes and trained models it uses (:meth:`_file_stamps`)."""
+        uses = {'indexes/bm25', 'indexes/dense.flex'} | {f'models/{m}' for m in self.system_models.get(name, [])}
+        stamps = {k: v for k, v in file_stamps.items() if k in uses}
         blob = json.dumps([name, first, sorted(self.test['qid']), self.budget, self.s.base, self.s.cross_encoder,
                            stamps], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -295,10 +300,11 @@ class Experiment:
         manifest = {}
         n = max(1, len(self.test))
         first_results, runs, self.latency, self.cached_runs = {}, {}, {}, []
+        file_stamps = self._file_stamps()
         for name, (first, transformer) in systems.items():
             slug = re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')
             path = runs_dir / f'{slug}.res.gz'
-            key = self._run_key(name, first)
+            key = self._run_key(name, first, file_stamps)
             entry = old.get(name)
             if entry and entry['key'] == key and path.exists():
                 _log(f'reusing the test run of {name!r} ({path.name}): its indexes and models did not change')
