@@ -19,7 +19,7 @@ import torch
 
 from . import losses
 from .encoders import DenseEncoder
-from .mining import normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
+from .mining import CandidateSet, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .query_trainer import DenseQueryTrainer
 from .training import Timers, TrainingConfig
 
@@ -159,7 +159,6 @@ class Adore(DenseQueryTrainer):
         its own negatives, so only ``qid``/``query`` are used). ``resume=True`` continues from the checkpoint
         in ``checkpoint_dir``."""
         self._check_training_frame(train)
-        self._prepare_device()
         topics = normalise_frame(train[['qid', 'query']], 'Adore').drop_duplicates('qid')
         qrels = normalise_qrels(train_qrels, 'Adore')
         unknown = unknown_qrels(qrels, topics['qid'], 'Adore')
@@ -167,20 +166,47 @@ class Adore(DenseQueryTrainer):
         ids = self.store.ids(relevant['docno'].values, component='Adore', on_missing='drop')
         relevant = relevant.assign(_id=ids)[ids >= 0]
         by_qid = {qid: (g['_id'].to_numpy(), g['label'].to_numpy(np.float32)) for qid, g in relevant.groupby('qid')}
-        keep = topics['qid'].isin(by_qid.keys()).to_numpy()
-        skipped = int((~keep).sum())
-        warn_skipped(skipped, len(topics), 'Adore', f'label >= {self.min_label} in the index')
-        topics = topics[keep]
-        if not len(topics):
+        empty = (np.empty(0, np.int64), np.empty(0, np.float32))
+        return self._fit_positives(topics['query'].tolist(), [by_qid.get(qid, empty) for qid in topics['qid']],
+                                   {'qrels_for_unknown_queries': unknown}, valid, valid_qrels, resume)
+
+    def fit_candidates(self, candidates, valid: Optional[pd.DataFrame] = None,
+                       valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Adore':
+        """Trains on the queries and judged positives of a mined :class:`~pyterrier_coder.mining.CandidateSet`
+        (or the directory of a saved one, opened memory-mapped), e.g. the set mined for CODER: its rows with
+        ``label >= min_label`` are the positives (ADORE retrieves its negatives itself). The set holds every
+        positive when it was mined with injected positives and a ``min_label`` no higher than this one's."""
+        if not isinstance(candidates, CandidateSet):
+            candidates = CandidateSet.load(candidates)
+        candidates.check_index(self.store, 'Adore')
+        positives = []
+        for start in range(0, len(candidates), 4096):      # a block of rows at a time: the set may be on disk
+            ids = np.asarray(candidates.docids[start:start + 4096], dtype=np.int64)
+            labels = np.asarray(candidates.labels[start:start + 4096])
+            keep = (labels >= self.min_label) & (ids >= 0)
+            positives += [(i[k], l[k]) for i, l, k in zip(ids, labels, keep)]
+        return self._fit_positives(list(candidates.queries), positives,
+                                   {'qrels_for_unknown_queries': candidates.stats.get('qrels_for_unknown_queries', 0)},
+                                   valid, valid_qrels, resume)
+
+    def _fit_positives(self, queries: list, positives: list, training_data: dict, valid, valid_qrels,
+                       resume: bool) -> 'Adore':
+        """Trains on ``queries`` and their judged positives (``(row ids, labels)`` per query); queries without any
+        are skipped (counted, warned)."""
+        self._prepare_device()
+        keep = [i for i, (ids, _) in enumerate(positives) if len(ids)]
+        skipped = len(queries) - len(keep)
+        warn_skipped(skipped, len(queries), 'Adore', f'label >= {self.min_label} in the index')
+        if not keep:
             raise ValueError('Adore.fit: no training query has a judged positive in the index')
-        width = max(len(by_qid[q][0]) for q in topics['qid'])
-        self._positives = np.full((len(topics), width), -1, dtype=np.int64)
-        self._gains = np.zeros((len(topics), width), dtype=np.float32)
-        for i, qid in enumerate(topics['qid']):
-            ids, labels = by_qid[qid]
-            self._positives[i, :len(ids)] = ids
-            self._gains[i, :len(ids)] = labels
-        self._queries = topics['query'].tolist()
+        width = max(len(positives[i][0]) for i in keep)
+        self._positives = np.full((len(keep), width), -1, dtype=np.int64)
+        self._gains = np.zeros((len(keep), width), dtype=np.float32)
+        for row, i in enumerate(keep):
+            ids, labels = positives[i]
+            self._positives[row, :len(ids)] = ids
+            self._gains[row, :len(ids)] = labels
+        self._queries = [queries[i] for i in keep]
         self._timers = Timers()
         if not self.dynamic:
             with self._timers('static_retrieval'):
@@ -196,8 +222,7 @@ class Adore(DenseQueryTrainer):
         timing.update(self._timers.seconds)
         step_time = timing.get('forward_backward', 0.0) + timing.get('optimizer', 0.0)
         history['retrieval_share'] = timing.get('retrieval', 0.0) / step_time if step_time else 0.0
-        history['training_data'] = {'train_queries': len(topics), 'skipped_no_positive': skipped,
-                                    'qrels_for_unknown_queries': unknown}
+        history['training_data'] = {'train_queries': len(keep), 'skipped_no_positive': skipped, **training_data}
         return self
 
     # --- persistence -------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import losses
 from .encoders import DenseEncoder
-from .mining import CandidateSet, mine_candidates, normalise_frame
+from .mining import CandidateSet, mine_candidates, mine_candidates_to_disk, normalise_frame
 from .query_trainer import DenseQueryTrainer
 from .training import TrainingConfig
 
@@ -200,7 +200,7 @@ class Coder(DenseQueryTrainer):
             rows.append(row)
             labels.append(np.array([label_of.get(d, 0.0) for d in row], dtype=np.float32))
         self._train = CandidateSet.from_rows(data.qids, data.queries, rows, labels,
-                                             np.full(len(rows), retrieved.shape[1]), data.stats)
+                                             np.full(len(rows), retrieved.shape[1]), data.stats, data.index)
 
     def fit(self, train: pd.DataFrame, train_qrels: pd.DataFrame, valid: Optional[pd.DataFrame] = None,
             valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Coder':
@@ -209,16 +209,39 @@ class Coder(DenseQueryTrainer):
         ``train``/``valid`` are the results of the preceding pipeline stage on the training/validation topics
         (``qid``, ``query``, ``docno``, ``score``); given plain topics (no ``docno``), the candidates are
         retrieved from the index with the base encoder itself (M_C = M_D). ``resume=True`` continues from the
-        checkpoint in ``checkpoint_dir`` (see :class:`TrainingConfig`).
+        checkpoint in ``checkpoint_dir`` (see :class:`TrainingConfig`). For training sets whose candidate frame
+        would not fit in memory, mine to disk first (:meth:`mine`) and train with :meth:`fit_candidates`.
         """
         self._check_training_frame(train)
         self._prepare_device()
         if 'docno' not in train.columns:
             train = self._self_candidates(train)
-        self._train = mine_candidates(train, train_qrels, self.store, num_candidates=self.num_candidates,
-                                      min_label=self.min_label, on_missing=self.on_missing, component='Coder')
-        if not len(self._train):
+        candidates = mine_candidates(train, train_qrels, self.store, num_candidates=self.num_candidates,
+                                     min_label=self.min_label, on_missing=self.on_missing, component='Coder')
+        return self.fit_candidates(candidates, valid, valid_qrels, resume=resume)
+
+    def mine(self, first_stage: pt.Transformer, topics: pd.DataFrame, qrels: pd.DataFrame, path, *,
+             chunk_size: int = 1000) -> CandidateSet:
+        """Mines this model's training candidates (M_C = ``first_stage``, e.g. ``bm25 % 1000``) to the directory
+        ``path``, ``chunk_size`` queries at a time (see :func:`~pyterrier_coder.mining.mine_candidates_to_disk`),
+        with this model's ``num_candidates``, ``min_label`` and ``on_missing``; returns the memory-mapped set
+        for :meth:`fit_candidates`."""
+        return mine_candidates_to_disk(first_stage, topics, qrels, self.store, path, chunk_size=chunk_size,
+                                       num_candidates=self.num_candidates, min_label=self.min_label,
+                                       on_missing=self.on_missing, component='Coder', verbose=self.verbose)
+
+    def fit_candidates(self, candidates, valid: Optional[pd.DataFrame] = None,
+                       valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Coder':
+        """Fine-tunes the query encoder on mined candidates: a :class:`~pyterrier_coder.mining.CandidateSet` or
+        the directory of a saved one (opened memory-mapped: only each batch's rows are read). Given the set
+        :meth:`fit` would mine from a frame, it trains exactly as :meth:`fit` does."""
+        if not isinstance(candidates, CandidateSet):
+            candidates = CandidateSet.load(candidates)
+        candidates.check_index(self.store, 'Coder')
+        if not len(candidates):
             raise ValueError('Coder.fit: no training query has a judged positive in the index')
+        self._prepare_device()
+        self._train = candidates
         try:
             history = self._run(self._loss, self._sample_batches(len(self._train)),
                                 self._validation_fn(valid, valid_qrels), before_step=self._refresh,

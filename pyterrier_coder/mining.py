@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -130,19 +133,26 @@ class EmbeddingStore:
 
 @dataclasses.dataclass
 class CandidateSet:
-    """Per training query: candidate row ids (``[Q, L]`` int32, -1 padded) and their qrels labels."""
+    """Per training query: candidate row ids (``[Q, L]`` int32, -1 padded) and their qrels labels.
+
+    :meth:`save` writes it to a directory and :meth:`load` opens it memory-mapped (only the rows of a batch are
+    read); :func:`mine_candidates_to_disk` writes one chunk of queries at a time."""
     qids: List[str]
     queries: List[str]
     docids: np.ndarray
     labels: np.ndarray
     num_retrieved: np.ndarray   #: how many of each row came from the first stage (the rest are injected positives)
     stats: dict
+    #: the document index the row ids refer to (``{'path', 'docs'}``), when known
+    index: Optional[dict] = None
+
+    FORMAT = 'pyterrier_coder.CandidateSet'
 
     def __len__(self):
         return len(self.qids)
 
     @classmethod
-    def from_rows(cls, qids, queries, rows, labels, num_retrieved, stats) -> 'CandidateSet':
+    def from_rows(cls, qids, queries, rows, labels, num_retrieved, stats, index=None) -> 'CandidateSet':
         """Pads variable-length id/label rows into the compact arrays."""
         width = max((len(r) for r in rows), default=0)
         docids = np.full((len(rows), width), PAD, dtype=np.int32)
@@ -150,12 +160,90 @@ class CandidateSet:
         for i, (r, l) in enumerate(zip(rows, labels)):
             docids[i, :len(r)] = r
             padded_labels[i, :len(l)] = l
-        return cls(list(qids), list(queries), docids, padded_labels, np.asarray(num_retrieved, dtype=np.int32), stats)
+        return cls(list(qids), list(queries), docids, padded_labels, np.asarray(num_retrieved, dtype=np.int32), stats,
+                   index)
 
     def select(self, idx) -> 'CandidateSet':
         idx = np.asarray(idx)
         return CandidateSet([self.qids[i] for i in idx], [self.queries[i] for i in idx], self.docids[idx],
-                            self.labels[idx], self.num_retrieved[idx], self.stats)
+                            self.labels[idx], self.num_retrieved[idx], self.stats, self.index)
+
+    def save(self, path) -> 'CandidateSet':
+        """Writes the set to the directory ``path`` (``docids.npy`` int32, ``labels.npy`` float32,
+        ``num_retrieved.npy``, ``topics.json``, ``meta.json`` with the stats, written last) and returns it
+        re-opened memory-mapped."""
+        writer = CandidateSetWriter(path)
+        writer.append(self)
+        return writer.finish(self.stats, self.index)
+
+    @classmethod
+    def load(cls, path, *, mmap: bool = True) -> 'CandidateSet':
+        """Opens a saved set; the id and label matrices stay on disk (``np.memmap``) unless ``mmap=False``."""
+        path = Path(path)
+        if not (path / 'meta.json').exists():
+            raise FileNotFoundError(f'{path} is not a complete saved CandidateSet (no meta.json)')
+        meta = json.loads((path / 'meta.json').read_text())
+        if meta.get('format') != cls.FORMAT:
+            raise ValueError(f'{path}: not a {cls.FORMAT} (format {meta.get("format")!r})')
+        topics = json.loads((path / 'topics.json').read_text())
+        mode = 'r' if mmap else None
+        return cls(topics['qids'], topics['queries'], np.load(path / 'docids.npy', mmap_mode=mode),
+                   np.load(path / 'labels.npy', mmap_mode=mode), np.load(path / 'num_retrieved.npy'),
+                   meta['stats'], meta.get('index'))
+
+    def check_index(self, store: 'EmbeddingStore', component: str) -> None:
+        """Refuses a set whose row ids were mined against an index of another size."""
+        if self.index and self.index.get('docs') is not None and self.index['docs'] != len(store):
+            raise ValueError(f'{component}: these candidates were mined against an index of {self.index["docs"]:,} '
+                             f'documents ({self.index.get("path")}), not this one ({len(store):,} documents: '
+                             f'{store.flex.index_path}); their row ids would point at other documents')
+
+
+class CandidateSetWriter:
+    """Writes a :class:`CandidateSet` to a directory one part (chunk of queries) at a time: each part goes to disk
+    as it comes; :meth:`finish` lays the parts out as the final matrices (padded to the widest row) by streaming
+    copies, so memory stays at one part whatever the number of queries."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.parts_dir = self.path / '.parts'
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        (self.path / 'meta.json').unlink(missing_ok=True)      # incomplete until finish() writes it again
+        self.shapes, self.qids, self.queries = [], [], []
+
+    def append(self, part: CandidateSet) -> None:
+        i = len(self.shapes)
+        for name in ('docids', 'labels', 'num_retrieved'):
+            np.save(self.parts_dir / f'{i:06d}.{name}.npy', np.asarray(getattr(part, name)))
+        self.shapes.append(part.docids.shape)
+        self.qids += list(part.qids)
+        self.queries += list(part.queries)
+
+    def finish(self, stats: dict, index: Optional[dict] = None) -> CandidateSet:
+        n = sum(rows for rows, _ in self.shapes)
+        width = max((cols for _, cols in self.shapes), default=0)
+        docids = np.lib.format.open_memmap(self.path / 'docids.npy', 'w+', np.int32, (n, width))
+        labels = np.lib.format.open_memmap(self.path / 'labels.npy', 'w+', np.float32, (n, width))
+        num_retrieved, start = [], 0
+        for i, (rows, cols) in enumerate(self.shapes):
+            docids[start:start + rows, :cols] = np.load(self.parts_dir / f'{i:06d}.docids.npy')
+            docids[start:start + rows, cols:] = PAD
+            labels[start:start + rows, :cols] = np.load(self.parts_dir / f'{i:06d}.labels.npy')
+            labels[start:start + rows, cols:] = 0
+            num_retrieved.append(np.load(self.parts_dir / f'{i:06d}.num_retrieved.npy'))
+            start += rows
+        docids.flush()
+        labels.flush()
+        del docids, labels
+        np.save(self.path / 'num_retrieved.npy', np.concatenate(num_retrieved) if num_retrieved
+                else np.empty(0, np.int32))
+        from ._util import atomic_write_text
+        atomic_write_text(self.path / 'topics.json', json.dumps({'qids': self.qids, 'queries': self.queries}))
+        atomic_write_text(self.path / 'meta.json', json.dumps(
+            {'format': CandidateSet.FORMAT, 'version': 1, 'queries': n, 'width': width, 'stats': stats,
+             'index': index}, indent=1))
+        shutil.rmtree(self.parts_dir)
+        return CandidateSet.load(self.path)
 
 
 def normalise_frame(frame: pd.DataFrame, component: str) -> pd.DataFrame:
@@ -249,31 +337,38 @@ def warn_skipped(skipped: int, total: int, component: str, why: str) -> None:
         warnings.warn(f'{component}: skipped {skipped} of {total} training queries without a judged positive ({why})')
 
 
-def mine_candidates(candidates: pd.DataFrame, qrels: pd.DataFrame, store: EmbeddingStore, *,
-                    num_candidates: int = 1000, inject_positives: bool = True, min_label: int = 1,
-                    on_missing: str = 'error', component: str = 'pyterrier_coder') -> CandidateSet:
-    """Builds the compact candidate set from a first stage's results and the qrels.
+class _Judgements:
+    """The qrels of a mining run, looked up per query: judged positives (row ids, ``label >= min_label``, in the
+    index) and the label of any judged row."""
 
-    Per query: the top ``num_candidates`` by score; then every judged document with ``label >= min_label``
-    that the first stage missed is appended (the CODER paper does this); queries without any such positive
-    are skipped and counted. Qrels of queries absent from ``candidates`` are ignored and counted.
-    """
-    candidates = normalise_frame(candidates, component)
-    qrels = normalise_qrels(qrels, component)
-    stats = {}
+    def __init__(self, qrels: pd.DataFrame, store: EmbeddingStore, min_label: int, component: str):
+        self.qrels = normalise_qrels(qrels, component)
+        ids = store.ids(self.qrels['docno'].values, component=component, on_missing='drop')
+        judged = self.qrels.assign(docid=ids).sort_values(['qid', 'docid'], kind='stable')
+        self.judged = {qid: (g['docid'].to_numpy(), g['label'].to_numpy(np.float32))
+                       for qid, g in judged.groupby('qid', sort=False)}
+        positive = (judged['label'] >= min_label).to_numpy()
+        known = (judged['docid'] >= 0).to_numpy()
+        self.positives_not_in_index = int((positive & ~known).sum())
+        self.positives = {qid: g['docid'].to_numpy() for qid, g in judged[positive & known].groupby('qid', sort=False)}
+
+    def labels(self, qid: str, row: np.ndarray) -> np.ndarray:
+        """The qrels label of each row id (0 when not judged)."""
+        out = np.zeros(len(row), dtype=np.float32)
+        ids, labels = self.judged.get(qid, (None, None))
+        if ids is not None and len(ids) and len(row):
+            at = np.minimum(np.searchsorted(ids, row), len(ids) - 1)
+            hit = ids[at] == row
+            out[hit] = labels[at[hit]]
+        return out
+
+
+def _mine_rows(candidates: pd.DataFrame, judgements: _Judgements, store: EmbeddingStore, *, num_candidates: int,
+               inject_positives: bool, on_missing: str, component: str) -> tuple:
+    """The candidate rows of the queries of a (normalised) first-stage frame: returns (qids, queries, rows,
+    labels, num_retrieved, skipped)."""
     topics = candidates.drop_duplicates('qid')[['qid', 'query']]
-    stats['queries'] = len(topics)
-    stats['qrels_for_unknown_queries'] = unknown_qrels(qrels, topics['qid'], component)
-    positives = qrels[qrels['label'] >= min_label]
-    pos_ids = store.ids(positives['docno'].values, component=component, on_missing='drop')
-    stats['positives_not_in_index'] = int((pos_ids < 0).sum())
-    positives = positives.assign(docid=pos_ids)[pos_ids >= 0]
-    labels_by_qid = {qid: dict(zip(g['docid'], g['label'])) for qid, g in qrels.assign(
-        docid=store.ids(qrels['docno'].values, component=component, on_missing='drop')).groupby('qid')}
-    pos_by_qid = {qid: g['docid'].values for qid, g in positives.groupby('qid')}
-
-    has_docs = 'docno' in candidates.columns
-    if has_docs:
+    if 'docno' in candidates.columns:
         cand_ids = store.ids(candidates['docno'].values, component=component, on_missing=on_missing)
         if (cand_ids < 0).any():
             warnings.warn(f'{component}: dropped {int((cand_ids < 0).sum())} candidates whose docno is not in the index')
@@ -281,23 +376,92 @@ def mine_candidates(candidates: pd.DataFrame, qrels: pd.DataFrame, store: Embedd
         groups = {qid: g['_docid'].values[:num_candidates] for qid, g in candidates.groupby('qid', sort=False)}
     else:
         groups = {}
-
-    rows, qids, queries, n_retrieved, skipped = [], [], [], [], 0
+    qids, queries, rows, labels, n_retrieved, skipped = [], [], [], [], [], 0
     for qid, query in zip(topics['qid'], topics['query']):
-        pos = pos_by_qid.get(qid)
+        pos = judgements.positives.get(qid)
         if pos is None or len(pos) == 0:
             skipped += 1
             continue
         retrieved = groups.get(qid, np.empty(0, dtype=np.int64))
-        row = retrieved
-        if inject_positives:
-            extra = np.setdiff1d(pos, retrieved, assume_unique=False)
-            row = np.concatenate([retrieved, extra])
-        labels = labels_by_qid.get(qid, {})
-        rows.append((row, np.array([labels.get(d, 0) for d in row], dtype=np.float32)))
+        row = np.concatenate([retrieved, np.setdiff1d(pos, retrieved)]) if inject_positives else retrieved
         qids.append(qid)
         queries.append(query)
+        rows.append(row)
+        labels.append(judgements.labels(qid, row))
         n_retrieved.append(len(retrieved))
+    return qids, queries, rows, labels, n_retrieved, skipped
+
+
+def mine_candidates(candidates: pd.DataFrame, qrels: pd.DataFrame, store: EmbeddingStore, *,
+                    num_candidates: int = 1000, inject_positives: bool = True, min_label: int = 1,
+                    on_missing: str = 'error', component: str = 'pyterrier_coder') -> CandidateSet:
+    """Builds the compact candidate set from a first stage's results and the qrels.
+
+    Per query: the top ``num_candidates`` by score; then every judged document with ``label >= min_label``
+    that the first stage missed is appended (the CODER paper does this); queries without any such positive
+    are skipped and counted. Qrels of queries absent from ``candidates`` are ignored and counted. (For
+    collections whose candidate frame would not fit in memory: :func:`mine_candidates_to_disk`.)
+    """
+    candidates = normalise_frame(candidates, component)
+    judgements = _Judgements(qrels, store, min_label, component)
+    topics = candidates.drop_duplicates('qid')
+    stats = {'queries': len(topics),
+             'qrels_for_unknown_queries': unknown_qrels(judgements.qrels, topics['qid'], component),
+             'positives_not_in_index': judgements.positives_not_in_index}
+    qids, queries, rows, labels, n_retrieved, skipped = _mine_rows(
+        candidates, judgements, store, num_candidates=num_candidates, inject_positives=inject_positives,
+        on_missing=on_missing, component=component)
     stats['skipped_no_positive'] = skipped
     warn_skipped(skipped, len(topics), component, f'label >= {min_label} in the index')
-    return CandidateSet.from_rows(qids, queries, [r for r, _ in rows], [l for _, l in rows], n_retrieved, stats)
+    return CandidateSet.from_rows(qids, queries, rows, labels, n_retrieved, stats, index_info(store))
+
+
+def as_store(index) -> EmbeddingStore:
+    """An :class:`EmbeddingStore` of an EmbeddingStore, a DenseIndex or a pyterrier-dr FlexIndex."""
+    return index if isinstance(index, EmbeddingStore) else EmbeddingStore(getattr(index, 'flex', index))
+
+
+def index_info(store: EmbeddingStore) -> dict:
+    return {'path': str(Path(store.flex.index_path).resolve()), 'docs': len(store)}
+
+
+def mine_candidates_to_disk(first_stage, topics: pd.DataFrame, qrels: pd.DataFrame, index, path, *,
+                            chunk_size: int = 1000, num_candidates: int = 1000, inject_positives: bool = True,
+                            min_label: int = 1, on_missing: str = 'error', component: str = 'pyterrier_coder',
+                            verbose: bool = True) -> CandidateSet:
+    """:func:`mine_candidates` for collections whose candidate frame would not fit in memory (MS MARCO: 500k
+    queries x 1000 candidates = 500M rows): runs ``first_stage`` (any PyTerrier transformer, e.g. ``bm25 % 1000``)
+    on ``chunk_size`` queries at a time, and appends each chunk's int32 rows to the directory ``path``, which is
+    returned as a memory-mapped :class:`CandidateSet` (:meth:`CandidateSet.load` opens it again later).
+
+    Memory stays at one chunk's result frame plus the qrels. The rows, their order (sorted qids) and the stats are
+    those :func:`mine_candidates` gives on the whole frame. ``index`` is the document index the row ids refer to
+    (FlexIndex, DenseIndex or EmbeddingStore)."""
+    from ._util import validate_columns
+    store = as_store(index)
+    with validate_columns(topics, component, 'topics frame') as v:
+        v.columns(includes=['qid', 'query'])
+    topics = normalise_frame(topics[['qid', 'query']], component).drop_duplicates('qid').sort_values('qid', kind='stable')
+    judgements = _Judgements(qrels, store, min_label, component)
+    writer = CandidateSetWriter(path)
+    seen, queries_with_results, skipped = set(), 0, 0
+    import pyterrier as pt
+    with pt.tqdm(total=len(topics), desc=f'{component}: mining', unit='query', disable=not verbose) as progress:
+        for start in range(0, len(topics), chunk_size):
+            chunk = topics.iloc[start:start + chunk_size]
+            candidates = normalise_frame(first_stage(chunk), component)
+            chunk_qids = candidates['qid'].unique()
+            seen.update(chunk_qids)
+            queries_with_results += len(chunk_qids)
+            qids, queries, rows, labels, n_retrieved, chunk_skipped = _mine_rows(
+                candidates, judgements, store, num_candidates=num_candidates, inject_positives=inject_positives,
+                on_missing=on_missing, component=component)
+            skipped += chunk_skipped
+            if qids:
+                writer.append(CandidateSet.from_rows(qids, queries, rows, labels, n_retrieved, {}))
+            progress.update(len(chunk))
+    stats = {'queries': queries_with_results,
+             'qrels_for_unknown_queries': unknown_qrels(judgements.qrels, seen, component),
+             'positives_not_in_index': judgements.positives_not_in_index, 'skipped_no_positive': skipped}
+    warn_skipped(skipped, queries_with_results, component, f'label >= {min_label} in the index')
+    return writer.finish(stats, index_info(store))

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from pyterrier_coder._util import evaluate
+from pyterrier_coder.adore import Adore
 from pyterrier_coder.coder import Coder
 from pyterrier_coder.datasets import load_dataset
 from pyterrier_coder.encoders import DenseEncoder, DenseIndex
-from pyterrier_coder.mining import EmbeddingStore, mine_candidates, normalise_frame
+from pyterrier_coder.mining import (CandidateSet, EmbeddingStore, mine_candidates, mine_candidates_to_disk,
+                                    normalise_frame)
 from pyterrier_coder.retrievers import BM25
 
 FAST = dict(lr=1e-3, optimizer='adamw', warmup=0, schedule='constant', batch_size=4, eval_every=10,
@@ -281,10 +283,10 @@ def tied_index(setup, tmp_path_factory):
     return flex
 
 
-def quiet(fn, *args):
+def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        return fn(*args)
+        return fn(*args, **kwargs)
 
 
 def test_rerank_matches_pandas_ranking_on_messy_frames(setup, tied_index):
@@ -305,3 +307,127 @@ def test_rerank_matches_pandas_ranking_on_messy_frames(setup, tied_index):
         pd.testing.assert_frame_equal(got, expected, check_exact=True, obj=name)
         pd.testing.assert_frame_equal(quiet(normalise_frame, variant, 'x'), _reference_normalise(variant), obj=name)
         assert got.duplicated(['qid', 'score']).any(), name          # ties were actually exercised
+
+# --- scale (issue #7): candidates stored on disk, chunked mining, training from a stored set, prefetching -------
+
+SCALE_FAST = dict(lr=1e-3, optimizer='adamw', warmup=0, schedule='constant', batch_size=4, eval_every=3, max_steps=7,
+                  device='cpu', verbose=False)
+
+
+@pytest.fixture(scope='module')
+def scale(setup):
+    """The fixture collection's training topics, with one query left without a positive (skipped and counted) and
+    qrels of an unknown query (ignored and counted)."""
+    ds, encoder, dense, bm25 = setup
+    qrels = ds.get_qrels('train')
+    qrels = pd.concat([qrels[qrels['qid'] != 'q01'], pd.DataFrame({'qid': ['zz'], 'docno': ['d000'], 'label': [1]})])
+    return ds, encoder, dense, bm25, ds.get_topics('train'), qrels
+
+
+def assert_same_set(a: CandidateSet, b: CandidateSet):
+    assert a.qids == b.qids and a.queries == b.queries and a.stats == b.stats
+    for name in ('docids', 'labels', 'num_retrieved'):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_candidate_set_round_trips_memory_mapped(scale, tmp_path):
+    ds, encoder, dense, bm25, topics, qrels = scale
+    store = EmbeddingStore(dense.flex)
+    mined = quiet(mine_candidates, (bm25 % 10)(topics), qrels, store, num_candidates=10)
+    saved = mined.save(tmp_path / 'set')
+    for loaded in (saved, CandidateSet.load(tmp_path / 'set')):
+        assert_same_set(loaded, mined)
+        assert isinstance(loaded.docids, np.memmap) and isinstance(loaded.labels, np.memmap)
+        assert loaded.docids.dtype == np.int32 and loaded.labels.dtype == np.float32
+        assert loaded.index == {'path': str(dense.flex.index_path.resolve()), 'docs': len(store)}
+    assert not isinstance(CandidateSet.load(tmp_path / 'set', mmap=False).docids, np.memmap)
+    assert mined.stats == {'queries': 10, 'qrels_for_unknown_queries': 1, 'positives_not_in_index': 0,
+                           'skipped_no_positive': 1}
+    (tmp_path / 'set' / 'meta.json').unlink()          # written last: without it the set is incomplete
+    with pytest.raises(FileNotFoundError, match='not a complete saved CandidateSet'):
+        CandidateSet.load(tmp_path / 'set')
+
+
+class _Recording(pt.Transformer):
+    """A first stage that records how many queries each call was given."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = []
+
+    def transform(self, topics):
+        self.calls.append(len(topics))
+        return self.inner(topics)
+
+
+@pytest.mark.parametrize('chunk_size', [1, 3, 100])
+def test_chunked_mining_to_disk_equals_mining_the_whole_frame(scale, tmp_path, chunk_size):
+    ds, encoder, dense, bm25, topics, qrels = scale
+    store = EmbeddingStore(dense.flex)
+    expected = quiet(mine_candidates, (bm25 % 10)(topics), qrels, store, num_candidates=7)
+    first_stage = _Recording(bm25 % 10)
+    shuffled = topics.sample(frac=1, random_state=0)            # the stored order does not depend on the input's
+    with pytest.warns(UserWarning, match='skipped 1 of 10 training queries'):
+        got = mine_candidates_to_disk(first_stage, shuffled, qrels, dense, tmp_path / 'set', chunk_size=chunk_size,
+                                      num_candidates=7, verbose=False)
+    assert max(first_stage.calls) == min(chunk_size, len(topics)) and sum(first_stage.calls) == len(topics)
+    assert isinstance(got.docids, np.memmap)
+    assert_same_set(got, expected)
+    assert not (tmp_path / 'set' / '.parts').exists()
+
+
+def coder(scale, **options):
+    """A Coder; the seed fixes the initial weights of the optional transformer scorer."""
+    ds, encoder, dense, bm25, topics, qrels = scale
+    torch.manual_seed(0)
+    return Coder(dense, encoder, **options, **SCALE_FAST)
+
+
+def _trained(model):
+    h = model.history
+    return h['loss'], h['eval'], {k: v.detach().clone() for k, v in model.trainable_module().state_dict().items()}
+
+
+def assert_same_training(a, b):
+    (loss_a, eval_a, weights_a), (loss_b, eval_b, weights_b) = a, b
+    assert loss_a == loss_b and eval_a == eval_b
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+@pytest.mark.parametrize('options', [dict(), dict(random_negatives=3, scorer='transformer')])
+def test_coder_trains_from_a_stored_set_exactly_as_from_the_frame(scale, tmp_path, options):
+    ds, encoder, dense, bm25, topics, qrels = scale
+    res = (bm25 % 10)(topics)
+    from_frame = quiet(coder(scale, num_candidates=10, **options).fit, res, qrels, res, qrels)
+    from_disk = coder(scale, num_candidates=10, **options)
+    stored = quiet(from_disk.mine, bm25 % 10, topics, qrels, tmp_path / 'set', chunk_size=4)
+    assert isinstance(stored.docids, np.memmap)
+    from_disk.fit_candidates(tmp_path / 'set', res, qrels)
+    assert_same_training(_trained(from_disk), _trained(from_frame))
+    assert from_disk.history['training_data'] == from_frame.history['training_data']
+
+
+def test_adore_trains_from_a_stored_set(scale, tmp_path):
+    ds, encoder, dense, bm25, topics, qrels = scale
+    store = EmbeddingStore(dense.flex)
+    mined = quiet(mine_candidates, (bm25 % 10)(topics), qrels, store, num_candidates=10)
+    mined.save(tmp_path / 'set')
+    in_memory = Adore(dense, encoder, k=10, **SCALE_FAST).fit_candidates(mined, topics, qrels)
+    from_disk = Adore(dense, encoder, k=10, **SCALE_FAST).fit_candidates(tmp_path / 'set', topics, qrels)
+    assert_same_training(_trained(from_disk), _trained(in_memory))
+    assert from_disk.history['training_data'] == {'train_queries': 9, 'skipped_no_positive': 0,
+                                                  'qrels_for_unknown_queries': 1}
+    assert from_disk.history['steps'] == SCALE_FAST['max_steps']
+
+
+def test_a_set_mined_against_another_index_is_refused(scale, tmp_path):
+    ds, encoder, dense, bm25, topics, qrels = scale
+    mined = quiet(mine_candidates, (bm25 % 10)(topics), qrels, EmbeddingStore(dense.flex), num_candidates=10)
+    mined.index = dict(mined.index, docs=len(EmbeddingStore(dense.flex)) + 1)
+    for model in (Coder(dense, encoder, **SCALE_FAST), Adore(dense, encoder, **SCALE_FAST)):
+        with pytest.raises(ValueError, match='mined against an index of'):
+            model.fit_candidates(mined)
