@@ -508,7 +508,8 @@ One warm-up fit, then the median over {size['repeats']} fits of the per-step mea
         timer.restore()
         return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
-    coder = Coder(flex, encoder, num_candidates=size['candidates'], **common)
+    # the phase split times the gather where the step waits for it: without prefetching (compared below)
+    coder = Coder(flex, encoder, num_candidates=size['candidates'], prefetch=False, **common)
     c = phase_split(coder, lambda: coder.fit(frame, qrels), None)
     adore = Adore(flex, encoder, k=size['adore_k'], **common)
     a = phase_split(adore, lambda: adore.fit(frame[['qid', 'query']].drop_duplicates('qid'), qrels), 'retrieval')
@@ -528,6 +529,30 @@ One warm-up fit, then the median over {size['repeats']} fits of the per-step mea
             report.value(f'{name.lower()}_{key}_ms', f'  {label}', res[key] * 1e3, 'ms',
                          f'{res[key] / step:.0%} of step' if key != 'loop_step' else '')
         report.value(f'{name.lower()}_fit_wall_s', f'  whole fit() incl. setup ({S} steps)', res['fit_wall'], 's')
+
+    # CODER with and without prefetching (the next batch's candidate embeddings gathered in a background thread)
+    steps = {True: [], False: []}
+
+    def fit_with(prefetch):
+        model = Coder(flex, encoder, num_candidates=size['candidates'], prefetch=prefetch, **common)
+
+        def run():
+            model.fit(frame, qrels)
+            steps[prefetch].append((model.history['seconds'] / model.history['steps'],
+                                    model.history.get('prefetched_batches', 0)))
+        return run
+    interleaved({'prefetch': fit_with(True), 'no_prefetch': fit_with(False)}, warmup=size['warmup'],
+                repeats=size['repeats'], sync=sync)
+    with_pf = statistics.median(t for t, _ in steps[True][size['warmup']:])
+    without = statistics.median(t for t, _ in steps[False][size['warmup']:])
+    report.note(f"""CODER prefetching: the same fit ({S} steps) with prefetch=True (default) and prefetch=False, interleaved,
+{size['repeats']} repeats; {steps[True][-1][1]} of {S} batches were served from the background (the first batch of
+each epoch is not). Step time = TrainingLoop seconds / steps.""")
+    report.value('coder_step_prefetch_ms', '  CODER step, prefetching (default)', with_pf * 1e3, 'ms',
+                 spread([t for t, _ in steps[True][size['warmup']:]]))
+    report.value('coder_step_no_prefetch_ms', '  CODER step, prefetch=False', without * 1e3, 'ms',
+                 spread([t for t, _ in steps[False][size['warmup']:]]))
+    report.ratio('prefetch_step_ratio', 'ratio step time with / without prefetching', with_pf / without)
 
     # ADORE's exact search vs an in-memory floor (same queries, same k)
     q = torch.nn.functional.normalize(torch.randn(B, encoder.dim, device=device), dim=-1)

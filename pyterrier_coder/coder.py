@@ -131,8 +131,7 @@ class Coder(DenseQueryTrainer):
         if self.head is None:
             return super()._scores(queries, ids, mask) / self.temperature
         q = self.encoder.encode_queries_torch(list(queries), batch_size=len(queries))
-        docs = self.store.gather(ids, device=self.encoder.device).to(q.dtype)
-        return self.head(q, docs, mask) / self.temperature
+        return self.head(q, self._candidate_embeddings(ids).to(q.dtype), mask) / self.temperature
 
     def retriever(self, k: int = 1000, *, backend: str = 'exact', **kwargs) -> pt.Transformer:
         if self.head is not None:
@@ -168,14 +167,18 @@ class Coder(DenseQueryTrainer):
             return [rows[i:i + bs] for i in range(0, n_queries, bs)]
         return sample
 
+    def _batch_ids(self, batch) -> np.ndarray:
+        """The candidate row ids ``[B, L]`` of a batch: its queries' candidates, then its random negatives."""
+        ids = self._train.docids[batch[:, 0]].astype(np.int64)
+        return np.concatenate([ids, batch[:, 1:]], 1) if self.random_negatives else ids
+
     def _loss(self, batch) -> torch.Tensor:
         data = self._train
         batch_idx = batch[:, 0]
-        ids = data.docids[batch_idx].astype(np.int64)
+        ids = self._batch_ids(batch)
         weights, keep = self._targets(data.labels[batch_idx])
         if self.random_negatives:
             rand = batch[:, 1:]
-            ids = np.concatenate([ids, rand], 1)
             weights = np.concatenate([weights, np.zeros(rand.shape, np.float32)], 1)
             keep = np.concatenate([keep, np.ones(rand.shape, bool)], 1)
         device = self.encoder.device
@@ -245,7 +248,7 @@ class Coder(DenseQueryTrainer):
         try:
             history = self._run(self._loss, self._sample_batches(len(self._train)),
                                 self._validation_fn(valid, valid_qrels), before_step=self._refresh,
-                                name=f'Coder ({self.loss})', resume=resume)
+                                name=f'Coder ({self.loss})', resume=resume, batch_ids=self._batch_ids)
             history['training_data'] = self._train.stats | {'train_queries': len(self._train)}
         finally:
             del self._train

@@ -131,6 +131,61 @@ class EmbeddingStore:
         return best_s, best_i
 
 
+class GatherPrefetcher:
+    """Gathers candidate embeddings in a background thread while the current training step runs.
+
+    :meth:`request` (called with the next batch's row ids) starts ``store.gather`` on a worker thread (numpy's
+    memory-mapped reads release the GIL); :meth:`take` returns the result for exactly those ids, waiting for it
+    if needed, or None when they were not requested (then the caller gathers them itself). Requests are matched
+    by their ids, never by position, so a stale one (candidates refreshed since) is simply skipped: the values
+    used are always those of the current ids, and training is bitwise the same with and without prefetching.
+    :meth:`close` (also on exceptions and early stopping) cancels what is pending and joins the thread."""
+
+    #: requests kept waiting at most (older ones are dropped): a step's micro-batches plus slack
+    MAX_PENDING = 64
+
+    def __init__(self, store: EmbeddingStore, device=None):
+        from concurrent.futures import ThreadPoolExecutor
+        self.store = store
+        self.pin = torch.device(device).type == 'cuda' if device is not None else False
+        store.vecs                      # map the matrix here, not concurrently in the worker
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='pyterrier_coder-prefetch')
+        self._pending = []
+        self.hits = 0       #: batches served from the background
+
+    def _gather(self, ids: np.ndarray) -> torch.Tensor:
+        out = self.store.gather(ids)
+        return out.pin_memory() if self.pin else out
+
+    def request(self, ids: np.ndarray) -> None:
+        ids = np.array(ids, copy=True)
+        self._pending.append((ids, self._pool.submit(self._gather, ids)))
+        while len(self._pending) > self.MAX_PENDING:
+            self._pending.pop(0)[1].cancel()
+
+    def take(self, ids: np.ndarray) -> Optional[torch.Tensor]:
+        for i, (requested, future) in enumerate(self._pending):
+            if requested.shape == ids.shape and np.array_equal(requested, ids):
+                for _, stale in self._pending[:i]:
+                    stale.cancel()
+                del self._pending[:i + 1]
+                self.hits += 1
+                return future.result()
+        return None
+
+    def close(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pending = []
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 @dataclasses.dataclass
 class CandidateSet:
     """Per training query: candidate row ids (``[Q, L]`` int32, -1 padded) and their qrels labels.

@@ -24,7 +24,7 @@ from torch import nn
 from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, read_component_config, validate_columns,
                     write_component_config)
 from .encoders import DenseEncoder, DenseIndex
-from .mining import PAD, EmbeddingStore, normalise_frame, normalise_qrels, normalised
+from .mining import PAD, EmbeddingStore, GatherPrefetcher, normalise_frame, normalise_qrels, normalised
 from .training import TrainingConfig, TrainingLoop, split_training_kwargs
 
 VALIDATE_WITH = ('rerank', 'retrieve')
@@ -78,7 +78,8 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
     DEFAULTS = TrainingConfig()
 
     def __init__(self, index, encoder: DenseEncoder, *, num_results: int = 1000, validate_with: str = 'rerank',
-                 on_missing: str = 'error', inference_batch_size: int = 64, verbose: bool = True, **training):
+                 on_missing: str = 'error', inference_batch_size: int = 64, prefetch: bool = True,
+                 verbose: bool = True, **training):
         if validate_with not in VALIDATE_WITH:
             raise ValueError(f'{self.COMPONENT}: validate_with must be one of {VALIDATE_WITH}, got {validate_with!r}')
         if on_missing not in ('error', 'drop'):
@@ -92,6 +93,8 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
         self.validate_with = validate_with
         self.on_missing = on_missing
         self.inference_batch_size = inference_batch_size
+        self.prefetch = prefetch
+        self._prefetcher = None
         self.verbose = verbose
         self.config = split_training_kwargs(self.DEFAULTS.replace(verbose=verbose), training)
         self.history = None
@@ -117,10 +120,22 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
         """Inner products ``[B, L]`` of the query embeddings ``q`` with their candidates' embeddings."""
         per_query = max(1, ids.shape[1] * self.store.dim * 4)
         block = len(ids) if q.device.type != 'cpu' else max(1, self.CPU_SCORE_BLOCK_BYTES // per_query)
-        parts = [torch.einsum('bd,bld->bl', q[start:start + block],
-                              self.store.gather(ids[start:start + block], device=q.device).to(q.dtype))
-                 for start in range(0, len(ids), block)]
+        docs = self._prefetched(ids)
+        parts = [torch.einsum('bd,bld->bl', q[start:start + block], (
+            docs[start:start + block] if docs is not None else self.store.gather(ids[start:start + block])
+        ).to(q.device, non_blocking=True).to(q.dtype)) for start in range(0, len(ids), block)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _prefetched(self, ids: np.ndarray) -> Optional[torch.Tensor]:
+        """The embeddings of ``ids`` gathered in the background during training, if they were requested."""
+        return self._prefetcher.take(ids) if self._prefetcher is not None else None
+
+    def _candidate_embeddings(self, ids: np.ndarray) -> torch.Tensor:
+        """``[B, L, D]`` embeddings of the candidate rows ``ids`` on the encoder's device (prefetched or read now)."""
+        docs = self._prefetched(ids)
+        if docs is None:
+            return self.store.gather(ids, device=self.encoder.device)
+        return docs.to(self.encoder.device, non_blocking=True)
 
     @contextmanager
     def _inference(self):
@@ -230,10 +245,24 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
         self.trainable_module().to(device)
         return device
 
-    def _run(self, loss_fn, sample_batches, validate, *, before_step=None, name=None, resume=False) -> dict:
-        loop = TrainingLoop(self.trainable_module(), self.config, sample_batches=sample_batches, loss_fn=loss_fn,
-                            validate=validate, before_step=before_step, name=name or self.COMPONENT)
-        history = loop.run(resume=resume)
+    def _run(self, loss_fn, sample_batches, validate, *, before_step=None, name=None, resume=False,
+             batch_ids=None) -> dict:
+        """Runs the TrainingLoop. ``batch_ids``: ``fn(micro_batch)`` -> the candidate row ids its loss will gather;
+        when given (and ``prefetch`` is on), the next batch's are gathered in the background while a step runs."""
+        if batch_ids is not None and self.prefetch:
+            self._prefetcher = GatherPrefetcher(self.store, self.encoder.device)
+        prefetch = (lambda part: self._prefetcher.request(batch_ids(part))) if self._prefetcher is not None else None
+        try:
+            loop = TrainingLoop(self.trainable_module(), self.config, sample_batches=sample_batches, loss_fn=loss_fn,
+                                validate=validate, before_step=before_step, name=name or self.COMPONENT,
+                                prefetch=prefetch)
+            history = loop.run(resume=resume)
+            if self._prefetcher is not None:
+                history['prefetched_batches'] = self._prefetcher.hits
+        finally:
+            if self._prefetcher is not None:
+                self._prefetcher.close()
+                self._prefetcher = None
         self.history = history
         self.fitted = True
         return history

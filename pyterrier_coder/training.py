@@ -133,19 +133,24 @@ class TrainingLoop:
         loss_fn: ``fn(batch) -> scalar tensor``.
         validate: ``fn() -> float`` (higher is better), called in eval mode without gradients.
         before_step: ``fn(step)`` called before each optimiser step (e.g. CODER's candidate refresh).
+        prefetch: ``fn(micro_batch)`` called with each micro-batch of this rank's *next* batch before the current
+            step runs, so the trainer can read that batch's data in the background (CODER's candidate embeddings);
+            not called for the first batch of an epoch (it is drawn when the epoch starts).
         name: shown on the progress bar.
     """
 
     def __init__(self, module: torch.nn.Module, config: TrainingConfig, *,
                  sample_batches: Callable[[int, np.random.Generator], List], loss_fn: Callable,
                  validate: Optional[Callable[[], float]] = None,
-                 before_step: Optional[Callable[[int], None]] = None, name: str = 'training'):
+                 before_step: Optional[Callable[[int], None]] = None, name: str = 'training',
+                 prefetch: Optional[Callable] = None):
         self.module = module
         self.config = config
         self.sample_batches = sample_batches
         self.loss_fn = loss_fn
         self.validate = validate
         self.before_step = before_step
+        self.prefetch = prefetch
         self.name = name
         self.device = infer_device(config.device)
         self.amp = config.amp if config.amp is not None else self.device.type == 'cuda'
@@ -154,9 +159,9 @@ class TrainingLoop:
         self.dp = DataParallel()
 
     def _batches(self, rng, cursor: dict):
-        """Yields batches forever, epoch after epoch. ``cursor`` (saved in checkpoints) records the epoch, the
-        position within it and the generator state at the epoch's start, so a resumed run replays the same
-        sequence from where it stopped."""
+        """Yields (batch, the next batch of the same epoch or None) forever, epoch after epoch. ``cursor`` (saved in
+        checkpoints) records the epoch, the position within it and the generator state at the epoch's start, so
+        a resumed run replays the same sequence from where it stopped."""
         while True:
             if cursor['rng_state'] is None:
                 cursor['rng_state'] = rng.bit_generator.state
@@ -167,7 +172,8 @@ class TrainingLoop:
                 raise ValueError(f'{self.name}: no training batches (no usable training queries)')
             while cursor['position'] < len(batches):
                 cursor['position'] += 1
-                yield batches[cursor['position'] - 1]
+                position = cursor['position']
+                yield batches[position - 1], batches[position] if position < len(batches) else None
             cursor.update(epoch=cursor['epoch'] + 1, position=0, rng_state=None)
 
     def _total_steps(self, rng) -> int:
@@ -303,7 +309,10 @@ class TrainingLoop:
                 if self.before_step is not None:
                     self.before_step(step)
                 self.module.train()
-                batch = next(batches)
+                batch, upcoming = next(batches)
+                if self.prefetch is not None and upcoming is not None:
+                    for part in self._micro_batches(self.dp.shard(upcoming)):
+                        self.prefetch(part)
                 with self.timers('forward_backward'):
                     step_loss = self._forward_backward(batch, step, scaler)
                 if self.dp.enabled:

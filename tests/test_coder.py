@@ -1,5 +1,6 @@
 """CODER on a tiny random BERT over the synthetic collection: mining, scoring, training, round trips, errors."""
 import hashlib
+import threading
 import warnings
 
 import numpy as np
@@ -431,3 +432,47 @@ def test_a_set_mined_against_another_index_is_refused(scale, tmp_path):
     for model in (Coder(dense, encoder, **SCALE_FAST), Adore(dense, encoder, **SCALE_FAST)):
         with pytest.raises(ValueError, match='mined against an index of'):
             model.fit_candidates(mined)
+
+
+# --- prefetching ------------------------------------------------------------------------------------------------
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name.startswith('pyterrier_coder-prefetch')]
+
+
+@pytest.mark.parametrize('options', [dict(), dict(random_negatives=3, grad_accumulation=2),
+                                     dict(refresh_every=2), dict(scorer='transformer')])
+def test_prefetching_gives_bitwise_the_same_training(scale, options):
+    ds, encoder, dense, bm25, topics, qrels = scale
+    res = (bm25 % 10)(topics)
+    runs = {}
+    for prefetch in (True, False):
+        runs[prefetch] = coder(scale, num_candidates=10, prefetch=prefetch, **options)
+        quiet(runs[prefetch].fit, res, qrels, res, qrels)
+    assert_same_training(_trained(runs[True]), _trained(runs[False]))
+    # 9 queries in batches of 4: 3 batches per epoch, the first of each epoch is not prefetched
+    assert runs[True].history['prefetched_batches'] > 0 and 'prefetched_batches' not in runs[False].history
+    assert not _prefetch_threads() and runs[True]._prefetcher is None
+
+
+def test_prefetching_shuts_down_on_errors_and_early_stopping(scale, monkeypatch):
+    ds, encoder, dense, bm25, topics, qrels = scale
+    res = (bm25 % 10)(topics)
+    failing_coder = coder(scale, num_candidates=10)
+    original, calls = failing_coder._loss, {'n': 0}
+
+    def failing(batch):
+        calls['n'] += 1
+        if calls['n'] == 4:
+            raise RuntimeError('boom')
+        return original(batch)
+    monkeypatch.setattr(failing_coder, '_loss', failing)
+    with pytest.raises(RuntimeError, match='boom'):
+        quiet(failing_coder.fit, res, qrels)
+    assert not _prefetch_threads() and failing_coder._prefetcher is None
+
+    stopping = Coder(dense, encoder, num_candidates=10, patience=1, **{**SCALE_FAST, 'eval_every': 1, 'max_steps': 50,
+                                                                       'lr': 0.0})
+    quiet(stopping.fit, res, qrels, res, qrels)
+    assert stopping.history['stopped_early'] and stopping.history['steps'] < 50
+    assert not _prefetch_threads() and stopping._prefetcher is None
