@@ -24,7 +24,8 @@ from torch import nn
 from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, read_component_config, validate_columns,
                     write_component_config)
 from .encoders import DenseEncoder, DenseIndex
-from .mining import PAD, EmbeddingStore, GatherPrefetcher, normalise_frame, normalise_qrels, normalised
+from .mining import (EmbeddingStore, GatherPrefetcher, group_order, normalise_frame, normalise_qrels, normalised,
+                     pad_groups)
 from .training import TrainingConfig, TrainingLoop, split_training_kwargs
 
 VALIDATE_WITH = ('rerank', 'retrieve')
@@ -38,36 +39,19 @@ def as_flex_index(index) -> pyterrier_dr.FlexIndex:
     return pyterrier_dr.FlexIndex(str(index), verbose=False)
 
 
-def pad_groups(codes: np.ndarray, values: np.ndarray, n_groups: int, fill=PAD) -> tuple:
-    """Lays ``values`` out as rows per group code (``fill`` padded): returns (padded, order, positions) so that
-    ``padded[codes[order], positions] == values[order]``; within a row, values keep their input order."""
-    order = np.argsort(codes, kind='stable')
-    counts = np.bincount(codes, minlength=n_groups)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    padded = np.full((n_groups, counts.max() if len(counts) else 0), fill, dtype=values.dtype)
-    positions = np.arange(len(order)) - np.repeat(starts, counts)
-    padded[codes[order], positions] = values[order]
-    return padded, order, positions
-
-
 def ranked(frame: pd.DataFrame, rows: np.ndarray, codes: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
     """The rows ``rows`` of ``frame`` with their new ``scores`` (in place of the old column) and ``rank`` (last
     column), sorted by (qid, rank): the frame of ``pt.model.add_ranks(frame.iloc[rows]).sort_values(['qid',
     'rank'], kind='stable')``, moving the rows once. ``codes`` number the qids of ``rows`` in sorted order; ties
-    keep the order of ``rows`` (``rank(method='first')``). The scores are sorted per qid as rows of a padded
-    matrix (3x faster than one lexsort over (qid, score) for 1000 candidates per query)."""
+    keep the order of ``rows`` (``rank(method='first')``)."""
     if np.isnan(scores).any():     # pyterrier's own ranking decides what NaN scores do
         frame = frame.iloc[rows].drop(columns=['rank'], errors='ignore').assign(score=scores)
         return pt.model.add_ranks(frame).sort_values(['qid', 'rank'], kind='stable').reset_index(drop=True)
-    keys, order, positions = pad_groups(codes, -scores, int(codes.max(initial=-1)) + 1, fill=np.inf)
-    cells = np.full(keys.shape, -1, dtype=np.int64)      # cell -> position in rows (padding sorts last)
-    cells[codes[order], positions] = order
-    cells = np.take_along_axis(cells, np.argsort(keys, axis=1, kind='stable'), 1)
-    filled = cells >= 0
-    final = cells[filled]
+    final = group_order(codes, -scores)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(codes))[:-1]])
     frame = frame.iloc[rows[final]].drop(columns=['rank'], errors='ignore').reset_index(drop=True)
     frame['score'] = scores[final]
-    frame['rank'] = np.broadcast_to(np.arange(keys.shape[1], dtype=np.int64), keys.shape)[filled]
+    frame['rank'] = np.arange(len(final), dtype=np.int64) - starts[codes[final]]
     return frame
 
 
