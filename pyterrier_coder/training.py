@@ -108,7 +108,14 @@ def _lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
 
 
 def make_optimizer(params, config: TrainingConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """AdamW or RAdam over ``params``: tensors, or torch parameter groups (dicts with ``'params'`` and optionally
+    their own ``'lr'``, which the schedule then scales like ``config.lr``). Frozen parameters are left out."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, 'params': [p for p in g['params'] if p.requires_grad]} for g in params]
+        params = [g for g in params if g['params']]
+    else:
+        params = [p for p in params if p.requires_grad]
     if config.optimizer == 'adamw':
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == 'radam':
@@ -133,6 +140,8 @@ class TrainingLoop:
         loss_fn: ``fn(batch) -> scalar tensor``.
         validate: ``fn() -> float`` (higher is better), called in eval mode without gradients.
         before_step: ``fn(step)`` called before each optimiser step (e.g. CODER's candidate refresh).
+        param_groups: torch parameter groups to optimise instead of all of ``module``'s parameters (e.g. a fresh
+            head with its own ``'lr'``); they must be parameters of ``module``.
         prefetch: ``fn(micro_batch)`` called with each micro-batch of this rank's *next* batch before the current
             step runs, so the trainer can read that batch's data in the background (CODER's candidate embeddings);
             not called for the first batch of an epoch (it is drawn when the epoch starts).
@@ -143,7 +152,7 @@ class TrainingLoop:
                  sample_batches: Callable[[int, np.random.Generator], List], loss_fn: Callable,
                  validate: Optional[Callable[[], float]] = None,
                  before_step: Optional[Callable[[int], None]] = None, name: str = 'training',
-                 prefetch: Optional[Callable] = None):
+                 prefetch: Optional[Callable] = None, param_groups: Optional[List[dict]] = None):
         self.module = module
         self.config = config
         self.sample_batches = sample_batches
@@ -151,6 +160,7 @@ class TrainingLoop:
         self.validate = validate
         self.before_step = before_step
         self.prefetch = prefetch
+        self.param_groups = param_groups
         self.name = name
         self.device = infer_device(config.device)
         self.amp = config.amp if config.amp is not None else self.device.type == 'cuda'
@@ -272,7 +282,7 @@ class TrainingLoop:
         self.module.to(self.device)
         total = self._total_steps(rng)
         warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
-        optimizer = make_optimizer(self.module.parameters(), config)
+        optimizer = make_optimizer(self.param_groups or self.module.parameters(), config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total, config.schedule))
         use_scaler = self.amp and self.device.type == 'cuda' and not torch.cuda.is_bf16_supported()
         scaler = torch.amp.GradScaler('cuda', enabled=use_scaler)
