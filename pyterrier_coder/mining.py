@@ -179,12 +179,6 @@ class GatherPrefetcher:
         self._pending = []
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 @dataclasses.dataclass
 class CandidateSet:

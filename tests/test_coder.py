@@ -476,3 +476,24 @@ def test_prefetching_shuts_down_on_errors_and_early_stopping(scale, monkeypatch)
     quiet(stopping.fit, res, qrels, res, qrels)
     assert stopping.history['stopped_early'] and stopping.history['steps'] < 50
     assert not _prefetch_threads() and stopping._prefetcher is None
+
+
+def test_the_loop_announces_each_ranks_next_micro_batches():
+    """Under data parallelism each rank is told the micro-batches of its own shard of the next batch: exactly the
+    parts its loss will receive one step later (the first batch of an epoch is not announced)."""
+    from pyterrier_coder.training import TrainingConfig, TrainingLoop
+    module = torch.nn.Linear(2, 1)
+    seen, announced = [], []
+
+    def loss_fn(part):
+        seen.append(part.tolist())
+        return module(torch.ones(len(part), 2)).sum()
+    config = TrainingConfig(max_steps=5, batch_size=5, grad_accumulation=2, eval_every=None, device='cpu',
+                            verbose=False, warmup=0)
+    loop = TrainingLoop(module, config, sample_batches=lambda epoch, rng: [np.arange(i, i + 5) for i in (0, 5, 10)],
+                        loss_fn=loss_fn, prefetch=lambda part: announced.append(part.tolist()))
+    loop.dp.rank, loop.dp.world = 1, 2          # rank 1 of 2: shards [1, 3] of [0..4], [6, 8] of [5..9], ...
+    loop.run()
+    assert seen == [[1], [3], [6], [8], [11], [13], [1], [3], [6], [8]]
+    # announced at steps 0, 1 (epoch 1), 3, 4 (epoch 2); the last one is for a step that max_steps cuts off
+    assert announced == [[6], [8], [11], [13], [6], [8], [11], [13]]
