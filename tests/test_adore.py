@@ -115,3 +115,29 @@ def test_bad_arguments(setup):
     with pytest.raises(ValueError, match='no training query'):
         Adore(dense, encoder, **FAST).fit(ds.get_topics('train'), pd.DataFrame(
             {'qid': ['zz'], 'docno': ['d000'], 'label': [1]}))
+
+
+def test_faiss_index_is_sharded_over_all_gpus_when_faiss_sees_gpus(setup, monkeypatch):
+    """No GPU here: faiss' GPU API is stood in for, to check the guarded branch's wiring (every GPU, sharded,
+    built once) and that retrieval through the returned index is unchanged."""
+    faiss = pytest.importorskip('faiss')
+    ds, encoder, dense = setup
+    calls = []
+
+    class ClonerOptions:
+        shard = False
+
+    def to_all_gpus(index, co=None):
+        calls.append(co.shard)
+        return index                                   # the CPU index stands in for its GPU shards
+
+    monkeypatch.setattr(faiss, 'get_num_gpus', lambda: 2, raising=False)
+    monkeypatch.setattr(faiss, 'GpuMultipleClonerOptions', ClonerOptions, raising=False)
+    monkeypatch.setattr(faiss, 'index_cpu_to_all_gpus', to_all_gpus, raising=False)
+    adore = Adore(dense, encoder, k=10, search='faiss', **FAST)
+    q = encoder.encode_queries_torch(ds.get_topics('train')['query'].tolist()[:3]).detach()
+    via_faiss = adore._search_ids(q, 10)
+    adore._search_ids(q, 10)
+    assert calls == [True]                             # one sharded clone, reused by later searches
+    exact = Adore(dense, encoder, k=10, **FAST)._search_ids(q, 10)
+    np.testing.assert_array_equal(via_faiss, exact)
