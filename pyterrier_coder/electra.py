@@ -113,8 +113,9 @@ def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_fiel
     same docno, else from ``texts``; positives without text are skipped and counted. Negatives are the top
     ``negatives_from`` candidates (by score, else rank) that are not positives; judged documents with
     ``0 < label < min_label`` may be negatives (``lower_labels='negative'``) or are left out of the pool
-    (``'ignore'``: with graded qrels they are partly relevant, so they are neither pulled up nor pushed down). Queries without a positive are skipped and counted; queries with fewer than
-    ``group_size - 1`` negatives are kept (their groups are smaller), counted and warned about once.
+    (``'ignore'``: with graded qrels they are partly relevant, so they are neither pulled up nor pushed down).
+    Queries without a positive are skipped and counted; queries with fewer than ``group_size - 1`` negatives are
+    kept (their groups are smaller), counted and warned about once.
     """
     if text_field not in train.columns:
         raise _missing_text_error(text_field, 'training frame')
