@@ -305,7 +305,7 @@ def test_rerank_matches_pandas_ranking_on_messy_frames(setup, tied_index):
                 frame.drop_duplicates(['qid', 'docno']).sort_values(['qid', 'score'])}
     for name, variant in variants.items():
         got, expected = quiet(coder, variant), quiet(_reference_rerank, coder, variant)
-        pd.testing.assert_frame_equal(got, expected, check_exact=True, obj=name)
+        pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-6, obj=name)  # the product may differ in the last bit with the thread count
         pd.testing.assert_frame_equal(quiet(normalise_frame, variant, 'x'), _reference_normalise(variant), obj=name)
         assert got.duplicated(['qid', 'score']).any(), name          # ties were actually exercised
 
