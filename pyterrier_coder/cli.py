@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .experiment import COMPONENTS, Experiment, ExperimentSettings
+from .experiment import COMPONENTS, Experiment, ExperimentSettings, parse_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument('--train-split', default='train')
     exp.add_argument('--dev-split', default='dev')
     exp.add_argument('--test-split', default='test')
+    exp.add_argument('--set', action='append', default=[], metavar='[COMPONENT.]NAME=VALUE', dest='overrides',
+                     help='change the budget, e.g. --set electra.max_steps=600 --set rerank_depth=50 (repeatable; '
+                          'a trained model whose settings changed is retrained)')
     return parser
 
 
@@ -34,12 +37,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == 'experiment':
         components = tuple(c.strip() for c in args.components.split(',') if c.strip())
-        settings = ExperimentSettings(dataset=args.dataset, out=args.out, base=args.base,
-                                      cross_encoder=args.cross_encoder, components=components,
-                                      ablations=args.ablations, seed=args.seed, quick=args.quick, device=args.device,
-                                      retrain=args.retrain, train_split=args.train_split, dev_split=args.dev_split,
-                                      test_split=args.test_split)
         try:
+            settings = ExperimentSettings(dataset=args.dataset, out=args.out, base=args.base,
+                                          cross_encoder=args.cross_encoder, components=components,
+                                          ablations=args.ablations, seed=args.seed, quick=args.quick,
+                                          device=args.device, retrain=args.retrain, train_split=args.train_split,
+                                          dev_split=args.dev_split, test_split=args.test_split,
+                                          overrides=parse_overrides(args.overrides))
             results = Experiment(settings).run()
         except (ValueError, FileNotFoundError, KeyError) as e:
             print(f'pyterrier-coder: error: {e}', file=sys.stderr)

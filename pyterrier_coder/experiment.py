@@ -6,8 +6,11 @@ TREC runs under ``runs/``, ``report.md``, and PNG plots of training curves and p
 """
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
 import hashlib
+import inspect
 import re
 import json
 import shutil
@@ -24,6 +27,7 @@ from ._util import atomic_write_text, infer_device
 from .datasets import load_dataset
 
 COMPONENTS = ('bm25', 'dense', 'coder', 'adore', 'electra')
+SPEC_FILE = 'experiment_spec.json'   # beside each trained model: the settings it was trained with
 BASELINE = 'BM25 >> Dense'
 MEASURES = ('nDCG@10', 'RR@10', 'R@100', 'R@1000', 'AP')
 #: paired comparisons reported besides the baseline table: (system, reference) -- a reranker against its own
@@ -79,7 +83,67 @@ class ExperimentSettings:
     train_split: str = 'train'
     dev_split: str = 'dev'
     test_split: str = 'test'
+    #: budget changes, e.g. ``{'electra': {'max_steps': 600}, 'rerank_depth': 50}`` (CLI: ``--set``)
+    overrides: dict = dataclasses.field(default_factory=dict)
     verbose: bool = True
+
+
+def parse_overrides(items) -> dict:
+    """``['electra.max_steps=600', 'rerank_depth=50']`` -> ``{'electra': {'max_steps': 600}, 'rerank_depth': 50}``.
+    Values are Python literals (numbers, strings, None, True/False); anything else is kept as a string."""
+    overrides: dict = {}
+    for item in items or ():
+        key, sep, raw = item.partition('=')
+        if not sep or not key.strip():
+            raise ValueError(f'--set expects key=value or component.key=value, got {item!r}')
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        component, dot, name = key.strip().partition('.')
+        if dot:
+            overrides.setdefault(component, {})[name] = value
+        else:
+            overrides[component] = value
+    return overrides
+
+
+def _component_class(component: str):
+    if component == 'coder':
+        from .coder import Coder
+        return Coder
+    if component == 'adore':
+        from .adore import Adore
+        return Adore
+    from .electra import MonoElectra
+    return MonoElectra
+
+
+def apply_overrides(budget: dict, overrides: dict) -> dict:
+    """A copy of ``budget`` with ``overrides`` applied; unknown names fail here, before any index is built."""
+    from .training import TrainingConfig
+    budget = copy.deepcopy(budget)
+    for key, value in overrides.items():
+        if key not in budget:
+            raise ValueError(f'--set: unknown budget entry {key!r}; known: {sorted(budget)}')
+        if isinstance(budget[key], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f'--set: {key} is a component; set its settings as {key}.<name>=<value>')
+            cls = _component_class(key)
+            accepted = {f.name for f in dataclasses.fields(TrainingConfig)}
+            for klass in cls.__mro__:
+                if '__init__' in vars(klass):
+                    accepted |= set(inspect.signature(klass.__init__).parameters)
+            # the runner passes the index, models, device, seed and texts itself
+            accepted -= {'self', 'kwargs', 'training', 'index', 'encoder', 'model', 'device', 'seed', 'verbose',
+                         'texts'}
+            unknown = set(value) - accepted
+            if unknown:
+                raise ValueError(f'--set: {cls.__name__} has no setting {sorted(unknown)}')
+            budget[key].update(value)
+        else:
+            budget[key] = value
+    return budget
 
 
 def _log(msg: str) -> None:
@@ -97,7 +161,7 @@ class Experiment:
     def __init__(self, settings: ExperimentSettings):
         self.s = settings
         self.out = Path(settings.out)
-        self.budget = QUICK if settings.quick else FULL
+        self.budget = apply_overrides(QUICK if settings.quick else FULL, settings.overrides)
         unknown = set(settings.components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f'unknown components {sorted(unknown)}; choose from {COMPONENTS}')
@@ -106,6 +170,7 @@ class Experiment:
         self.histories: Dict[str, dict] = {}
         self._models: Dict[str, object] = {}
         self._used_models: List[str] = []
+        self._models_by_init = {'adore': self._adore}   # trained models another one can start from
 
     # --- data ------------------------------------------------------------------------------------------------
     def _topics(self, split: str, limit: Optional[int], only: Optional[set] = None) -> pd.DataFrame:
@@ -159,19 +224,39 @@ class Experiment:
     def _model_dir(self, name: str) -> Path:
         return self.out / 'models' / name
 
-    def _train_or_load(self, name: str, cls, make, fit):
-        """Loads ``models/<name>`` when present (unless --retrain), else builds with ``make()``, trains with
-        ``fit(model)`` and saves."""
+    def _spec(self, name: str, settings: dict, **extra) -> dict:
+        """What a trained model depends on besides the data files: its settings, the starting models, the seed, the
+        training splits and their budgets. Stored beside the model; a model is reused only when it matches."""
+        shared = {k: v for k, v in self.budget.items() if not isinstance(v, dict) and k not in ('rerank_depth',
+                                                                                                 'test_queries')}
+        spec = dict(name=name, settings=settings, base=self.s.base, seed=self.s.seed, train_split=self.s.train_split,
+                    dev_split=self.s.dev_split, budget=shared, **extra)
+        return json.loads(json.dumps(spec, sort_keys=True, default=str))
+
+    def _saved_spec(self, name: str) -> Optional[dict]:
+        path = self._model_dir(name) / SPEC_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _train_or_load(self, name: str, cls, spec: dict, make, fit):
+        """Loads ``models/<name>`` when present and trained with the same ``spec`` (unless --retrain), else builds
+        with ``make()``, trains with ``fit(model)`` and saves."""
         self._used_models.append(name)
         if name in self._models:   # already trained or loaded in this run
             return self._models[name]
         path = self._model_dir(name)
-        if path.exists() and not self.s.retrain:
+        saved = self._saved_spec(name) if path.exists() else None
+        if saved == spec and not self.s.retrain:
             _log(f'reusing trained {name} from {path}')
-            model = cls.load(path, **({'index': self.dense.flex} if name != 'electra' else {}), device=self.s.device)
+            from .query_trainer import DenseQueryTrainer
+            index = {'index': self.dense.flex} if issubclass(cls, DenseQueryTrainer) else {}
+            model = cls.load(path, **index, device=self.s.device)
             self.timings[f'train: {name}'] = (model.history or {}).get('seconds', float('nan'))
         else:
             if path.exists():
+                if not self.s.retrain:
+                    changed = sorted(k for k in set(spec) | set(saved or {}) if (saved or {}).get(k) != spec.get(k))
+                    _log(f'retraining {name}: ' + (f'its settings changed ({", ".join(changed)})' if saved else
+                                                    f'{path} has no {SPEC_FILE} to compare settings with'))
                 shutil.rmtree(path)
             model = make()
             _log(f'training {name}: {model!r}')
@@ -179,14 +264,16 @@ class Experiment:
             fit(model)
             self.timings[f'train: {name}'] = time.perf_counter() - start
             model.save(path)
+            atomic_write_text(path / SPEC_FILE, json.dumps(spec, indent=2, sort_keys=True))
         if model.history is not None:
             self.histories[name] = model.history
         self._models[name] = model
         return model
 
-    def _coder(self, name='coder', *, single_stage=False, init=None, **overrides):
+    def _coder(self, name='coder', *, single_stage=False, init: Optional[str] = None, **overrides):
         """CODER(M_D, M_C): M_C = BM25 (the cascade ``BM25 >> CODER``), or M_C = M_D (``single_stage``: the
-        candidates are the base model's own top-N and validation retrieves from the whole index)."""
+        candidates are the base model's own top-N and validation retrieves from the whole index). ``init`` names a
+        trained model whose query encoder CODER starts from (default: the base encoder)."""
         from .coder import Coder
         kwargs = {**self.budget['coder'], **overrides}
         if single_stage:
@@ -194,16 +281,19 @@ class Experiment:
         else:
             candidates = self.bm25 % kwargs['num_candidates']
             fit = lambda m: (candidates >> m).fit(self.train, self.train_qrels, self.dev, self.dev_qrels)
+        encoder = self._models_by_init[init]().encoder if init else self.encoder
+        spec = self._spec(name, kwargs, single_stage=single_stage, init=init,
+                          init_spec=self._saved_spec(init) if init else None)
         return self._train_or_load(
-            name, Coder,
-            lambda: Coder(self.dense, init or self.encoder, seed=self.s.seed, device=self.s.device,
-                          verbose=self.s.verbose, **kwargs), fit)
+            name, Coder, spec,
+            lambda: Coder(self.dense, encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
+                          **kwargs), fit)
 
     def _adore(self, name='adore', **overrides):
         from .adore import Adore
         kwargs = {**self.budget['adore'], **overrides}
         return self._train_or_load(
-            name, Adore,
+            name, Adore, self._spec(name, kwargs),
             lambda: Adore(self.dense, self.encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
                           **kwargs),
             lambda m: m.fit(self.train, self.train_qrels, self.dev, self.dev_qrels))
@@ -216,7 +306,7 @@ class Experiment:
         negatives_from = kwargs.get('negatives_from', 200)
         dev = self._topics(self.s.dev_split, self.budget['electra_dev_queries'])
         return self._train_or_load(
-            name, MonoElectra,
+            name, MonoElectra, self._spec(name, kwargs, cross_encoder=self.s.cross_encoder),
             lambda: MonoElectra(self.s.cross_encoder, seed=self.s.seed, device=self.s.device,
                                 verbose=self.s.verbose, texts=self.bm25.text_loader(), **kwargs),
             lambda m: m.fit((self.bm25 % negatives_from >> self.bm25.text_loader())(self.train), self.train_qrels,
@@ -248,8 +338,7 @@ class Experiment:
         if 'adore' in comps:
             add('ADORE', None, lambda: self._adore().retriever(1000))
             if 'coder' in comps and self.s.ablations:
-                add('BM25 >> CODER(ADORE init)', 'BM25',
-                    lambda: self._coder('coder_from_adore', init=self._adore().encoder))
+                add('BM25 >> CODER(ADORE init)', 'BM25', lambda: self._coder('coder_from_adore', init='adore'))
         if 'electra' in comps:
             add('BM25 >> MonoELECTRA', text_stage, self._electra)
         if not self.s.ablations:
@@ -283,11 +372,13 @@ class Experiment:
                 for path in dirs if path.exists()}
 
     def _run_key(self, name: str, first: Optional[str], file_stamps: Dict[str, list]) -> str:
-        """What a pipeline's test run depends on: its name and first stage, the test queries, the budget, and the
-        files of the indexes and trained models it uses (:meth:`_file_stamps`)."""
+        """What a pipeline's test run depends on: its name and first stage, the test queries, the shared budget
+        entries, and the files of the indexes and trained models it uses (:meth:`_file_stamps`)."""
         uses = {'indexes/bm25', 'indexes/dense.flex'} | {f'models/{m}' for m in self.system_models.get(name, [])}
         stamps = {k: v for k, v in file_stamps.items() if k in uses}
-        blob = json.dumps([name, first, sorted(self.test['qid']), self.budget, self.s.base, self.s.cross_encoder,
+        # component budgets are not here: they reach a run only through its models, whose files are stamped
+        shared = {k: v for k, v in self.budget.items() if not isinstance(v, dict)}
+        blob = json.dumps([name, first, sorted(self.test['qid']), shared, self.s.base, self.s.cross_encoder,
                            stamps], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -169,3 +169,48 @@ def test_electra_ablations_reuse_the_main_row_and_match_its_pairs(nfcorpus_quick
     pairs = set(zip(comparisons['system'], comparisons['reference']))
     assert {('BM25 >> MonoELECTRA (CE)', 'BM25 >> MonoELECTRA'), ('BM25 >> MonoELECTRA (LCE, n=2)', 'BM25 >> MonoELECTRA'),
             ('BM25 >> MonoELECTRA', 'BM25')} <= pairs
+
+
+def test_set_overrides_parse_and_validate():
+    from pyterrier_coder.experiment import FULL, apply_overrides, parse_overrides
+    overrides = parse_overrides(['electra.max_steps=600', 'coder.lr=1e-5', 'rerank_depth=50',
+                                 "electra.loss=ce", 'adore.patience=None'])
+    assert overrides == {'electra': {'max_steps': 600, 'loss': 'ce'}, 'coder': {'lr': 1e-5}, 'rerank_depth': 50,
+                         'adore': {'patience': None}}
+    budget = apply_overrides(FULL, overrides)
+    assert budget['electra']['max_steps'] == 600 and budget['coder']['lr'] == 1e-5 and budget['rerank_depth'] == 50
+    assert FULL['electra']['max_steps'] == 300          # the module's budget is not changed
+    for bad, match in [(['electra.max_stepz=1'], 'max_stepz'), (['colbert.lr=1'], 'colbert'),
+                       (['electra=3'], 'component'), (['coder.index=x'], 'index'), (['noequals'], 'key=value')]:
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(FULL, parse_overrides(bad))
+
+
+def test_changed_settings_retrain_only_that_model(nfcorpus_quick_run, tmp_path):
+    """--set changes one component's budget: that model is retrained (the log says what changed), the others and
+    their test runs are reused; an unknown setting exits with a message before any work."""
+    import json
+    import shutil
+    out, _ = nfcorpus_quick_run
+    copy = tmp_path / 'out'
+    shutil.copytree(out, copy)
+    args = ['experiment', '--dataset', str(_dataset_path()), '--quick', '--out', str(copy), '--device', 'cpu',
+            '--components', 'bm25,dense,coder,electra']
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(args + ['--set', 'electra.max_steps=2', '--set', 'electra.eval_every=1']) == 0
+    log = stdout.getvalue()
+    assert 'retraining electra: its settings changed (settings)' in log
+    assert 'reusing trained coder ' in log and "reusing the test run of 'BM25 >> CODER'" in log
+    assert "reusing the test run of 'BM25 >> MonoELECTRA'" not in log
+    spec = json.loads((copy / 'models' / 'electra' / 'experiment_spec.json').read_text())
+    assert spec['settings']['max_steps'] == 2
+    from pyterrier_coder.electra import MonoElectra
+    assert MonoElectra.load(copy / 'models' / 'electra', device='cpu').history['steps'] == 2
+    with contextlib.redirect_stdout(io.StringIO()) as again:
+        assert main(args + ['--set', 'electra.max_steps=2', '--set', 'electra.eval_every=1']) == 0
+    assert 'reusing trained electra ' in again.getvalue()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args + ['--set', 'electra.max_stepz=2']) == 2
+    assert 'max_stepz' in err.getvalue()
