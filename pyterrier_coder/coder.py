@@ -19,7 +19,7 @@ from torch import nn
 
 from . import losses
 from .encoders import DenseEncoder
-from .mining import CandidateSet, mine_candidates, mine_candidates_to_disk, normalise_frame
+from .mining import CandidateSet, check_lower_labels, mine_candidates, mine_candidates_to_disk, normalise_frame
 from .query_trainer import DenseQueryTrainer
 from .training import TrainingConfig
 
@@ -109,8 +109,7 @@ class Coder(DenseQueryTrainer):
             raise ValueError(f'Coder: loss must be one of {LOSSES}, got {loss!r}')
         if scorer not in SCORERS:
             raise ValueError(f'Coder: scorer must be one of {SCORERS}, got {scorer!r}')
-        if lower_labels not in ('negative', 'ignore'):
-            raise ValueError(f"Coder: lower_labels must be 'negative' or 'ignore', got {lower_labels!r}")
+        check_lower_labels(lower_labels, 'Coder')
         super().__init__(index, encoder, **kwargs)
         self.num_candidates = num_candidates
         self.loss = loss

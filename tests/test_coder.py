@@ -184,7 +184,8 @@ def test_fit_without_any_positive_fails_clearly(setup):
 
 def test_bad_arguments(setup):
     ds, encoder, dense, bm25 = setup
-    for kwargs, match in [(dict(loss='x'), 'loss'), (dict(scorer='x'), 'scorer'), (dict(lr_typo=1), 'unexpected')]:
+    for kwargs, match in [(dict(loss='x'), 'loss'), (dict(scorer='x'), 'scorer'), (dict(lr_typo=1), 'unexpected'),
+                          (dict(lower_labels='drop'), 'lower_labels')]:
         with pytest.raises((ValueError, TypeError), match=match):
             Coder(dense, encoder, **kwargs)
 

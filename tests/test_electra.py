@@ -371,3 +371,9 @@ def test_head_lr_trains_the_fresh_head_at_its_own_rate(tiny_bert_dir, train_res,
     moved = {k for k, v in model.model.named_parameters() if not torch.equal(before[k], v)}
     # (the bias may not move: under LCE its gradient is zero up to rounding, a softmax ignores a shared shift)
     assert 'classifier.weight' in moved and moved <= {'classifier.weight', 'classifier.bias'}
+
+
+def test_unknown_setting_fails_before_the_model_loads(tmp_path):
+    """Settings are checked before any weights are read: a typo costs no model load (here there is no model)."""
+    with pytest.raises(TypeError, match='lrr'):
+        MonoElectra(str(tmp_path / 'no-such-model'), lrr=1e-5)
