@@ -223,14 +223,15 @@ class Coder(DenseQueryTrainer):
         return self.fit_candidates(candidates, valid, valid_qrels, resume=resume)
 
     def mine(self, first_stage: pt.Transformer, topics: pd.DataFrame, qrels: pd.DataFrame, path, *,
-             chunk_size: int = 1000) -> CandidateSet:
+             chunk_size: int = 1000, resume: bool = False) -> CandidateSet:
         """Mines this model's training candidates (M_C = ``first_stage``, e.g. ``bm25 % 1000``) to the directory
         ``path``, ``chunk_size`` queries at a time (see :func:`~pyterrier_coder.mining.mine_candidates_to_disk`),
         with this model's ``num_candidates``, ``min_label`` and ``on_missing``; returns the memory-mapped set
-        for :meth:`fit_candidates`."""
+        for :meth:`fit_candidates`. ``resume=True`` continues an interrupted call with the same arguments."""
         return mine_candidates_to_disk(first_stage, topics, qrels, self.store, path, chunk_size=chunk_size,
                                        num_candidates=self.num_candidates, min_label=self.min_label,
-                                       on_missing=self.on_missing, component='Coder', verbose=self.verbose)
+                                       on_missing=self.on_missing, resume=resume, component='Coder',
+                                       verbose=self.verbose)
 
     def fit_candidates(self, candidates, valid: Optional[pd.DataFrame] = None,
                        valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Coder':

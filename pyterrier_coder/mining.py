@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import warnings
@@ -254,30 +255,59 @@ class CandidateSet:
 class CandidateSetWriter:
     """Writes a :class:`CandidateSet` to a directory one part (chunk of queries) at a time: each part goes to disk
     as it comes; :meth:`finish` lays the parts out as the final matrices (padded to the widest row) by streaming
-    copies, so memory stays at one part whatever the number of queries."""
+    copies, so memory stays at one part whatever the number of queries.
 
-    def __init__(self, path):
+    With a ``resume_key`` (any JSON value describing what is being written), a writer that finds the parts of an
+    interrupted writer with the same key keeps them: :attr:`infos` holds what was recorded with each, and the next
+    :meth:`append` continues after them. Any other key, or none, starts from an empty directory."""
+
+    def __init__(self, path, *, resume_key=None):
         self.path = Path(path)
         self.parts_dir = self.path / '.parts'
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
         (self.path / 'meta.json').unlink(missing_ok=True)      # incomplete until finish() writes it again
-        self.shapes, self.qids, self.queries = [], [], []
+        self.shapes, self.qids, self.queries, self.infos = [], [], [], []
+        key_file = self.parts_dir / 'key.json'
+        key = json.loads(json.dumps(resume_key))
+        if resume_key is not None and key_file.exists() and json.loads(key_file.read_text()) == key:
+            while (self.parts_dir / f'{len(self.shapes):06d}.json').exists():
+                meta = json.loads((self.parts_dir / f'{len(self.shapes):06d}.json').read_text())
+                self.shapes.append(tuple(meta['shape']))
+                self.qids += meta['qids']
+                self.queries += meta['queries']
+                self.infos.append(meta['info'])
+        else:
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            self.parts_dir.mkdir(parents=True)
+            if resume_key is not None:
+                key_file.write_text(json.dumps(key))
 
-    def append(self, part: CandidateSet) -> None:
+    def append(self, part: Optional['CandidateSet'], info=None) -> None:
+        """Adds a part (``None`` or an empty set: a chunk that gave no query, still recorded for resuming) with
+        ``info``, any JSON value returned in :attr:`infos` when resuming."""
+        from ._util import atomic_write_text
         i = len(self.shapes)
-        for name in ('docids', 'labels', 'num_retrieved'):
-            np.save(self.parts_dir / f'{i:06d}.{name}.npy', np.asarray(getattr(part, name)))
-        self.shapes.append(part.docids.shape)
-        self.qids += list(part.qids)
-        self.queries += list(part.queries)
+        qids, queries, shape = [], [], (0, 0)
+        if part is not None and len(part.qids):
+            for name in ('docids', 'labels', 'num_retrieved'):
+                np.save(self.parts_dir / f'{i:06d}.{name}.npy', np.asarray(getattr(part, name)))
+            qids, queries, shape = list(part.qids), list(part.queries), tuple(part.docids.shape)
+        # written last: a part whose .json exists is complete
+        atomic_write_text(self.parts_dir / f'{i:06d}.json',
+                          json.dumps({'shape': shape, 'qids': qids, 'queries': queries, 'info': info}))
+        self.shapes.append(shape)
+        self.qids += qids
+        self.queries += queries
+        self.infos.append(info)
 
-    def finish(self, stats: dict, index: Optional[dict] = None) -> CandidateSet:
+    def finish(self, stats: dict, index: Optional[dict] = None) -> 'CandidateSet':
         n = sum(rows for rows, _ in self.shapes)
         width = max((cols for _, cols in self.shapes), default=0)
         docids = np.lib.format.open_memmap(self.path / 'docids.npy', 'w+', np.int32, (n, width))
         labels = np.lib.format.open_memmap(self.path / 'labels.npy', 'w+', np.float32, (n, width))
         num_retrieved, start = [], 0
         for i, (rows, cols) in enumerate(self.shapes):
+            if not rows:
+                continue
             docids[start:start + rows, :cols] = np.load(self.parts_dir / f'{i:06d}.docids.npy')
             docids[start:start + rows, cols:] = PAD
             labels[start:start + rows, :cols] = np.load(self.parts_dir / f'{i:06d}.labels.npy')
@@ -517,10 +547,14 @@ def index_info(store: EmbeddingStore) -> dict:
     return {'path': str(Path(store.flex.index_path).resolve()), 'docs': len(store)}
 
 
+def _fingerprint(frame: pd.DataFrame) -> str:
+    return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()
+
+
 def mine_candidates_to_disk(first_stage, topics: pd.DataFrame, qrels: pd.DataFrame, index, path, *,
                             chunk_size: int = 1000, num_candidates: int = 1000, inject_positives: bool = True,
-                            min_label: int = 1, on_missing: str = 'error', component: str = 'pyterrier_coder',
-                            verbose: bool = True) -> CandidateSet:
+                            min_label: int = 1, on_missing: str = 'error', resume: bool = False,
+                            component: str = 'pyterrier_coder', verbose: bool = True) -> CandidateSet:
     """:func:`mine_candidates` for collections whose candidate frame would not fit in memory (MS MARCO: 500k
     queries x 1000 candidates = 500M rows): runs ``first_stage`` (any PyTerrier transformer, e.g. ``bm25 % 1000``)
     on ``chunk_size`` queries at a time, and appends each chunk's int32 rows to the directory ``path``, which is
@@ -528,18 +562,31 @@ def mine_candidates_to_disk(first_stage, topics: pd.DataFrame, qrels: pd.DataFra
 
     Memory stays at one chunk's result frame plus the qrels. The rows, their order (sorted qids) and the stats are
     those :func:`mine_candidates` gives on the whole frame. ``index`` is the document index the row ids refer to
-    (FlexIndex, DenseIndex or EmbeddingStore)."""
+    (FlexIndex, DenseIndex or EmbeddingStore).
+
+    ``resume=True`` continues an interrupted run in the same ``path`` after its last completed chunk, provided the
+    topics, qrels, settings, index and first stage (by its ``repr``) are the same; otherwise mining starts over.
+    The result is the one an uninterrupted run gives."""
     from ._util import validate_columns
     store = as_store(index)
     with validate_columns(topics, component, 'topics frame') as v:
         v.columns(includes=['qid', 'query'])
     topics = normalise_frame(topics[['qid', 'query']], component).drop_duplicates('qid').sort_values('qid', kind='stable')
     judgements = _Judgements(qrels, store, min_label, component)
-    writer = CandidateSetWriter(path)
-    seen, queries_with_results, skipped = set(), 0, 0
+    key = None
+    if resume:
+        key = dict(topics=_fingerprint(topics), qrels=_fingerprint(judgements.qrels), first_stage=repr(first_stage),
+                   chunk_size=chunk_size, num_candidates=num_candidates, inject_positives=inject_positives,
+                   min_label=min_label, on_missing=on_missing, index=index_info(store))
+    writer = CandidateSetWriter(path, resume_key=key)
+    seen = {qid for info in writer.infos for qid in info['seen']}
+    queries_with_results = sum(len(info['seen']) for info in writer.infos)
+    skipped = sum(info['skipped'] for info in writer.infos)
+    done = min(len(writer.infos) * chunk_size, len(topics))
     import pyterrier as pt
-    with pt.tqdm(total=len(topics), desc=f'{component}: mining', unit='query', disable=not verbose) as progress:
-        for start in range(0, len(topics), chunk_size):
+    with pt.tqdm(total=len(topics), initial=done, desc=f'{component}: mining', unit='query',
+                 disable=not verbose) as progress:
+        for start in range(done, len(topics), chunk_size):
             chunk = topics.iloc[start:start + chunk_size]
             candidates = normalise_frame(first_stage(chunk), component)
             chunk_qids = candidates['qid'].unique()
@@ -549,8 +596,8 @@ def mine_candidates_to_disk(first_stage, topics: pd.DataFrame, qrels: pd.DataFra
                 candidates, judgements, store, num_candidates=num_candidates, inject_positives=inject_positives,
                 on_missing=on_missing, component=component)
             skipped += chunk_skipped
-            if qids:
-                writer.append(CandidateSet.from_rows(qids, queries, rows, labels, n_retrieved, {}))
+            part = CandidateSet.from_rows(qids, queries, rows, labels, n_retrieved, {}) if qids else None
+            writer.append(part, {'seen': [str(q) for q in chunk_qids], 'skipped': int(chunk_skipped)})
             progress.update(len(chunk))
     stats = {'queries': queries_with_results,
              'qrels_for_unknown_queries': unknown_qrels(judgements.qrels, seen, component),

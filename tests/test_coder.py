@@ -363,6 +363,9 @@ class _Recording(pt.Transformer):
         self.calls.append(len(topics))
         return self.inner(topics)
 
+    def __repr__(self):
+        return repr(self.inner)
+
 
 @pytest.mark.parametrize('chunk_size', [1, 3, 100])
 def test_chunked_mining_to_disk_equals_mining_the_whole_frame(scale, tmp_path, chunk_size):
@@ -378,6 +381,53 @@ def test_chunked_mining_to_disk_equals_mining_the_whole_frame(scale, tmp_path, c
     assert isinstance(got.docids, np.memmap)
     assert_same_set(got, expected)
     assert not (tmp_path / 'set' / '.parts').exists()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _FailingAfter(pt.Transformer):
+    """A first stage that fails on its (n+1)-th call, like a job killed part way."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.calls = inner, n, 0
+
+    def transform(self, topics):
+        self.calls += 1
+        if self.calls > self.n:
+            raise _Interrupted()
+        return self.inner(topics)
+
+    def __repr__(self):
+        return repr(self.inner)     # the same first stage, as far as resuming is concerned
+
+
+def test_interrupted_mining_resumes_after_the_last_complete_chunk(scale, tmp_path):
+    ds, encoder, dense, bm25, topics, qrels = scale
+    expected = quiet(mine_candidates, (bm25 % 10)(topics), qrels, EmbeddingStore(dense.flex), num_candidates=7)
+    args = dict(chunk_size=3, num_candidates=7, verbose=False)
+    with pytest.raises(_Interrupted):
+        mine_candidates_to_disk(_FailingAfter(bm25 % 10, 2), topics, qrels, dense, tmp_path / 'set', resume=True,
+                                **args)
+    assert not (tmp_path / 'set' / 'meta.json').exists()          # not a usable set yet
+    with pytest.raises(FileNotFoundError):
+        CandidateSet.load(tmp_path / 'set')
+    first_stage = _Recording(bm25 % 10)
+    with pytest.warns(UserWarning, match='skipped 1 of 10 training queries'):
+        got = mine_candidates_to_disk(first_stage, topics, qrels, dense, tmp_path / 'set', resume=True, **args)
+    assert first_stage.calls == [3, 1]       # 10 queries in chunks of 3: the first two chunks were kept
+    assert_same_set(got, expected)
+
+    # other settings: the kept chunks do not match, mining starts over (and so does resume=False)
+    with pytest.raises(_Interrupted):
+        mine_candidates_to_disk(_FailingAfter(bm25 % 10, 2), topics, qrels, dense, tmp_path / 'b', resume=True, **args)
+    first_stage = _Recording(bm25 % 10)
+    with pytest.warns(UserWarning, match='skipped 1 of 10 training queries'):
+        got = mine_candidates_to_disk(first_stage, topics, qrels, dense, tmp_path / 'b', resume=True,
+                                      **{**args, 'num_candidates': 5})
+    assert first_stage.calls == [3, 3, 3, 1]
+    assert got.docids.shape[1] <= expected.docids.shape[1]
 
 
 def coder(scale, **options):
