@@ -8,6 +8,8 @@ score distribution towards the relevance labels. Only the query encoder receives
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from . import losses
 from .encoders import DenseEncoder
-from .mining import CandidateSet, check_lower_labels, mine_candidates, mine_candidates_to_disk, normalise_frame
+from .mining import CandidateSet, CandidateSetWriter, check_lower_labels, mine_candidates, mine_candidates_to_disk, normalise_frame
 from .query_trainer import DenseQueryTrainer
 from .training import TrainingConfig
 
@@ -28,6 +30,8 @@ PAPER_DEFAULTS = TrainingConfig(lr=1.73e-6, optimizer='radam', weight_decay=9.5e
                                 batch_size=32, grad_clip=1.0, epochs=1, eval_every=1000, patience=None,
                                 metric='nDCG@10')
 LOSSES = ('listnet', 'margin')
+#: queries re-retrieved and written per chunk when ``refresh_every`` rebuilds a candidate set stored on disk
+REFRESH_CHUNK = 4096
 SCORERS = ('dot', 'transformer')
 
 
@@ -189,20 +193,42 @@ class Coder(DenseQueryTrainer):
         return losses.multilabel_margin(scores * self.temperature, target > 0, mask)
 
     def _refresh(self, step: int) -> None:
-        """Dynamic candidates: re-retrieve the top-N with the current encoder and re-inject the positives."""
+        """Dynamic candidates: re-retrieve the top-N with the current encoder and re-inject the positives. A set on
+        disk (memory-mapped) is rebuilt on disk, :data:`REFRESH_CHUNK` queries at a time, beside the old one."""
         if not self.refresh_every or step == 0 or step % self.refresh_every:
             return
         data = self._train
-        retrieved = self._retrieve_ids(data.queries, self.num_candidates)
-        rows, labels = [], []
-        for i in range(len(data)):
-            judged = data.labels[i] > 0
-            label_of = dict(zip(data.docids[i][judged], data.labels[i][judged]))
-            row = np.concatenate([retrieved[i], np.setdiff1d(data.docids[i][judged], retrieved[i])])
-            rows.append(row)
-            labels.append(np.array([label_of.get(d, 0.0) for d in row], dtype=np.float32))
-        self._train = CandidateSet.from_rows(data.qids, data.queries, rows, labels,
-                                             np.full(len(rows), retrieved.shape[1]), data.stats, data.index)
+        on_disk = isinstance(data.docids, np.memmap)
+        writer = CandidateSetWriter(self._refresh_path(data)) if on_disk else None
+        chunk = REFRESH_CHUNK if on_disk else max(1, len(data))
+        for start in range(0, len(data), chunk):
+            stop = min(start + chunk, len(data))
+            retrieved = self._retrieve_ids(data.queries[start:stop], self.num_candidates)
+            rows, labels = [], []
+            for i, top in zip(range(start, stop), retrieved):
+                ids, row_labels = np.asarray(data.docids[i]), np.asarray(data.labels[i])
+                judged = row_labels > 0
+                label_of = dict(zip(ids[judged], row_labels[judged]))
+                row = np.concatenate([top, np.setdiff1d(ids[judged], top)])
+                rows.append(row)
+                labels.append(np.array([label_of.get(d, 0.0) for d in row], dtype=np.float32))
+            part = CandidateSet.from_rows(data.qids[start:stop], data.queries[start:stop], rows, labels,
+                                          np.full(len(rows), retrieved.shape[1]), data.stats, data.index)
+            if writer is None:
+                self._train = part
+            else:
+                writer.append(part)
+        if writer is not None:
+            self._train = writer.finish(data.stats, data.index)
+
+    def _refresh_path(self, data: CandidateSet) -> Path:
+        """Alternates between two directories in a temporary folder beside the stored set (same disk), removed
+        when training ends: the set being read is never the one being written."""
+        if self._refresh_root is None:
+            parent = Path(data.docids.filename).parent.parent
+            self._refresh_root = Path(tempfile.mkdtemp(prefix='.coder-refresh-', dir=parent))
+        current = Path(data.docids.filename).parent
+        return self._refresh_root / ('b' if current == self._refresh_root / 'a' else 'a')
 
     def fit(self, train: pd.DataFrame, train_qrels: pd.DataFrame, valid: Optional[pd.DataFrame] = None,
             valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Coder':
@@ -245,6 +271,7 @@ class Coder(DenseQueryTrainer):
             raise ValueError('Coder.fit: no training query has a judged positive in the index')
         self._prepare_device()
         self._train = candidates
+        self._refresh_root = None
         try:
             history = self._run(self._loss, self._sample_batches(len(self._train)),
                                 self._validation_fn(valid, valid_qrels), before_step=self._refresh,
@@ -252,6 +279,8 @@ class Coder(DenseQueryTrainer):
             history['training_data'] = self._train.stats | {'train_queries': len(self._train)}
         finally:
             del self._train
+            if self._refresh_root is not None:
+                shutil.rmtree(self._refresh_root, ignore_errors=True)
         return self
 
     def _self_candidates(self, topics: pd.DataFrame) -> pd.DataFrame:

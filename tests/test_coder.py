@@ -450,17 +450,26 @@ def assert_same_training(a, b):
         assert torch.equal(weights_a[name], weights_b[name]), name
 
 
-@pytest.mark.parametrize('options', [dict(), dict(random_negatives=3, scorer='transformer')])
-def test_coder_trains_from_a_stored_set_exactly_as_from_the_frame(scale, tmp_path, options):
+@pytest.mark.parametrize('options', [dict(), dict(random_negatives=3, scorer='transformer'), dict(refresh_every=2)])
+def test_coder_trains_from_a_stored_set_exactly_as_from_the_frame(scale, tmp_path, options, monkeypatch):
     ds, encoder, dense, bm25, topics, qrels = scale
     res = (bm25 % 10)(topics)
     from_frame = quiet(coder(scale, num_candidates=10, **options).fit, res, qrels, res, qrels)
     from_disk = coder(scale, num_candidates=10, **options)
     stored = quiet(from_disk.mine, bm25 % 10, topics, qrels, tmp_path / 'set', chunk_size=4)
     assert isinstance(stored.docids, np.memmap)
+    # a refreshed set stays on disk, rebuilt a few queries at a time
+    import pyterrier_coder.coder as coder_module
+    monkeypatch.setattr(coder_module, 'REFRESH_CHUNK', 4)
+    refreshed, original = [], from_disk._refresh
+    monkeypatch.setattr(from_disk, '_refresh', lambda step: original(step) or refreshed.append(from_disk._train))
     from_disk.fit_candidates(tmp_path / 'set', res, qrels)
     assert_same_training(_trained(from_disk), _trained(from_frame))
     assert from_disk.history['training_data'] == from_frame.history['training_data']
+    if options.get('refresh_every'):
+        changed = [s for s in refreshed if s is not refreshed[0]]
+        assert changed and all(isinstance(s.docids, np.memmap) for s in changed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['set']     # the refreshed copies are removed
 
 
 def test_adore_trains_from_a_stored_set(scale, tmp_path):
