@@ -8,7 +8,8 @@ Benchmarks (see docs/performance.md for what each one measures and its target):
 * ``coder_rerank``  -- CODER reranking 1000 candidates per query vs pyterrier-dr's ``query_encoder() >> scorer()``
   and vs the floor of query encoding alone.
 * ``train_step``    -- CODER / ADORE training step split into phases; ``TrainingLoop`` overhead over a bare loop.
-* ``cross_encoder`` -- MonoElectra inference and LCE training pairs/s vs a bare transformers loop.
+* ``cross_encoder`` -- MonoElectra inference and LCE training pairs/s vs a bare transformers loop
+  (``--only cross_encoder:inference`` or ``cross_encoder:training`` runs one of the two parts).
 * ``gather``        -- ``EmbeddingStore.gather`` of 32 x 1000 candidate embeddings from a large memory-mapped
   index: time per batch and memory (runs in a fresh child process so its peak RSS is its own).
 
@@ -44,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 BENCHMARKS = ('coder_rerank', 'train_step', 'cross_encoder', 'gather')
+PARTS = {'cross_encoder': ('inference', 'training')}     # --only cross_encoder:training runs one part
 DATASETS = Path(os.environ.get('PTC_DATASETS', Path(__file__).resolve().parents[2] / 'shared' / 'datasets'))
 SEED = 0
 
@@ -617,12 +619,7 @@ function and batches, {S} steps each, {len(lt['loop'])} interleaved repeats.""")
 # 3. cross_encoder
 
 def bench_cross_encoder(args, report: Report):
-    import pandas as pd
-    import torch
-    import torch.nn.functional as F
     from pyterrier_coder import MonoElectra
-    from pyterrier_coder.electra import build_training_groups, sample_groups
-    from pyterrier_coder.training import autocast_for
     size = SIZES['cross_encoder']['small' if args.small else 'full']
     if args.small:
         model, model_label = str(tiny_model(args.workdir, 'electra')), 'tiny random ELECTRA (2 layers, hidden 32)'
@@ -636,18 +633,8 @@ def bench_cross_encoder(args, report: Report):
                               train_batch_size=size['train_batch_size'], max_steps=size['steps'])
     device = electra.device
     sync = make_sync(device)
-    tok, net = electra.tokenizer, electra.model
-    amp = electra.amp
-
-    # inference data: real queries x real passages
     nq, nc = size['infer_queries'], size['infer_candidates']
-    texts = read_texts(max(nc * nq, 200))
-    topics = read_topics('test', limit=nq)
-    frame = pd.DataFrame({'qid': np.repeat([q for q, _ in topics], nc), 'query': np.repeat([t for _, t in topics], nc),
-                          'docno': [f'd{i}' for i in range(nq * nc)], 'text': texts[:nq * nc],
-                          'score': np.tile(-np.arange(nc, dtype=float), nq), 'rank': np.tile(np.arange(nc), nq)})
-    queries, docs = frame['query'].tolist(), frame['text'].tolist()
-    n = len(frame)
+    n = nq * nc
     report.section('cross_encoder', f"""
 MonoElectra vs a bare transformers loop on the same model object and the same batches; model {model_label};
 device {device}; max_length {electra.max_length}; {source_label()}.
@@ -657,6 +644,28 @@ Training (LCE): {size['train_batch_size']} queries x group {size['group_size']} 
 (TrainingLoop) vs a bare loop (tokenise -> forward -> softmax CE over each group -> backward -> clip -> AdamW)
 on the same sampled groups.
 """)
+
+    parts = args.parts.get('cross_encoder', {'inference', 'training'})
+    if 'inference' in parts:
+        infer_cross_encoder(args, report, electra, size, sync)
+    if 'training' in parts:
+        train_cross_encoder(args, report, electra, size, sync)
+
+
+def infer_cross_encoder(args, report: Report, electra, size: dict, sync):
+    import pandas as pd
+    import torch
+    from pyterrier_coder.training import autocast_for
+    device, bs, tok, net, amp = electra.device, size['batch_size'], electra.tokenizer, electra.model, electra.amp
+    # inference data: real queries x real passages
+    nq, nc = size['infer_queries'], size['infer_candidates']
+    texts = read_texts(max(nc * nq, 200))
+    topics = read_topics('test', limit=nq)
+    frame = pd.DataFrame({'qid': np.repeat([q for q, _ in topics], nc), 'query': np.repeat([t for _, t in topics], nc),
+                          'docno': [f'd{i}' for i in range(nq * nc)], 'text': texts[:nq * nc],
+                          'score': np.tile(-np.arange(nc, dtype=float), nq), 'rank': np.tile(np.arange(nc), nq)})
+    queries, docs = frame['query'].tolist(), frame['text'].tolist()
+    n = len(frame)
 
     # the order score_pairs uses: tokenise chunks of 32 * batch_size pairs, sort each by length (descending)
     sorted_order = []
@@ -704,6 +713,14 @@ on the same sampled groups.
     report.ratio('infer_ratio_score_pairs', 'ratio score_pairs / bare (same batches)', r2, '>= 0.9', r2 >= 0.9)
     report.value('infer_max_abs_score_diff', 'max |score_pairs - bare| (same model, same pairs)', max_diff)
 
+
+def train_cross_encoder(args, report: Report, electra, size: dict, sync):
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+    from pyterrier_coder.electra import build_training_groups, sample_groups
+    from pyterrier_coder.training import autocast_for
+    device, tok, net, amp = electra.device, electra.tokenizer, electra.model, electra.amp
     # training data: candidates with text, one judged positive among them per query
     tq, per = size['train_queries'], 40
     ttexts = read_texts(tq * per)
@@ -992,9 +1009,15 @@ def parse_args(argv=None):
     p.add_argument('--gather-child', default=None, help=argparse.SUPPRESS)
     p.add_argument('--child-json', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    names = []
+    names, args.parts = [], {}
     for item in args.only or []:
-        names += [x.strip() for x in item.split(',') if x.strip()]
+        for name in (x.strip() for x in item.split(',') if x.strip()):
+            name, _, part = name.partition(':')     # e.g. cross_encoder:training
+            names.append(name)
+            if part:
+                if part not in PARTS.get(name, ()):
+                    p.error(f'{name} has no part {part!r}; parts: {PARTS.get(name, ())}')
+                args.parts.setdefault(name, set()).add(part)
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         p.error(f'unknown benchmark(s) {unknown}; choose from {", ".join(BENCHMARKS)}')
