@@ -313,9 +313,10 @@ class Experiment:
                             first(dev), self.dev_qrels))
 
     def pipelines(self) -> Dict[str, tuple]:
-        """Trains what is needed; returns ``{name: (first stage name or None, transformer)}`` in report order.
-        A pipeline with a first stage is ``first_stage >> transformer``; first stages run once and are shared.
-        ``self.system_models[name]`` lists the trained models each pipeline uses (for the run cache)."""
+        """The requested pipelines, ``{name: (first stage name or None, build)}`` in report order: ``build()`` trains
+        or loads what the pipeline needs and returns its transformer (:meth:`_run_systems` calls it just before
+        the pipeline runs, so each test run is written as soon as its model is trained). A pipeline with a first
+        stage is ``first_stage >> transformer``; first stages run once and are shared."""
         comps = set(self.s.components)
         depth = self.budget['rerank_depth']
         text_stage = f'BM25 top-{depth} + text'
@@ -323,9 +324,7 @@ class Experiment:
         systems, self.system_models = {}, {}
 
         def add(name, first, build):
-            before = len(self._used_models)
-            systems[name] = (first, build())
-            self.system_models[name] = sorted(set(self._used_models[before:]))
+            systems[name] = (first, build)
 
         if 'bm25' in comps:
             add('BM25', None, lambda: self.bm25)
@@ -361,11 +360,11 @@ class Experiment:
         return systems
 
     # --- evaluation and report -----------------------------------------------------------------------------
-    def _file_stamps(self) -> Dict[str, list]:
-        """(file, size, modification time) of every file of the indexes and of each trained model directory, read
-        once before any pipeline runs."""
+    def _file_stamps(self, name: str) -> Dict[str, list]:
+        """(file, size, modification time) of every file of the indexes and of the trained model directories the
+        pipeline ``name`` uses (``self.system_models[name]``), read after they are built and before it runs."""
         dirs = [self.out / 'indexes' / 'bm25', self.out / 'indexes' / 'dense.flex'] + \
-            [self._model_dir(m) for m in sorted({m for ms in self.system_models.values() for m in ms})]
+            [self._model_dir(m) for m in self.system_models.get(name, [])]
         return {str(path.relative_to(self.out)): sorted((str(f.relative_to(path)), f.stat().st_size,
                                                           f.stat().st_mtime_ns)
                                                          for f in path.rglob('*') if f.is_file())
@@ -383,9 +382,11 @@ class Experiment:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _run_systems(self, systems: Dict[str, tuple]) -> Dict[str, pd.DataFrame]:
-        """Runs every pipeline on the test topics once, timing first stages and rerankers separately, and writes
-        the TREC runs. A run whose inputs did not change since a previous invocation (same ``--out``, see
-        :meth:`_run_key`) is read back with its measured latency instead of recomputed, unless ``--retrain``."""
+        """Builds (trains or loads) and runs every pipeline on the test topics in turn, timing first stages and
+        rerankers separately, and writes each TREC run as it is done. A run whose inputs did not change since a
+        previous invocation (same ``--out``, see :meth:`_run_key`) is read back with its measured latency instead
+        of recomputed, unless ``--retrain``; the manifest is written after every pipeline, so a stopped job keeps
+        the runs it finished."""
         runs_dir = self.out / 'runs'
         runs_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = runs_dir / 'manifest.json'
@@ -393,11 +394,13 @@ class Experiment:
         manifest = {}
         n = max(1, len(self.test))
         first_results, runs, self.latency, self.cached_runs = {}, {}, {}, []
-        file_stamps = self._file_stamps()
-        for name, (first, transformer) in systems.items():
+        for name, (first, build) in systems.items():
+            used_before = len(self._used_models)
+            transformer = build()
+            self.system_models[name] = sorted(set(self._used_models[used_before:]))
             slug = re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')
             path = runs_dir / f'{slug}.res.gz'
-            key = self._run_key(name, first, file_stamps)
+            key = self._run_key(name, first, self._file_stamps(name))
             entry = old.get(name)
             if entry and entry['key'] == key and path.exists():
                 _log(f'reusing the test run of {name!r} ({path.name}): its indexes and models did not change')
@@ -418,8 +421,12 @@ class Experiment:
                 pt.io.write_results(res, str(path), format='trec', run_name=slug)
                 entry = {'key': key, 'latency': {k: v for k, v in self.latency.items()
                                                  if k in (name, f'{name} (reranking only)', f'first stage: {first}')}}
-            manifest[name] = {**entry, 'file': path.name}
+            # keyed by the files as they are after the run: some are written on first use (PISA's BM25 data)
+            manifest[name] = {**entry, 'key': self._run_key(name, first, self._file_stamps(name)), 'file': path.name}
             runs[name] = res
+            atomic_write_text(manifest_path, json.dumps({**old, **manifest}, indent=2))
+        for name, (first, _) in systems.items():   # the state the next invocation will find
+            manifest[name]['key'] = self._run_key(name, first, self._file_stamps(name))
         for stale in set(p.name for p in runs_dir.glob('*.res.gz')) - {e['file'] for e in manifest.values()}:
             (runs_dir / stale).unlink()   # never leave a run of a pipeline that is not in this report
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
@@ -451,7 +458,8 @@ class Experiment:
         self._build_indexes()
         systems = self.pipelines()
         names = list(systems)
-        _log(f'running {len(names)} pipelines on {len(self.test)} {self.s.test_split} queries')
+        _log(f'{len(names)} pipelines, each trained or loaded and then run on {len(self.test)} {self.s.test_split} '
+             f'queries: {", ".join(names)}')
         runs = self._run_systems(systems)
         frames = [runs[name] for name in names]
         with warnings.catch_warnings():

@@ -214,3 +214,35 @@ def test_changed_settings_retrain_only_that_model(nfcorpus_quick_run, tmp_path):
     with contextlib.redirect_stderr(err):
         assert main(args + ['--set', 'electra.max_stepz=2']) == 2
     assert 'max_stepz' in err.getvalue()
+
+
+def test_a_stopped_job_keeps_the_runs_it_finished(nfcorpus_quick_run, tmp_path, monkeypatch):
+    """Each pipeline is run on test as soon as its models are ready, and the run cache is written after each one:
+    when training a later model fails, the earlier test runs are on disk and the next invocation reuses them."""
+    import json
+    import shutil
+    from pyterrier_coder.electra import MonoElectra
+    out, _ = nfcorpus_quick_run
+    copy = tmp_path / 'out'
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / 'runs')
+    shutil.rmtree(copy / 'models' / 'electra')
+
+    def failing_fit(self, *args, **kwargs):
+        raise RuntimeError('stopped')
+    monkeypatch.setattr(MonoElectra, 'fit', failing_fit)
+    args = ['experiment', '--dataset', str(_dataset_path()), '--quick', '--out', str(copy), '--device', 'cpu',
+            '--components', 'bm25,dense,coder,electra']
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(RuntimeError, match='stopped'):
+        main(args)
+    finished = ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'CODER']
+    manifest = json.loads((copy / 'runs' / 'manifest.json').read_text())
+    assert sorted(manifest) == sorted(finished)
+    assert all((copy / 'runs' / entry['file']).exists() for entry in manifest.values())
+    monkeypatch.undo()
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(args) == 0
+    log = stdout.getvalue()
+    assert all(f'reusing the test run of {name!r}' in log for name in finished)
+    assert 'training electra' in log
