@@ -52,7 +52,8 @@ def main(component: str, collection: str, work: str, out: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(initial, out / 'initial.pt')
         torch.save({k: v.cpu() for k, v in module.state_dict().items()}, out / 'weights.pt')
-        history = {k: model.history[k] for k in ('loss', 'eval', 'best_step', 'steps')}
+        history = {k: model.history[k] for k in ('loss', 'eval', 'best_step', 'steps', 'prefetched_batches')
+                   if k in model.history}
         history['world_size'] = distributed.world_size()
         (out / 'history.json').write_text(json.dumps(history))
 

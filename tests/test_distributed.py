@@ -67,6 +67,8 @@ def test_two_process_gloo_training_matches_one_process(component, workdir, tiny_
     assert (single_history['world_size'], ddp_history['world_size']) == (1, 2)
     assert ddp_history['steps'] == single_history['steps'] == 4
     assert (tmp_path / 'ddp' / 'checkpoints' / 'checkpoint.pt').exists()
+    if component == 'Coder':   # batches were served by the background gather in both runs (and still agree)
+        assert single_history['prefetched_batches'] > 0 and ddp_history['prefetched_batches'] > 0
     np.testing.assert_allclose([v for _, v in ddp_history['loss']], [v for _, v in single_history['loss']],
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose([v for _, v in ddp_history['eval']], [v for _, v in single_history['eval']],
