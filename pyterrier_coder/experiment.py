@@ -227,11 +227,13 @@ class Experiment:
     def _spec(self, name: str, settings: dict, **extra) -> dict:
         """What a trained model depends on besides the data files: its settings, the starting models, the seed, the
         training splits and their budgets. Stored beside the model; a model is reused only when it matches."""
-        shared = {k: v for k, v in self.budget.items() if not isinstance(v, dict) and k not in ('rerank_depth',
-                                                                                                 'test_queries')}
         spec = dict(name=name, settings=settings, base=self.s.base, seed=self.s.seed, train_split=self.s.train_split,
-                    dev_split=self.s.dev_split, budget=shared, **extra)
+                    dev_split=self.s.dev_split, budget=self._shared_budget('rerank_depth', 'test_queries'), **extra)
         return json.loads(json.dumps(spec, sort_keys=True, default=str))
+
+    def _shared_budget(self, *leave_out: str) -> dict:
+        """The budget entries that are not a component's settings (query samples, depths), minus ``leave_out``."""
+        return {k: v for k, v in self.budget.items() if not isinstance(v, dict) and k not in leave_out}
 
     def _saved_spec(self, name: str) -> Optional[dict]:
         path = self._model_dir(name) / SPEC_FILE
@@ -362,7 +364,7 @@ class Experiment:
     # --- evaluation and report -----------------------------------------------------------------------------
     def _file_stamps(self, name: str) -> Dict[str, list]:
         """(file, size, modification time) of every file of the indexes and of the trained model directories the
-        pipeline ``name`` uses (``self.system_models[name]``), read after they are built and before it runs."""
+        pipeline ``name`` uses (``self.system_models[name]``), as they are now."""
         dirs = [self.out / 'indexes' / 'bm25', self.out / 'indexes' / 'dense.flex'] + \
             [self._model_dir(m) for m in self.system_models.get(name, [])]
         return {str(path.relative_to(self.out)): sorted((str(f.relative_to(path)), f.stat().st_size,
@@ -370,15 +372,12 @@ class Experiment:
                                                          for f in path.rglob('*') if f.is_file())
                 for path in dirs if path.exists()}
 
-    def _run_key(self, name: str, first: Optional[str], file_stamps: Dict[str, list]) -> str:
+    def _run_key(self, name: str, first: Optional[str]) -> str:
         """What a pipeline's test run depends on: its name and first stage, the test queries, the shared budget
-        entries, and the files of the indexes and trained models it uses (:meth:`_file_stamps`)."""
-        uses = {'indexes/bm25', 'indexes/dense.flex'} | {f'models/{m}' for m in self.system_models.get(name, [])}
-        stamps = {k: v for k, v in file_stamps.items() if k in uses}
+        entries, and the files of the indexes and trained models it uses now (:meth:`_file_stamps`)."""
         # component budgets are not here: they reach a run only through its models, whose files are stamped
-        shared = {k: v for k, v in self.budget.items() if not isinstance(v, dict)}
-        blob = json.dumps([name, first, sorted(self.test['qid']), shared, self.s.base, self.s.cross_encoder,
-                           stamps], sort_keys=True, default=str)
+        blob = json.dumps([name, first, sorted(self.test['qid']), self._shared_budget(), self.s.base,
+                           self.s.cross_encoder, self._file_stamps(name)], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _run_systems(self, systems: Dict[str, tuple]) -> Dict[str, pd.DataFrame]:
@@ -400,7 +399,7 @@ class Experiment:
             self.system_models[name] = sorted(set(self._used_models[used_before:]))
             slug = re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')
             path = runs_dir / f'{slug}.res.gz'
-            key = self._run_key(name, first, self._file_stamps(name))
+            key = self._run_key(name, first)
             entry = old.get(name)
             if entry and entry['key'] == key and path.exists():
                 _log(f'reusing the test run of {name!r} ({path.name}): its indexes and models did not change')
@@ -422,11 +421,11 @@ class Experiment:
                 entry = {'key': key, 'latency': {k: v for k, v in self.latency.items()
                                                  if k in (name, f'{name} (reranking only)', f'first stage: {first}')}}
             # keyed by the files as they are after the run: some are written on first use (PISA's BM25 data)
-            manifest[name] = {**entry, 'key': self._run_key(name, first, self._file_stamps(name)), 'file': path.name}
+            manifest[name] = {**entry, 'key': self._run_key(name, first), 'file': path.name}
             runs[name] = res
             atomic_write_text(manifest_path, json.dumps({**old, **manifest}, indent=2))
         for name, (first, _) in systems.items():   # the state the next invocation will find
-            manifest[name]['key'] = self._run_key(name, first, self._file_stamps(name))
+            manifest[name]['key'] = self._run_key(name, first)
         for stale in set(p.name for p in runs_dir.glob('*.res.gz')) - {e['file'] for e in manifest.values()}:
             (runs_dir / stale).unlink()   # never leave a run of a pipeline that is not in this report
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
