@@ -10,7 +10,6 @@ import ast
 import copy
 import dataclasses
 import hashlib
-import inspect
 import re
 import json
 import shutil
@@ -121,7 +120,7 @@ def _component_class(component: str):
 
 def apply_overrides(budget: dict, overrides: dict) -> dict:
     """A copy of ``budget`` with ``overrides`` applied; unknown names fail here, before any index is built."""
-    from .training import TrainingConfig
+    from .training import accepted_settings
     budget = copy.deepcopy(budget)
     for key, value in overrides.items():
         if key not in budget:
@@ -130,13 +129,8 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
             if not isinstance(value, dict):
                 raise ValueError(f'--set: {key} is a component; set its settings as {key}.<name>=<value>')
             cls = _component_class(key)
-            accepted = {f.name for f in dataclasses.fields(TrainingConfig)}
-            for klass in cls.__mro__:
-                if '__init__' in vars(klass):
-                    accepted |= set(inspect.signature(klass.__init__).parameters)
             # the runner passes the index, models, device, seed and texts itself
-            accepted -= {'self', 'kwargs', 'training', 'index', 'encoder', 'model', 'device', 'seed', 'verbose',
-                         'texts'}
+            accepted = accepted_settings(cls) - {'index', 'encoder', 'model', 'device', 'seed', 'verbose', 'texts'}
             unknown = set(value) - accepted
             if unknown:
                 raise ValueError(f'--set: {cls.__name__} has no setting {sorted(unknown)}')

@@ -8,6 +8,7 @@ with the running loss and metric, a NaN/inf guard, timing and the training histo
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import random
 import time
@@ -56,6 +57,21 @@ class TrainingConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def accepted_settings(component: type) -> set:
+    """Every keyword the constructor of ``component`` accepts: the named parameters of its own and its base
+    classes' ``__init__`` and, for trainers (whose ``**training`` reaches :func:`split_training_kwargs`), the
+    TrainingConfig fields. Used to check settings before anything is built (the runner's ``--set``, the docs)."""
+    accepted, trainer = set(), False
+    for klass in component.__mro__:
+        if '__init__' in vars(klass):
+            params = inspect.signature(klass.__init__).parameters
+            accepted |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {'self'}
+            trainer |= 'training' in params
+    if trainer:
+        accepted |= {f.name for f in dataclasses.fields(TrainingConfig)}
+    return accepted
 
 
 def split_training_kwargs(defaults: TrainingConfig, kwargs: dict) -> TrainingConfig:
