@@ -41,7 +41,7 @@ class TrainingConfig:
     eval_every: Optional[int] = 100     #: validate every k steps (and before training and at the end)
     patience: Optional[int] = None      #: stop after this many validations without improvement
     metric: str = 'nDCG@10'             #: validation metric (ir_measures name)
-    amp: Optional[bool] = None          #: mixed precision; default: on when training on CUDA
+    amp: Optional[bool] = None          #: mixed precision; default: on when training on CUDA (CPU: bf16, opt-in)
     device: Optional[str] = None        #: default: CUDA when present, else CPU
     seed: int = 42
     checkpoint_dir: Optional[str] = None    #: write a resumable checkpoint here (atomically)
@@ -140,8 +140,14 @@ def make_optimizer(params, config: TrainingConfig) -> torch.optim.Optimizer:
 
 
 def autocast_for(device: torch.device, enabled: bool):
-    if device.type == 'cuda' and enabled:
+    """Mixed precision on ``device`` when ``enabled``: on CUDA bf16 where supported, else fp16 (the loop then adds a
+    gradient scaler); on CPU bf16. AMP is the default on CUDA only: a CPU runs bf16 fast only with AVX512-BF16 or
+    AMX (measured 1.4x per MiniLM cross-encoder training step, 1.7x inference, on this project's CPU) and is
+    emulated without them, so on CPU it is opt-in (``amp=True``)."""
+    if enabled and device.type == 'cuda':
         return torch.autocast('cuda', dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if enabled and device.type == 'cpu':
+        return torch.autocast('cpu', dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
 

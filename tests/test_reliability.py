@@ -275,6 +275,36 @@ def test_fit_with_int_qids_and_docnos(env, numeric, name):
     assert len(h['eval']) == 3 and all(0.0 <= v <= 1.0 for _, v in h['eval'])
 
 
+# --- mixed precision on CPU -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', TRAINERS)
+def test_amp_on_cpu_trains_under_bf16_autocast_and_only_when_asked(env, name):
+    """``amp=True`` runs the training forward passes under bf16 autocast on CPU (the AMP code path that CUDA
+    takes, exercised here); the default (``amp=None``) keeps CPU training in fp32."""
+    def autocast_states(**options):
+        t = trainer(name, env, max_steps=2, eval_every=2, **options)
+        module = t.model if name == 'MonoElectra' else t.encoder.model
+        states = []
+        hook = module.register_forward_pre_hook(lambda m, args: states.append(
+            (m.training, torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16)))
+        try:
+            quietly(t.fit, env.train, env.qrels, env.train, env.qrels)
+        finally:
+            hook.remove()
+        assert all(np.isfinite(v) for _, v in t.history['loss'])
+        return t, [bf16 for training, bf16 in states if training]
+    t, training_steps = autocast_states(amp=True)
+    assert training_steps and all(training_steps)
+    _, default_steps = autocast_states()
+    assert default_steps and not any(default_steps)
+    if name == 'MonoElectra':   # inference follows the same setting; scores come back as float32, near fp32's
+        bf16 = scores_by(t(env.res))
+        t.config = t.config.replace(amp=False)
+        fp32 = scores_by(t(env.res))
+        assert bf16.index.equals(fp32.index) and not np.array_equal(bf16.values, fp32.values)
+        np.testing.assert_allclose(bf16.values, fp32.values, rtol=0.05, atol=0.05)
+
+
 # --- reproducibility ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', TRAINERS)
