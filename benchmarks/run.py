@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 BENCHMARKS = ('coder_rerank', 'train_step', 'cross_encoder', 'gather')
-PARTS = {'cross_encoder': ('inference', 'training')}     # --only cross_encoder:training runs one part
+PARTS = {'cross_encoder': ('inference', 'training', 'amp')}     # --only cross_encoder:training runs one part
 DATASETS = Path(os.environ.get('PTC_DATASETS', Path(__file__).resolve().parents[2] / 'shared' / 'datasets'))
 SEED = 0
 
@@ -645,25 +645,46 @@ Training (LCE): {size['train_batch_size']} queries x group {size['group_size']} 
 on the same sampled groups.
 """)
 
-    parts = args.parts.get('cross_encoder', {'inference', 'training'})
+    parts = args.parts.get('cross_encoder', {'inference', 'training', 'amp'})
     if 'inference' in parts:
         infer_cross_encoder(args, report, electra, size, sync)
     if 'training' in parts:
         train_cross_encoder(args, report, electra, size, sync)
+    if 'amp' in parts:
+        amp_cross_encoder(args, report, electra, size, sync)
 
 
-def infer_cross_encoder(args, report: Report, electra, size: dict, sync):
+def inference_frame(size: dict):
+    """Inference data: real queries x real passages, as a result frame."""
     import pandas as pd
-    import torch
-    from pyterrier_coder.training import autocast_for
-    device, bs, tok, net, amp = electra.device, size['batch_size'], electra.tokenizer, electra.model, electra.amp
-    # inference data: real queries x real passages
     nq, nc = size['infer_queries'], size['infer_candidates']
     texts = read_texts(max(nc * nq, 200))
     topics = read_topics('test', limit=nq)
-    frame = pd.DataFrame({'qid': np.repeat([q for q, _ in topics], nc), 'query': np.repeat([t for _, t in topics], nc),
-                          'docno': [f'd{i}' for i in range(nq * nc)], 'text': texts[:nq * nc],
-                          'score': np.tile(-np.arange(nc, dtype=float), nq), 'rank': np.tile(np.arange(nc), nq)})
+    return pd.DataFrame({'qid': np.repeat([q for q, _ in topics], nc), 'query': np.repeat([t for _, t in topics], nc),
+                         'docno': [f'd{i}' for i in range(nq * nc)], 'text': texts[:nq * nc],
+                         'score': np.tile(-np.arange(nc, dtype=float), nq), 'rank': np.tile(np.arange(nc), nq)})
+
+
+def training_frame(size: dict):
+    """Training data: candidates with text and one judged positive among them per query; ``(frame, qrels)``."""
+    import pandas as pd
+    tq, per = size['train_queries'], 40
+    ttexts = read_texts(tq * per)
+    ttopics = read_topics('train', limit=tq)
+    train = pd.DataFrame({'qid': np.repeat([q for q, _ in ttopics], per),
+                          'query': np.repeat([t for _, t in ttopics], per),
+                          'docno': [f't{i}' for i in range(tq * per)], 'text': ttexts[:tq * per],
+                          'score': np.tile(-np.arange(per, dtype=float), tq)})
+    qrels = pd.DataFrame({'qid': [q for q, _ in ttopics], 'docno': [f't{i * per + 3}' for i in range(tq)],
+                          'label': 1})
+    return train, qrels
+
+
+def infer_cross_encoder(args, report: Report, electra, size: dict, sync):
+    import torch
+    from pyterrier_coder.training import autocast_for
+    device, bs, tok, net, amp = electra.device, size['batch_size'], electra.tokenizer, electra.model, electra.amp
+    frame = inference_frame(size)
     queries, docs = frame['query'].tolist(), frame['text'].tolist()
     n = len(frame)
 
@@ -715,22 +736,12 @@ def infer_cross_encoder(args, report: Report, electra, size: dict, sync):
 
 
 def train_cross_encoder(args, report: Report, electra, size: dict, sync):
-    import pandas as pd
     import torch
     import torch.nn.functional as F
     from pyterrier_coder.electra import build_training_groups, sample_groups
     from pyterrier_coder.training import autocast_for
     device, tok, net, amp = electra.device, electra.tokenizer, electra.model, electra.amp
-    # training data: candidates with text, one judged positive among them per query
-    tq, per = size['train_queries'], 40
-    ttexts = read_texts(tq * per)
-    ttopics = read_topics('train', limit=tq)
-    train = pd.DataFrame({'qid': np.repeat([q for q, _ in ttopics], per),
-                          'query': np.repeat([t for _, t in ttopics], per),
-                          'docno': [f't{i}' for i in range(tq * per)], 'text': ttexts[:tq * per],
-                          'score': np.tile(-np.arange(per, dtype=float), tq)})
-    qrels = pd.DataFrame({'qid': [q for q, _ in ttopics], 'docno': [f't{i * per + 3}' for i in range(tq)],
-                          'label': 1})
+    train, qrels = training_frame(size)
     groups = build_training_groups(train, qrels, text_field='text', negatives_from=electra.negatives_from,
                                    group_size=electra.group_size, min_label=1)
     groups.queries = electra._truncate_queries(groups.queries)
@@ -783,6 +794,44 @@ def train_cross_encoder(args, report: Report, electra, size: dict, sync):
     report.ratio('train_ratio_loop', 'ratio TrainingLoop / bare', loop_pps / bare_pps, '>= 0.9',
                  loop_pps / bare_pps >= 0.9)
     report.ratio('train_ratio_fit', 'ratio fit() / bare', fit_pps / bare_pps, '>= 0.9', fit_pps / bare_pps >= 0.9)
+
+
+def amp_cross_encoder(args, report: Report, electra, size: dict, sync):
+    """MonoElectra with and without mixed precision (``amp``), interleaved on the same pairs and groups: bf16
+    autocast on CPU (worth it with AVX512-BF16 or AMX), bf16/fp16 on CUDA. No target: it says whether
+    ``amp=True`` pays on this machine."""
+    frame = inference_frame(size)
+    queries, docs = frame['query'].tolist(), frame['text'].tolist()
+    train, qrels = training_frame(size)
+    base, loop_seconds = electra.config, {False: [], True: []}
+
+    def infer(amp):
+        electra.config = base.replace(amp=amp)
+        electra.score_pairs(queries, docs)
+
+    def fit(amp):   # speed does not depend on the weights, so both settings keep training the same model
+        electra.config = base.replace(amp=amp)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            electra.fit(train, qrels)
+        loop_seconds[amp].append(electra.history['seconds'])
+
+    try:
+        ti = interleaved({'fp32': lambda: infer(False), 'amp': lambda: infer(True)}, warmup=size['warmup'],
+                         repeats=size['repeats'], sync=sync)
+        interleaved({'fp32': lambda: fit(False), 'amp': lambda: fit(True)}, warmup=size['warmup'],
+                    repeats=size['repeats'], sync=sync)
+    finally:
+        electra.config = base
+    n, pairs = len(frame), size['steps'] * base.batch_size * electra.group_size
+    infer_pps = {k: n / statistics.median(v) for k, v in ti.items()}
+    train_pps = {k: pairs / statistics.median(v[size['warmup']:]) for k, v in loop_seconds.items()}
+    report.value('amp_infer_fp32_pairs_s', 'amp: score_pairs without amp', infer_pps['fp32'], 'pairs/s')
+    report.value('amp_infer_amp_pairs_s', 'amp: score_pairs with amp=True', infer_pps['amp'], 'pairs/s')
+    report.value('amp_infer_speedup', 'amp: inference speed-up (amp / fp32)', infer_pps['amp'] / infer_pps['fp32'])
+    report.value('amp_train_fp32_pairs_s', 'amp: TrainingLoop without amp', train_pps[False], 'pairs/s')
+    report.value('amp_train_amp_pairs_s', 'amp: TrainingLoop with amp=True', train_pps[True], 'pairs/s')
+    report.value('amp_train_speedup', 'amp: training speed-up (amp / fp32)', train_pps[True] / train_pps[False])
 
 
 # ----------------------------------------------------------------------------------------------------------
