@@ -16,6 +16,7 @@ _EXPORTS = {
     'Adore': 'adore',
     'DenseQueryTrainer': 'query_trainer',
     'MonoElectra': 'electra',
+    'Interpolate': 'fusion',
     'TrainingConfig': 'training',
     'infer_device': '_util',
 }
