@@ -38,7 +38,11 @@ COMPARISONS = (
     ('BM25 >> CODER(ADORE init)', 'BM25 >> CODER'), ('ADORE (static negatives)', 'ADORE'),
     ('ADORE (RankNet, no ΔM)', 'ADORE'), ('BM25 >> MonoELECTRA (CE)', 'BM25 >> MonoELECTRA'),
     ('BM25 >> MonoELECTRA (LCE, n=2)', 'BM25 >> MonoELECTRA'),
+    ('BM25 >> CODER (+ BM25 score)', 'BM25'), ('BM25 >> CODER (+ BM25 score)', 'BM25 >> CODER'),
+    ('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25'), ('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25 >> MonoELECTRA'),
 )
+#: the reranker rows that are also reported fused with BM25's score (``fusion.Interpolate``, weight chosen on dev)
+FUSED_SUFFIX = ' (+ BM25 score)'
 
 # Budgets that work on nfcorpus with the MiniLM base on a 2-core CPU (see docs/results.md for how they were
 # chosen); --quick shrinks everything to a smoke run whose figures mean nothing.
@@ -162,6 +166,7 @@ class Experiment:
         self.device = str(infer_device(settings.device))
         self.timings: Dict[str, float] = {}
         self.histories: Dict[str, dict] = {}
+        self.fusion_weights: Dict[str, dict] = {}   # pipeline name -> Interpolate.history (weight chosen on dev)
         self._models: Dict[str, object] = {}
         self._used_models: List[str] = []
         self._models_by_init = {'adore': self._adore}   # trained models another one can start from
@@ -308,6 +313,17 @@ class Experiment:
             lambda m: m.fit((self.bm25 % negatives_from >> self.bm25.text_loader())(self.train), self.train_qrels,
                             first(dev), self.dev_qrels))
 
+    def _fused(self, name: str, reranker, first_stage, dev: pd.DataFrame):
+        """``reranker`` interpolated with the score of ``first_stage`` (the same first stage as on test), the weight
+        chosen on ``dev``'s candidates. The weight is not saved: choosing it again costs one scoring of ``dev``."""
+        from .fusion import Interpolate
+        fused = Interpolate(reranker)
+        fused.tune(first_stage(dev), self.dev_qrels)
+        self.fusion_weights[name] = fused.history
+        _log(f'{name}: weight of the reranker {fused.alpha:g}, chosen on {fused.history["validation_queries"]} '
+             f'{self.s.dev_split} queries')
+        return fused
+
     def pipelines(self) -> Dict[str, tuple]:
         """The requested pipelines, ``{name: (first stage name or None, build)}`` in report order: ``build()`` trains
         or loads what the pipeline needs and returns its transformer (:meth:`_run_systems` calls it just before
@@ -322,6 +338,11 @@ class Experiment:
         def add(name, first, build):
             systems[name] = (first, build)
 
+        def add_fused(name, first, reranker, dev):
+            """The reranker row ``name`` again, fused with its first stage's BM25 score (weight chosen on ``dev()``)."""
+            fused = name + FUSED_SUFFIX
+            add(fused, first, lambda: self._fused(fused, reranker(), self.first_stages[first], dev()))
+
         if 'bm25' in comps:
             add('BM25', None, lambda: self.bm25)
         if 'dense' in comps:
@@ -329,6 +350,7 @@ class Experiment:
         add(BASELINE, 'BM25', self.dense.scorer)     # the baseline is always there
         if 'coder' in comps:
             add('BM25 >> CODER', 'BM25', self._coder)
+            add_fused('BM25 >> CODER', 'BM25', self._coder, lambda: self.dev)
             add('CODER', None, lambda: self._coder('coder_single_stage', single_stage=True).retriever(1000))
         if 'adore' in comps:
             add('ADORE', None, lambda: self._adore().retriever(1000))
@@ -336,6 +358,10 @@ class Experiment:
                 add('BM25 >> CODER(ADORE init)', 'BM25', lambda: self._coder('coder_from_adore', init='adore'))
         if 'electra' in comps:
             add('BM25 >> MonoELECTRA', text_stage, self._electra)
+            # on the cross-encoder's (smaller) validation sample, but at the test depth: min-max normalisation
+            # depends on how many candidates a query has
+            add_fused('BM25 >> MonoELECTRA', text_stage, self._electra,
+                      lambda: self._topics(self.s.dev_split, self.budget['electra_dev_queries']))
         if not self.s.ablations:
             return systems
         # the papers' ablation rows (CODER Fig. 2, ADORE static negatives / RankNet, LCE vs CE and group size)
@@ -465,6 +491,8 @@ class Experiment:
         perquery.to_csv(self.out / 'perquery.csv', index=False)
         comparisons = self._comparisons(perquery, names)
         comparisons.to_csv(self.out / 'comparisons.csv', index=False)
+        if self.fusion_weights:
+            atomic_write_text(self.out / 'fusion_weights.json', json.dumps(self.fusion_weights, indent=2))
         self.timings['total'] = time.perf_counter() - started
         plots = self._plots(perquery, names)
         self._report(results, plots, comparisons)
@@ -544,6 +572,15 @@ class Experiment:
             lines.append(f'- **{name}**: {h.get("steps")} steps in {h.get("seconds", 0):.0f} s; best validation '
                          f'{h.get("metric")} {h.get("best_metric")} at step {h.get("best_step")} '
                          f'(start {h["eval"][0][1] if h.get("eval") else "n/a"}){extra}')
+        if self.fusion_weights:
+            lines += ['', '## Interpolation weights', '',
+                      'Each `(+ BM25 score)` row is `fusion.Interpolate`: weight × the reranker\'s score + (1 − weight) '
+                      '× BM25\'s, both min-max normalised per query, the weight chosen on dev candidates at the test '
+                      'depth.', '']
+            for name, h in self.fusion_weights.items():
+                curve = ', '.join(f'{a:g}: {v:.4f}' for a, v in h['by_alpha'])
+                lines.append(f'- **{name}**: weight {h["alpha"]:g} ({h["validation_queries"]} dev queries; dev '
+                             f'{h["metric"]} by weight: {curve})')
         lines += ['', '## Plots', ''] + [f'![{p}]({p})' for p in plots] + ['']
         (self.out / 'report.md').write_text('\n'.join(lines))
 

@@ -11,7 +11,14 @@ import pytest
 from pyterrier_coder.cli import main
 from pyterrier_coder.experiment import BASELINE
 
-EXPECTED = ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'CODER', 'ADORE', 'BM25 >> MonoELECTRA']
+EXPECTED = ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'BM25 >> CODER (+ BM25 score)', 'CODER', 'ADORE',
+            'BM25 >> MonoELECTRA', 'BM25 >> MonoELECTRA (+ BM25 score)']
+
+
+def run_file(name):
+    """The runner's file name for the test run of pipeline ``name``."""
+    import re
+    return re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_') + '.res.gz'
 
 
 def test_results_table(nfcorpus_quick_run):
@@ -58,15 +65,46 @@ def test_paired_comparisons(nfcorpus_quick_run):
     out, _ = nfcorpus_quick_run
     comparisons = pd.read_csv(out / 'comparisons.csv')
     ndcg = comparisons[comparisons['measure'] == 'nDCG@10'].set_index('system')
-    assert ndcg['reference'].to_dict() == {'BM25 >> CODER': 'BM25', 'BM25 >> MonoELECTRA': 'BM25',
-                                           'CODER': 'Dense', 'ADORE': 'Dense'}
+    assert set(zip(ndcg.index, ndcg['reference'])) == {
+        ('BM25 >> CODER', 'BM25'), ('BM25 >> MonoELECTRA', 'BM25'), ('CODER', 'Dense'), ('ADORE', 'Dense'),
+        ('BM25 >> CODER (+ BM25 score)', 'BM25'), ('BM25 >> CODER (+ BM25 score)', 'BM25 >> CODER'),
+        ('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25'), ('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25 >> MonoELECTRA')}
     perquery = pd.read_csv(out / 'perquery.csv', dtype={'qid': str})
     table = perquery[perquery['measure'] == 'nDCG@10'].pivot(index='qid', columns='name', values='value')
     from scipy import stats
-    row = ndcg.loc['BM25 >> CODER']
+    row = ndcg.loc[['BM25 >> CODER']].iloc[0]
     assert row['difference'] == pytest.approx(table['BM25 >> CODER'].mean() - table['BM25'].mean())
     assert row['p-value'] == pytest.approx(stats.ttest_rel(table['BM25 >> CODER'], table['BM25']).pvalue)
     assert '## Paired comparisons' in (out / 'report.md').read_text()
+
+
+def test_fused_rows_are_the_reranker_runs_interpolated_with_bm25(nfcorpus_quick_run):
+    """Each `(+ BM25 score)` test run equals its reranker's test run fused with BM25's scores at the weight chosen
+    on dev (fusion_weights.json, also in the report)."""
+    import numpy as np
+    from pyterrier_coder.experiment import QUICK
+    from pyterrier_coder.fusion import normalise_per_query
+    out, _ = nfcorpus_quick_run
+    weights = json.loads((out / 'fusion_weights.json').read_text())
+    assert set(weights) == {'BM25 >> CODER (+ BM25 score)', 'BM25 >> MonoELECTRA (+ BM25 score)'}
+    report = (out / 'report.md').read_text()
+    assert '## Interpolation weights' in report
+    bm25 = pt.io.read_results(str(out / 'runs' / 'BM25.res.gz'))
+    for reranker, depth in [('BM25 >> CODER', 1000), ('BM25 >> MonoELECTRA', QUICK['rerank_depth'])]:
+        h = weights[reranker + ' (+ BM25 score)']
+        assert h['alpha'] in [a for a, _ in h['by_alpha']] and len(h['by_alpha']) == 11
+        assert f"**{reranker} (+ BM25 score)**: weight {h['alpha']:g}" in report
+        first = bm25[bm25['rank'] < depth][['qid', 'docno', 'score']]
+        ranked = pt.io.read_results(str(out / 'runs' / run_file(reranker)))[['qid', 'docno', 'score']]
+        both = ranked.merge(first, on=['qid', 'docno'], suffixes=('', '_bm25'))
+        assert len(both) == len(ranked)
+        expected = (h['alpha'] * normalise_per_query(both['qid'], both['score'], 'minmax')
+                    + (1 - h['alpha']) * normalise_per_query(both['qid'], both['score_bm25'], 'minmax'))
+        fused = pt.io.read_results(str(out / 'runs' / run_file(reranker + ' (+ BM25 score)')))
+        merged = both.assign(expected=expected).merge(fused, on=['qid', 'docno'], suffixes=('', '_fused'))
+        assert len(merged) == len(fused) == len(ranked)
+        # the TREC run files keep about 6 significant digits of the scores
+        assert np.allclose(merged['score_fused'], merged['expected'], atol=1e-4)
 
 
 def test_rerun_reuses_models_and_unchanged_runs(nfcorpus_quick_run):
@@ -102,9 +140,10 @@ def test_run_cache_misses_when_a_model_changes(nfcorpus_quick_run, tmp_path):
     assert "reusing the test run of 'BM25 >> CODER'" not in log
     assert "reusing the test run of 'CODER'" in log and "reusing the test run of 'BM25'" in log
     results = pd.read_csv(copy / 'results.csv')
-    assert results['name'].tolist() == ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'CODER']
+    assert results['name'].tolist() == ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER',
+                                        'BM25 >> CODER (+ BM25 score)', 'CODER']
     assert sorted(p.name for p in (copy / 'runs').glob('*.res.gz')) == sorted(
-        f"{n.replace(' >> ', '_')}.res.gz" for n in results['name'])   # runs of dropped pipelines are removed
+        run_file(n) for n in results['name'])   # runs of dropped pipelines are removed
 
 
 def _dataset_path():
@@ -158,7 +197,8 @@ def test_electra_ablations_reuse_the_main_row_and_match_its_pairs(nfcorpus_quick
     assert "reusing the test run of 'BM25 >> MonoELECTRA'" in log and 'training electra_ce' in log
     results = pd.read_csv(copy / 'results.csv')
     assert results['name'].tolist() == ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> MonoELECTRA',
-                                        'BM25 >> MonoELECTRA (CE)', 'BM25 >> MonoELECTRA (LCE, n=2)']
+                                        'BM25 >> MonoELECTRA (+ BM25 score)', 'BM25 >> MonoELECTRA (CE)',
+                                        'BM25 >> MonoELECTRA (LCE, n=2)']
     e = QUICK['electra']
     n2 = MonoElectra.load(copy / 'models' / 'electra_n2', device='cpu')
     ce = MonoElectra.load(copy / 'models' / 'electra_ce', device='cpu')
@@ -235,7 +275,7 @@ def test_a_stopped_job_keeps_the_runs_it_finished(nfcorpus_quick_run, tmp_path, 
             '--components', 'bm25,dense,coder,electra']
     with contextlib.redirect_stdout(io.StringIO()), pytest.raises(RuntimeError, match='stopped'):
         main(args)
-    finished = ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'CODER']
+    finished = ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'BM25 >> CODER (+ BM25 score)', 'CODER']
     manifest = json.loads((copy / 'runs' / 'manifest.json').read_text())
     assert sorted(manifest) == sorted(finished)
     assert all((copy / 'runs' / entry['file']).exists() for entry in manifest.values())
