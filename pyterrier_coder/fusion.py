@@ -68,12 +68,14 @@ class Interpolate(pt.Estimator):
     def _pairs(self, inp: pd.DataFrame) -> pd.DataFrame:
         """The reranker's output with the incoming score of each (qid, docno) as ``_first_score``. The rows are
         those the reranker returns (it may drop some, e.g. duplicates or documents it cannot score)."""
-        incoming = inp[['qid', 'docno', 'score']].drop_duplicates(['qid', 'docno'])
+        # joined on strings: the package's rerankers return str qid/docno whatever the input's types
+        incoming = pd.DataFrame({'qid': inp['qid'].astype(str), 'docno': inp['docno'].astype(str),
+                                 '_first_score': inp['score'].to_numpy()}).drop_duplicates(['qid', 'docno'])
         out = self.reranker(inp).reset_index(drop=True)
         if 'score' not in out.columns:
             raise KeyError(f'{COMPONENT}: the reranker {self.reranker!r} returned no score column')
-        first = out[['qid', 'docno']].merge(incoming.rename(columns={'score': '_first_score'}),
-                                            on=['qid', 'docno'], how='left')['_first_score']
+        keys = pd.DataFrame({'qid': out['qid'].astype(str), 'docno': out['docno'].astype(str)})
+        first = keys.merge(incoming, on=['qid', 'docno'], how='left')['_first_score']
         # a document the first stage did not send (some rerankers add rows) gets the query's lowest score
         low = first.groupby(out['qid'].to_numpy(), sort=False).transform('min')
         return out.assign(_first_score=first.fillna(low).fillna(0.0).to_numpy())

@@ -67,6 +67,16 @@ def test_zscore_normalisation_and_constant_queries():
     assert out[out['qid'] == 'q1']['score'].tolist() == pytest.approx([0.0, 0.0, 0.0])
 
 
+def test_integer_qids_and_a_reranker_that_returns_strings():
+    class StringKeys(ColumnScorer):
+        def transform(self, inp):
+            return super().transform(inp.assign(qid=inp['qid'].astype(str), docno=inp['docno'].astype(str)))
+
+    numeric = frame().assign(qid=[1, 1, 1, 2], docno=[10, 11, 12, 13])
+    out = Interpolate(StringKeys(), 0.25)(numeric)
+    assert out[out['qid'] == '1']['score'].tolist() == pytest.approx([0.75, 0.5, 0.25])
+
+
 def test_documents_missing_from_the_input_get_the_lowest_incoming_score():
     class AddsADocument(ColumnScorer):
         def transform(self, inp):
