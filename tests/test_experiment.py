@@ -176,6 +176,7 @@ def test_quickstart_notebook_runs(nfcorpus_quick_run, monkeypatch):
     assert not [o for o in outputs if o.get('output_type') == 'error']
     table = [o for o in outputs if 'text/html' in o.get('data', {}) and 'BM25 &gt;&gt; CODER' in o['data']['text/html']]
     assert table, 'the pt.Experiment table is missing from the outputs'
+    assert 'BM25 &gt;&gt; CODER (+ BM25 score)' in table[0]['data']['text/html']   # the fused row (Interpolate)
     assert any('image/png' in o.get('data', {}) for o in outputs)
 
 
