@@ -65,9 +65,10 @@ class Interpolate(pt.Estimator):
                               ) as v:
             v.result_frame(extra_columns=['query', 'score'])
 
-    def _pairs(self, inp: pd.DataFrame) -> pd.DataFrame:
-        """The reranker's output with the incoming score of each (qid, docno) as ``_first_score``. The rows are
-        those the reranker returns (it may drop some, e.g. duplicates or documents it cannot score)."""
+    def _pairs(self, inp: pd.DataFrame) -> tuple:
+        """``(out, reranker, incoming)``: the reranker's output, and per row of it the reranker's and the incoming
+        score of its (qid, docno), each normalised per query. The rows are those the reranker returns (it may drop
+        some, e.g. duplicates or documents it cannot score)."""
         # joined on strings: the package's rerankers return str qid/docno whatever the input's types
         incoming = pd.DataFrame({'qid': inp['qid'].astype(str), 'docno': inp['docno'].astype(str),
                                  '_first_score': inp['score'].to_numpy()}).drop_duplicates(['qid', 'docno'])
@@ -78,14 +79,9 @@ class Interpolate(pt.Estimator):
         first = keys.merge(incoming, on=['qid', 'docno'], how='left')['_first_score']
         # a document the first stage did not send (some rerankers add rows) gets the query's lowest score
         low = first.groupby(out['qid'].to_numpy(), sort=False).transform('min')
-        return out.assign(_first_score=first.fillna(low).fillna(0.0).to_numpy())
-
-    def _fused(self, pairs: pd.DataFrame, alpha: float) -> pd.DataFrame:
-        qids = pairs['qid']
-        score = (alpha * normalise_per_query(qids, pairs['score'], self.normalise)
-                 + (1.0 - alpha) * normalise_per_query(qids, pairs['_first_score'], self.normalise))
-        frame = pt.model.add_ranks(pairs.drop(columns='_first_score').assign(score=score))
-        return frame.sort_values(['qid', 'rank'], kind='stable').reset_index(drop=True)
+        first = first.fillna(low).fillna(0.0)
+        return (out, normalise_per_query(out['qid'], out['score'], self.normalise),
+                normalise_per_query(out['qid'], first, self.normalise))
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         """Reranks a result frame (``qid``, ``query``, ``docno``, ``score`` and whatever the reranker needs) and
@@ -96,7 +92,9 @@ class Interpolate(pt.Estimator):
                                f'fit(train, train_qrels, valid, valid_qrels) or tune(valid, valid_qrels)')
         if not len(inp):
             return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
-        return self._fused(self._pairs(inp), self.alpha)
+        out, reranker, incoming = self._pairs(inp)
+        out = out.assign(score=self.alpha * reranker + (1.0 - self.alpha) * incoming)
+        return pt.model.add_ranks(out).sort_values(['qid', 'rank'], kind='stable').reset_index(drop=True)
 
     def tune(self, valid: pd.DataFrame, valid_qrels: pd.DataFrame) -> float:
         """Scores the validation candidates ``valid`` (the results of the preceding stage on validation topics)
@@ -106,8 +104,10 @@ class Interpolate(pt.Estimator):
         qids = set(valid['qid'].astype(str)) & set(valid_qrels['qid'].astype(str))
         if not qids:
             raise ValueError(f'{COMPONENT}: none of the validation topics has qrels, so no weight can be chosen')
-        pairs = self._pairs(valid)
-        by_alpha = [[a, evaluate(self._fused(pairs, a), valid_qrels, self.metric, qids)] for a in self.alphas]
+        out, reranker, incoming = self._pairs(valid)
+        run = out[['qid', 'docno']]   # the metric needs the scores only: nothing is ranked or sorted per weight
+        by_alpha = [[a, evaluate(run.assign(score=a * reranker + (1.0 - a) * incoming), valid_qrels, self.metric,
+                                 qids)] for a in self.alphas]
         best = max(by_alpha, key=lambda av: (av[1], av[0]))
         self.alpha = best[0]
         self.history = {'metric': self.metric, 'by_alpha': by_alpha, 'alpha': self.alpha,
