@@ -169,6 +169,9 @@ class Experiment:
         self.fusion_weights: Dict[str, dict] = {}   # pipeline name -> Interpolate.history (weight chosen on dev)
         self._models: Dict[str, object] = {}
         self._used_models: List[str] = []
+        weights = self.out / 'fusion_weights.json'   # weights chosen by a previous invocation (see _fused)
+        self._saved_fusion_weights = json.loads(weights.read_text()) if weights.exists() and not settings.retrain \
+            else {}
         self._models_by_init = {'adore': self._adore}   # trained models another one can start from
 
     # --- data ------------------------------------------------------------------------------------------------
@@ -313,14 +316,31 @@ class Experiment:
             lambda m: m.fit((self.bm25 % negatives_from >> self.bm25.text_loader())(self.train), self.train_qrels,
                             first(dev), self.dev_qrels))
 
-    def _fused(self, name: str, reranker, first_stage, dev: pd.DataFrame):
-        """``reranker`` interpolated with the score of ``first_stage`` (the same first stage as on test), the weight
-        chosen on ``dev``'s candidates. The weight is not saved: choosing it again costs one scoring of ``dev``."""
+    def _fused(self, name: str, first: str, reranker, dev: pd.DataFrame):
+        """``reranker()`` interpolated with the score of the first stage ``first`` (the same first stage as on test),
+        the weight chosen on ``dev``'s candidates. The weight is kept in ``fusion_weights.json`` with a key like a
+        test run's (:meth:`_key`, over the dev queries): an invocation that finds the same key reuses the weight
+        instead of scoring ``dev`` again."""
         from .fusion import Interpolate
-        fused = Interpolate(reranker)
-        fused.tune(first_stage(dev), self.dev_qrels)
-        self.fusion_weights[name] = fused.history
-        _log(f'{name}: weight of the reranker {fused.alpha:g}, chosen on {fused.history["validation_queries"]} '
+        used_before = len(self._used_models)
+        model = reranker()
+        models = sorted(set(self._used_models[used_before:]))
+        key = lambda: self._key(name, first, dev['qid'], models)
+        saved = self._saved_fusion_weights.get(name)
+        if saved is not None and saved.get('key') == key():
+            history = saved
+            fused = Interpolate(model, alpha=history['alpha'])
+            how = 'chosen by a previous invocation'
+        else:
+            fused = Interpolate(model)
+            fused.tune(self.first_stages[first](dev), self.dev_qrels)
+            history = {**fused.history, 'key': key()}   # keyed after tuning: PISA writes some files on first use
+            how = 'chosen'
+        self.fusion_weights[name] = history
+        # written now, not only with the report: a job stopped later keeps the weight
+        atomic_write_text(self.out / 'fusion_weights.json',
+                          json.dumps({**self._saved_fusion_weights, **self.fusion_weights}, indent=2))
+        _log(f'{name}: weight of the reranker {fused.alpha:g}, {how} on {history["validation_queries"]} '
              f'{self.s.dev_split} queries')
         return fused
 
@@ -341,7 +361,7 @@ class Experiment:
         def add_fused(name, first, reranker, dev):
             """The reranker row ``name`` again, fused with its first stage's BM25 score (weight chosen on ``dev()``)."""
             fused = name + FUSED_SUFFIX
-            add(fused, first, lambda: self._fused(fused, reranker(), self.first_stages[first], dev()))
+            add(fused, first, lambda: self._fused(fused, first, reranker, dev()))
 
         if 'bm25' in comps:
             add('BM25', None, lambda: self.bm25)
@@ -382,23 +402,28 @@ class Experiment:
         return systems
 
     # --- evaluation and report -----------------------------------------------------------------------------
-    def _file_stamps(self, name: str) -> Dict[str, list]:
-        """(file, size, modification time) of every file of the indexes and of the trained model directories the
-        pipeline ``name`` uses (``self.system_models[name]``), as they are now."""
+    def _file_stamps(self, models: List[str]) -> Dict[str, list]:
+        """(file, size, modification time) of every file of the indexes and of the trained model directories
+        ``models``, as they are now."""
         dirs = [self.out / 'indexes' / 'bm25', self.out / 'indexes' / 'dense.flex'] + \
-            [self._model_dir(m) for m in self.system_models.get(name, [])]
+            [self._model_dir(m) for m in models]
         return {str(path.relative_to(self.out)): sorted((str(f.relative_to(path)), f.stat().st_size,
                                                           f.stat().st_mtime_ns)
                                                          for f in path.rglob('*') if f.is_file())
                 for path in dirs if path.exists()}
 
-    def _run_key(self, name: str, first: Optional[str]) -> str:
-        """What a pipeline's test run depends on: its name and first stage, the test queries, the shared budget
-        entries, and the files of the indexes and trained models it uses now (:meth:`_file_stamps`)."""
+    def _key(self, name: str, first: Optional[str], qids, models: List[str]) -> str:
+        """What a pipeline's output on the queries ``qids`` depends on: its name and first stage, the queries, the
+        shared budget entries, and the files of the indexes and of the trained ``models`` it uses now
+        (:meth:`_file_stamps`)."""
         # component budgets are not here: they reach a run only through its models, whose files are stamped
-        blob = json.dumps([name, first, sorted(self.test['qid']), self._shared_budget(), self.s.base,
-                           self.s.cross_encoder, self._file_stamps(name)], sort_keys=True, default=str)
+        blob = json.dumps([name, first, sorted(qids), self._shared_budget(), self.s.base, self.s.cross_encoder,
+                           self._file_stamps(models)], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _run_key(self, name: str, first: Optional[str]) -> str:
+        """The key of pipeline ``name``'s test run (:meth:`_key` over the test queries and its models)."""
+        return self._key(name, first, self.test['qid'], self.system_models.get(name, []))
 
     def _run_systems(self, systems: Dict[str, tuple]) -> Dict[str, pd.DataFrame]:
         """Builds (trains or loads) and runs every pipeline on the test topics in turn, timing first stages and

@@ -118,6 +118,9 @@ def test_rerun_reuses_models_and_unchanged_runs(nfcorpus_quick_run):
     assert code == 0
     assert stdout.getvalue().count('reusing trained') == 4
     assert stdout.getvalue().count('reusing the test run') == len(EXPECTED)
+    # the interpolation weights are not chosen again (that would score the dev candidates again)
+    assert stdout.getvalue().count('chosen by a previous invocation') == 2
+    assert 'chosen on' not in stdout.getvalue()
     assert {p: p.stat().st_mtime_ns for p in (out / 'models').rglob('*') if p.is_file()} == stamps
     after = pd.read_csv(out / 'results.csv')
     pd.testing.assert_frame_equal(after, before)   # identical, latency included (measured when first run)
@@ -138,6 +141,8 @@ def test_run_cache_misses_when_a_model_changes(nfcorpus_quick_run, tmp_path):
     assert code == 0
     log = stdout.getvalue()
     assert "reusing the test run of 'BM25 >> CODER'" not in log
+    assert "reusing the test run of 'BM25 >> CODER (+ BM25 score)'" not in log
+    assert 'BM25 >> CODER (+ BM25 score): weight of the reranker' in log and 'chosen on' in log
     assert "reusing the test run of 'CODER'" in log and "reusing the test run of 'BM25'" in log
     results = pd.read_csv(copy / 'results.csv')
     assert results['name'].tolist() == ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER',
