@@ -846,15 +846,18 @@ def bench_gather(args, report: Report):
     start = time.perf_counter()
     synthetic_flex(path, size['docs'], size['dim'], normalize=False, chunk=10_000)
     print(f'(gather: index ready in {time.perf_counter() - start:.1f} s)', flush=True)
-    with tempfile.NamedTemporaryFile('r', suffix='.json') as out:
-        cmd = [sys.executable, __file__, '--gather-child', str(path), '--child-json', out.name,
-               '--workdir', str(args.workdir)] + (['--small'] if args.small else []) + \
-              (['--device', args.device] if args.device else []) + \
-              (['--threads', str(args.threads)] if args.threads else [])
-        proc = subprocess.run(cmd)
-        if proc.returncode:
-            raise RuntimeError(f'gather child process failed with code {proc.returncode}')
-        report.results['gather'] = json.load(open(out.name))
+    report.results['gather'] = {}
+    # two fresh processes, so that each peak RSS is its own: the gather batches, then the CODER epoch
+    for flag in ('--gather-child', '--epoch-child'):
+        with tempfile.NamedTemporaryFile('r', suffix='.json') as out:
+            cmd = [sys.executable, __file__, flag, str(path), '--child-json', out.name,
+                   '--workdir', str(args.workdir)] + (['--small'] if args.small else []) + \
+                  (['--device', args.device] if args.device else []) + \
+                  (['--threads', str(args.threads)] if args.threads else [])
+            proc = subprocess.run(cmd)
+            if proc.returncode:
+                raise RuntimeError(f'{flag[2:]} process failed with code {proc.returncode}')
+            report.results['gather'].update(json.load(open(out.name)))
     if not args.keep_data:
         shutil.rmtree(path, ignore_errors=True)
         print(f'  (removed {path}; pass --keep-data to keep it)')
@@ -875,6 +878,18 @@ def proc_status():
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out['VmHWM'] = maxrss / 2**20 if sys.platform == 'darwin' else maxrss / 1024
     return out
+
+
+def evict_page_cache(file) -> bool:
+    """Drops ``file`` from the page cache (best effort: only pages no process maps), so that the next read is cold."""
+    try:
+        fd = os.open(file, os.O_RDONLY)
+        os.fsync(fd)                      # dirty pages (a freshly written index) cannot be evicted
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        return True
+    except (AttributeError, OSError):
+        return False
 
 
 def gather_child(args):
@@ -901,16 +916,7 @@ def gather_child(args):
     def batch():
         return np.stack([rng.choice(n, size=C, replace=False) for _ in range(Q)])
 
-    # evict the file from the page cache (best effort: only pages no process maps), for a cold first batch
-    evicted = False
-    try:
-        fd = os.open(path / 'vecs.f4', os.O_RDONLY)
-        os.fsync(fd)                      # dirty pages (a freshly written index) cannot be evicted
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-        evicted = True
-    except (AttributeError, OSError):
-        pass
+    evicted = evict_page_cache(path / 'vecs.f4')
 
     report.section('gather', f"""
 EmbeddingStore.gather of a {Q} x {C} batch of candidate rows from a memory-mapped FlexIndex of {n:,} x {dim} float32
@@ -973,17 +979,27 @@ Warm figures: {size['repeats']} fresh random batches (the two methods alternate 
     report.note("""File-backed RSS counts pages of vecs.f4 the kernel mapped into this process (shared, reclaimable page
 cache, incl. fault-around neighbours of the rows read); they are not a copy of the matrix. The copy
 never made is what the anonymous RSS and the traced allocation show.""")
-    coder_epoch_memory(args, flex, size, report)
+    write_child_json(args, report)
+
+
+def write_child_json(args, report: Report):
     if args.child_json:
         with open(args.child_json, 'w') as f:
             json.dump(report.results.get('gather', {}), f)
 
 
-def coder_epoch_memory(args, flex, size, report: Report):
-    """One CODER epoch over the same memory-mapped index, in the same fresh process: peak RSS (issue target < 4 GB
-    over a 1M-document index). The query encoder is a random 1-layer BERT with the index's width (no 768-d
-    encoder is available offline; the encoder's size does not depend on the index)."""
+def epoch_child(args):
+    """One CODER epoch over the memory-mapped index, in a fresh process started with the index out of the page
+    cache: peak RSS (issue target < 4 GB over a 1M-document index). The query encoder is a random 1-layer BERT with
+    the index's width (no 768-d encoder is available offline; the encoder's size does not depend on the index)."""
+    import pyterrier_dr
     from pyterrier_coder import Coder, DenseEncoder
+    report = Report()
+    report.section('gather', 'continued: one CODER epoch over the same index, in a second fresh process')
+    size = SIZES['gather']['small' if args.small else 'full']
+    path = Path(args.epoch_child)
+    evicted = evict_page_cache(path / 'vecs.f4')
+    flex = pyterrier_dr.FlexIndex(str(path), verbose=False)
     n, dim = flex.np_vecs().shape
     encoder = DenseEncoder(str(tiny_model(args.workdir, 'bert', hidden=dim, layers=1)), pooling='mean',
                            normalize=False, query_max_length=32, device=args.device)
@@ -1002,11 +1018,18 @@ def coder_epoch_memory(args, flex, size, report: Report):
     steps = coder.history['steps']
     report.value('coder_epoch_seconds', f'CODER epoch: {len(topics)} queries x {size["candidates"]} candidates, '
                  f'{steps} steps of {size["batch_queries"]}', seconds, 's')
-    report.value('coder_epoch_peak_rss_mib', 'peak RSS (VmHWM) of this process after the epoch', after.get('VmHWM', 0.0),
-                 'MiB', f'target < 4096 MiB; {"met" if after.get("VmHWM", 0.0) < 4096 else "NOT met"}')
+    peak = after.get('VmHWM', 0.0)
+    # the issue's "4 GB", read both ways: 4 GiB, and 4 x 10^9 bytes (the stricter)
+    verdicts = [f'{"met" if peak < limit else "NOT met"} as {name} = {limit:,.0f} MiB'
+                for name, limit in (('4 GiB', 4096), ('4e9 B', 4e9 / 2**20))]
+    report.value('coder_epoch_peak_rss_mib', 'peak RSS (VmHWM) of this process after the epoch', peak,
+                 'MiB', 'target < 4 GB: ' + ', '.join(verdicts))
     if 'RssAnon' in after:
         report.value('coder_epoch_anon_rss_mib', 'anonymous RSS after the epoch', after['RssAnon'], 'MiB',
                      f'{after["RssAnon"] - before["RssAnon"]:+,.0f} MiB over the epoch')
+        report.value('coder_epoch_file_rss_mib', 'file-backed RSS after the epoch (mapped pages of the index)',
+                     after['RssFile'], 'MiB', 'page cache evicted first' if evicted else 'page cache not evicted')
+    write_child_json(args, report)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1056,6 +1079,7 @@ def parse_args(argv=None):
     p.add_argument('--keep-data', action='store_true', help='keep the large gather index for the next run')
     p.add_argument('--json', type=Path, default=None, help='also write all figures to this JSON file')
     p.add_argument('--gather-child', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--epoch-child', default=None, help=argparse.SUPPRESS)
     p.add_argument('--child-json', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     names, args.parts = [], {}
@@ -1084,6 +1108,8 @@ def main(argv=None):
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.gather_child:
         return gather_child(args)
+    if args.epoch_child:
+        return epoch_child(args)
     warnings.filterwarnings('ignore', category=FutureWarning)
     warnings.filterwarnings('ignore', category=DeprecationWarning)
     import transformers
