@@ -325,16 +325,16 @@ class Experiment:
         used_before = len(self._used_models)
         model = reranker()
         models = sorted(set(self._used_models[used_before:]))
-        key = lambda: self._key(name, first, dev['qid'], models)
         saved = self._saved_fusion_weights.get(name)
-        if saved is not None and saved.get('key') == key():
+        if saved is not None and saved.get('key') == self._key(name, first, dev['qid'], models):
             history = saved
             fused = Interpolate(model, alpha=history['alpha'])
             how = 'chosen by a previous invocation'
         else:
             fused = Interpolate(model)
             fused.tune(self.first_stages[first](dev), self.dev_qrels)
-            history = {**fused.history, 'key': key()}   # keyed after tuning: PISA writes some files on first use
+            # keyed after tuning: PISA writes some files on first use
+            history = {**fused.history, 'key': self._key(name, first, dev['qid'], models)}
             how = 'chosen'
         self.fusion_weights[name] = history
         # written now, not only with the report: a job stopped later keeps the weight
