@@ -65,16 +65,16 @@ class Interpolate(pt.Estimator):
                               ) as v:
             v.result_frame(extra_columns=['query', 'score'])
 
-    def _pairs(self, inp: pd.DataFrame) -> tuple:
-        """``(out, reranker, incoming)``: the reranker's output, and per row of it the reranker's and the incoming
-        score of its (qid, docno), each normalised per query. The rows are those the reranker returns (it may drop
-        some, e.g. duplicates or documents it cannot score)."""
+    def _pairs(self, inp: pd.DataFrame, out: pd.DataFrame) -> tuple:
+        """``(out, reranker, incoming)``: the reranker's output ``out`` on ``inp``, and per row of it the reranker's
+        and the incoming score of its (qid, docno), each normalised per query. The rows are those the reranker
+        returns (it may drop some, e.g. duplicates or documents it cannot score)."""
+        if 'score' not in out.columns:
+            raise KeyError(f'{COMPONENT}: the reranker {self.reranker!r} returned no score column')
+        out = out.reset_index(drop=True)
         # joined on strings: the package's rerankers return str qid/docno whatever the input's types
         incoming = pd.DataFrame({'qid': inp['qid'].astype(str), 'docno': inp['docno'].astype(str),
                                  '_first_score': inp['score'].to_numpy()}).drop_duplicates(['qid', 'docno'])
-        out = self.reranker(inp).reset_index(drop=True)
-        if 'score' not in out.columns:
-            raise KeyError(f'{COMPONENT}: the reranker {self.reranker!r} returned no score column')
         keys = pd.DataFrame({'qid': out['qid'].astype(str), 'docno': out['docno'].astype(str)})
         first = keys.merge(incoming, on=['qid', 'docno'], how='left')['_first_score']
         # a document the first stage did not send (some rerankers add rows) gets the query's lowest score
@@ -83,18 +83,33 @@ class Interpolate(pt.Estimator):
         return (out, normalise_per_query(out['qid'], out['score'], self.normalise),
                 normalise_per_query(out['qid'], first, self.normalise))
 
-    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
-        """Reranks a result frame (``qid``, ``query``, ``docno``, ``score`` and whatever the reranker needs) and
-        ranks by the interpolated score."""
+    def _check_ready(self, inp: pd.DataFrame) -> None:
         self._check_input(inp)
         if self.alpha is None:
             raise RuntimeError(f'{COMPONENT}: no weight yet: pass alpha=..., or choose it on validation data with '
                                f'fit(train, train_qrels, valid, valid_qrels) or tune(valid, valid_qrels)')
-        if not len(inp):
-            return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
-        out, reranker, incoming = self._pairs(inp)
+
+    def _ranked(self, inp: pd.DataFrame, reranked: pd.DataFrame) -> pd.DataFrame:
+        out, reranker, incoming = self._pairs(inp, reranked)
         out = out.assign(score=self.alpha * reranker + (1.0 - self.alpha) * incoming)
         return pt.model.add_ranks(out).sort_values(['qid', 'rank'], kind='stable').reset_index(drop=True)
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        """Reranks a result frame (``qid``, ``query``, ``docno``, ``score`` and whatever the reranker needs) and
+        ranks by the interpolated score."""
+        self._check_ready(inp)
+        if not len(inp):
+            return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
+        return self._ranked(inp, self.reranker(inp))
+
+    def combine(self, inp: pd.DataFrame, reranked: pd.DataFrame) -> pd.DataFrame:
+        """What :meth:`transform` returns for ``inp``, given the reranker's output on it, ``reranked`` (for
+        example its saved run on the same candidates), so that the reranker does not score them a second time.
+        ``reranked`` needs ``qid``, ``docno`` and ``score``; its rows are the rows of the result."""
+        self._check_ready(inp)
+        if not len(inp):
+            return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
+        return self._ranked(inp, reranked)
 
     def tune(self, valid: pd.DataFrame, valid_qrels: pd.DataFrame) -> float:
         """Scores the validation candidates ``valid`` (the results of the preceding stage on validation topics)
@@ -104,7 +119,7 @@ class Interpolate(pt.Estimator):
         qids = set(valid['qid'].astype(str)) & set(valid_qrels['qid'].astype(str))
         if not qids:
             raise ValueError(f'{COMPONENT}: none of the validation topics has qrels, so no weight can be chosen')
-        out, reranker, incoming = self._pairs(valid)
+        out, reranker, incoming = self._pairs(valid, self.reranker(valid))
         run = out[['qid', 'docno']]   # the metric needs the scores only: nothing is ranked or sorted per weight
         by_alpha = [[a, evaluate(run.assign(score=a * reranker + (1.0 - a) * incoming), valid_qrels, self.metric,
                                  qids)] for a in self.alphas]

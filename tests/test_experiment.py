@@ -84,7 +84,7 @@ def test_fused_rows_are_the_reranker_runs_interpolated_with_bm25(nfcorpus_quick_
     import numpy as np
     from pyterrier_coder.experiment import QUICK
     from pyterrier_coder.fusion import normalise_per_query
-    out, _ = nfcorpus_quick_run
+    out, stdout = nfcorpus_quick_run
     weights = json.loads((out / 'fusion_weights.json').read_text())
     assert set(weights) == {'BM25 >> CODER (+ BM25 score)', 'BM25 >> MonoELECTRA (+ BM25 score)'}
     report = (out / 'report.md').read_text()
@@ -105,6 +105,10 @@ def test_fused_rows_are_the_reranker_runs_interpolated_with_bm25(nfcorpus_quick_
         assert len(merged) == len(fused) == len(ranked)
         # the TREC run files keep about 6 significant digits of the scores
         assert np.allclose(merged['score_fused'], merged['expected'], atol=1e-4)
+        # the reranker's test scores were reused, not computed again; its time is counted in the fused latency
+        assert f"{reranker} (+ BM25 score): fusing the test scores of '{reranker}'" in stdout
+        results = pd.read_csv(out / 'results.csv').set_index('name')['ms/query']
+        assert results[reranker + ' (+ BM25 score)'] >= results[reranker]
 
 
 def test_rerun_reuses_models_and_unchanged_runs(nfcorpus_quick_run):

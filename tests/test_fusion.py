@@ -106,6 +106,24 @@ def test_empty_frames_errors_and_repr():
     assert 'alpha not chosen' in repr(Interpolate(ColumnScorer()))
 
 
+def test_combine_fuses_a_given_reranker_output_without_calling_the_reranker():
+    class MustNotRun(ColumnScorer):
+        def transform(self, inp):
+            raise AssertionError('the reranker was called')
+
+    inp = frame()
+    expected = Interpolate(ColumnScorer(), 0.25)(inp)
+    # e.g. the reranker's run read back from a TREC file: the key columns and the score only
+    saved = ColumnScorer()(inp)[['qid', 'docno', 'score', 'rank']]
+    got = Interpolate(MustNotRun(), 0.25).combine(inp, saved)
+    pd.testing.assert_frame_equal(got[['qid', 'docno', 'score', 'rank']], expected[['qid', 'docno', 'score', 'rank']])
+    assert len(Interpolate(MustNotRun(), 0.25).combine(inp.iloc[:0], saved)) == 0
+    with pytest.raises(RuntimeError, match='no weight yet'):
+        Interpolate(MustNotRun()).combine(inp, saved)
+    with pytest.raises(KeyError, match='no score column'):
+        Interpolate(MustNotRun(), 0.25).combine(inp, saved.drop(columns='score'))
+
+
 def tuning_frame():
     # relevant b is second for the first stage (a first) and for the reranker (c first), first for a mix
     return pd.DataFrame({'qid': ['q1'] * 3 + ['q9'], 'query': ['x'] * 3 + ['z'], 'docno': ['a', 'b', 'c', 'e'],
