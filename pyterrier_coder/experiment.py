@@ -462,7 +462,8 @@ class Experiment:
                 plain = self.fused_from.get(name)
                 if plain in runs:
                     # the reranker's own test run, on the same candidates: its scores are fused, not computed again,
-                    # and the reranker's time is counted in the latency
+                    # and the reranker's time is counted in the latency (a run read back from its TREC file has
+                    # scores rounded to about 6 significant digits)
                     _log(f'{name}: fusing the test scores of {plain!r} with those of {first!r}')
                     res = transformer.combine(first_results[first], runs[plain])
                     elapsed = 1000 * (time.perf_counter() - start) / n + self.latency[f'{plain} (reranking only)']
