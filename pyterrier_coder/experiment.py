@@ -354,7 +354,6 @@ class Experiment:
         text_stage = f'BM25 top-{depth} + text'
         self.first_stages = {'BM25': self.bm25, text_stage: self.bm25 % depth >> self.bm25.text_loader()}
         systems, self.system_models = {}, {}
-        self.fused_from = {}   # fused row -> the reranker row whose test run it fuses
 
         def add(name, first, build):
             systems[name] = (first, build)
@@ -363,7 +362,6 @@ class Experiment:
             """The reranker row ``name`` again, fused with its first stage's BM25 score (weight chosen on ``dev()``)."""
             fused = name + FUSED_SUFFIX
             add(fused, first, lambda: self._fused(fused, first, reranker, dev()))
-            self.fused_from[fused] = name
 
         if 'bm25' in comps:
             add('BM25', None, lambda: self.bm25)
@@ -459,7 +457,7 @@ class Experiment:
                     first_results[first] = self.first_stages[first](self.test)
                     self.latency[f'first stage: {first}'] = 1000 * (time.perf_counter() - start) / n
                 start = time.perf_counter()
-                plain = self.fused_from.get(name)
+                plain = name[:-len(FUSED_SUFFIX)] if name.endswith(FUSED_SUFFIX) else None   # its reranker row
                 if plain in runs:
                     # the reranker's own test run, on the same candidates: its scores are fused, not computed again,
                     # and the reranker's time is counted in the latency (a run read back from its TREC file has

@@ -89,18 +89,11 @@ class Interpolate(pt.Estimator):
             raise RuntimeError(f'{COMPONENT}: no weight yet: pass alpha=..., or choose it on validation data with '
                                f'fit(train, train_qrels, valid, valid_qrels) or tune(valid, valid_qrels)')
 
-    def _ranked(self, inp: pd.DataFrame, reranked: pd.DataFrame) -> pd.DataFrame:
-        out, reranker, incoming = self._pairs(inp, reranked)
-        out = out.assign(score=self.alpha * reranker + (1.0 - self.alpha) * incoming)
-        return pt.model.add_ranks(out).sort_values(['qid', 'rank'], kind='stable').reset_index(drop=True)
-
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         """Reranks a result frame (``qid``, ``query``, ``docno``, ``score`` and whatever the reranker needs) and
         ranks by the interpolated score."""
-        self._check_ready(inp)
-        if not len(inp):
-            return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
-        return self._ranked(inp, self.reranker(inp))
+        self._check_ready(inp)   # before the reranker runs, which may take long
+        return self.combine(inp, self.reranker(inp) if len(inp) else inp)   # an empty frame is not reranked
 
     def combine(self, inp: pd.DataFrame, reranked: pd.DataFrame) -> pd.DataFrame:
         """What :meth:`transform` returns for ``inp``, given the reranker's output on it, ``reranked`` (for
@@ -109,7 +102,9 @@ class Interpolate(pt.Estimator):
         self._check_ready(inp)
         if not len(inp):
             return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
-        return self._ranked(inp, reranked)
+        out, reranker, incoming = self._pairs(inp, reranked)
+        out = out.assign(score=self.alpha * reranker + (1.0 - self.alpha) * incoming)
+        return pt.model.add_ranks(out).sort_values(['qid', 'rank'], kind='stable').reset_index(drop=True)
 
     def tune(self, valid: pd.DataFrame, valid_qrels: pd.DataFrame) -> float:
         """Scores the validation candidates ``valid`` (the results of the preceding stage on validation topics)
