@@ -564,7 +564,7 @@ each epoch is not). Step time = TrainingLoop seconds / steps.""")
                       'floor': lambda: torch.topk(q @ dense.T, k, dim=1)},
                      warmup=1, repeats=max(5, size['repeats']), sync=sync)
     ms, mf = statistics.median(st['store']), statistics.median(st['floor'])
-    report.value('adore_search_ms', 'ADORE exact search: EmbeddingStore.search (memmap blocks)', ms * 1e3, 'ms',
+    report.value('adore_search_ms', 'ADORE exact search: EmbeddingStore.search (reads the memory map)', ms * 1e3, 'ms',
                  spread(st['store']))
     report.value('inmemory_search_ms', 'floor: topk(q @ X.T) with X already a tensor in memory', mf * 1e3, 'ms',
                  spread(st['floor']))

@@ -207,7 +207,10 @@ def test_embedding_store_lookup_gather_and_search_paths(setup, monkeypatch):
     np.testing.assert_array_equal(got[0, 2], np.zeros(vecs.shape[1]))
     np.testing.assert_array_equal(got[1], vecs[[3, 3, 0]])
     q = torch.from_numpy(vecs[:4].copy())
-    cached = store.search(q, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                                   # no "non-writable array" warning
+        cached = store.search(q, 5)
+    assert store._device_vecs is None                                    # on CPU it reads the map, no copy kept
     monkeypatch.setattr(EmbeddingStore, 'SEARCH_CACHE_MAX_BYTES', 0)     # the streamed (blocked) path
     streamed = EmbeddingStore(dense.flex).search(q, 5, block_size=7)
     expected = torch.from_numpy(q.numpy() @ vecs.T).topk(5, dim=1)
