@@ -139,6 +139,13 @@ def make_optimizer(params, config: TrainingConfig) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be 'adamw' or 'radam', got {config.optimizer!r}")
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), which make CPU autocast worth it (see
+    :func:`autocast_for`). Asked through torch's private probes; False when a torch version lacks them."""
+    probes = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
 def autocast_for(device: torch.device, enabled: bool):
     """Mixed precision on ``device`` when ``enabled``: on CUDA bf16 where supported, else fp16 (the loop then adds a
     gradient scaler); on CPU bf16. AMP is the default on CUDA only: a CPU runs bf16 fast only with AVX512-BF16 or

@@ -229,11 +229,33 @@ def test_set_overrides_parse_and_validate():
                          'adore': {'patience': None}}
     budget = apply_overrides(FULL, overrides)
     assert budget['electra']['max_steps'] == 600 and budget['coder']['lr'] == 1e-5 and budget['rerank_depth'] == 50
-    assert FULL['electra']['max_steps'] == 300          # the module's budget is not changed
+    assert FULL['electra']['max_steps'] == 800          # the module's budget is not changed
     for bad, match in [(['electra.max_stepz=1'], 'max_stepz'), (['colbert.lr=1'], 'colbert'),
                        (['electra=3'], 'component'), (['coder.index=x'], 'index'), (['noequals'], 'key=value')]:
         with pytest.raises(ValueError, match=match):
             apply_overrides(FULL, parse_overrides(bad))
+
+
+def test_cross_encoder_bf16_on_cpus_with_bf16_instructions(tmp_path, monkeypatch):
+    """On CPU the runner trains and scores MonoELECTRA under bf16 autocast only when the CPU has bf16 instructions
+    (emulated bf16 is slower than fp32), unless the user set electra.amp; on CUDA the component's default stays."""
+    from pyterrier_coder import training
+    from pyterrier_coder.experiment import Experiment, ExperimentSettings
+    from pyterrier_coder.training import cpu_computes_bf16
+    assert isinstance(cpu_computes_bf16(), bool)
+
+    def amp(has_bf16, device='cpu', overrides=None):
+        monkeypatch.setattr(training, 'cpu_computes_bf16', lambda: has_bf16)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            exp = Experiment(ExperimentSettings(dataset='unused', out=str(tmp_path), device=device,
+                                                overrides=overrides or {}))
+        return exp.budget['electra'].get('amp'), 'bf16 autocast' in log.getvalue()
+
+    assert amp(True) == (True, True)
+    assert amp(False) == (None, False)
+    assert amp(True, overrides={'electra': {'amp': False}}) == (False, False)
+    assert amp(True, device='cuda') == (None, False)
 
 
 def test_changed_settings_retrain_only_that_model(nfcorpus_quick_run, tmp_path):
