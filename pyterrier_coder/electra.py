@@ -27,7 +27,7 @@ from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, model_m
                     tokenize_truncated, validate_columns, write_component_config)
 from .encoders import resolve_model_path
 from .mining import check_lower_labels, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
-from .training import TrainingConfig, TrainingLoop, autocast_for, split_training_kwargs
+from .training import TrainingConfig, TrainingLoop, autocast_for, cpu_computes_bf16, split_training_kwargs
 
 COMPONENT = 'MonoElectra'
 DEFAULT_MODEL = 'crystina-z/monoELECTRA_LCE_nneg31'
@@ -330,6 +330,10 @@ class MonoElectra(HubMixin, pt.Estimator):
         self.loss = loss
         self.texts = texts
         self.device = infer_device(self.config.device)
+        if self.config.amp and self.device.type == 'cpu' and not cpu_computes_bf16():
+            # e.g. a model trained by the runner on a CPU with bf16 instructions, loaded on one without
+            warnings.warn(f'{COMPONENT}: amp=True on a CPU without bf16 instructions: bf16 autocast is emulated '
+                          f'there and slower than fp32 (pass amp=False, also to MonoElectra.load)')
         self.model.to(self.device).eval()
         self.history = None
         self.fitted = False

@@ -335,6 +335,21 @@ def test_save_load_round_trip(tiny_cross_encoder_dir, train_res, dataset, tmp_pa
     np.testing.assert_allclose(loaded(train_res)['score'].values, model(train_res)['score'].values, atol=1e-6)
 
 
+def test_amp_on_a_cpu_without_bf16_instructions_warns(tiny_cross_encoder_dir, tmp_path, monkeypatch):
+    """A model saved with amp=True (the runner does so on CPUs with bf16 instructions) warns when it is loaded on a
+    CPU without them, where bf16 is emulated and slow; amp=False loads it quietly."""
+    from pyterrier_coder import electra as electra_module
+    electra(tiny_cross_encoder_dir, amp=True, device='cpu').save(tmp_path / 'saved')
+    monkeypatch.setattr(electra_module, 'cpu_computes_bf16', lambda: False)
+    with pytest.warns(UserWarning, match='amp=False'):
+        MonoElectra.load(tmp_path / 'saved', verbose=False, device='cpu')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert not MonoElectra.load(tmp_path / 'saved', verbose=False, device='cpu', amp=False).amp
+        monkeypatch.setattr(electra_module, 'cpu_computes_bf16', lambda: True)
+        assert MonoElectra.load(tmp_path / 'saved', verbose=False, device='cpu').amp
+
+
 def test_load_wrong_directory(tmp_path, tiny_cross_encoder_dir):
     other = tmp_path / 'coder'
     other.mkdir()
