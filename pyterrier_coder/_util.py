@@ -29,6 +29,44 @@ def infer_device(device=None) -> 'torch.device':
     return torch.device(device)
 
 
+def cuda_amp_dtype() -> 'torch.dtype':
+    """The autocast dtype on CUDA: bf16 where the GPU computes it natively (compute capability >= 8: A100, H100,
+    RTX 30xx...), else fp16 (with a gradient scaler when training). ``torch.cuda.is_bf16_supported()`` alone also
+    says yes for GPUs that only emulate bf16 (T4, V100), where it is slow."""
+    import torch
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:   # torch < 2.3 has no such argument and did not count emulation either
+        native = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native else torch.float16
+
+
+#: the largest k a faiss GPU index answers (faiss's GPU k-selection limit)
+FAISS_GPU_MAX_K = 2048
+
+
+def faiss_gpu_count() -> int:
+    """GPUs that the installed faiss can use (0 with faiss-cpu, whatever torch sees)."""
+    import faiss
+    return faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0
+
+
+def faiss_to_gpus(index):
+    """``index`` copied onto the GPUs faiss sees: sharded over all of them in a single process; under torchrun
+    only onto this rank's GPU, since every rank holds its own index (sharding each over all GPUs would put
+    ``world_size`` shards and scratch reservations on every GPU)."""
+    import faiss
+    from .distributed import launched, local_gpu
+    if faiss_gpu_count() == 0:
+        raise RuntimeError('faiss sees no GPU (faiss-cpu is installed, or no GPU is visible): use gpu=False, or '
+                           "install faiss-gpu instead of faiss-cpu (pip install -e '.[gpu]')")
+    options = faiss.GpuMultipleClonerOptions()
+    if launched():
+        return faiss.index_cpu_to_gpus_list(index, co=options, gpus=[local_gpu(faiss_gpu_count())])
+    options.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
 def write_component_config(path, component: str, settings: dict, **extra) -> None:
     """Writes the json that tells which component a directory holds (checked again by ``load``)."""
     from ._version import __version__

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from . import losses
+from ._util import FAISS_GPU_MAX_K, faiss_gpu_count, faiss_to_gpus
 from .encoders import DenseEncoder
 from .mining import CandidateSet, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .query_trainer import DenseQueryTrainer
@@ -91,7 +92,8 @@ class Adore(DenseQueryTrainer):
 
     def _faiss_index(self):
         """A faiss index over the fixed embeddings (built once): flat inner product or a factory string
-        (IVF/PQ ...), trained on a sample; on every GPU (sharded) when faiss sees GPUs."""
+        (IVF/PQ ...), trained on a sample; on the GPUs when faiss sees any (sharded over all of them; under torchrun
+        each rank's copy on its own GPU)."""
         if self._faiss is None:
             import faiss
             spec = 'Flat' if self.search == 'faiss' else self.search.split(':', 1)[1]
@@ -102,10 +104,11 @@ class Adore(DenseQueryTrainer):
                 index.train(np.ascontiguousarray(vecs[np.sort(sample)], dtype=np.float32))
             for start in range(0, len(vecs), 65536):
                 index.add(np.ascontiguousarray(vecs[start:start + 65536], dtype=np.float32))
-            if hasattr(faiss, 'get_num_gpus') and faiss.get_num_gpus() > 0:
-                options = faiss.GpuMultipleClonerOptions()
-                options.shard = True
-                index = faiss.index_cpu_to_all_gpus(index, co=options)
+            if faiss_gpu_count() > 0:
+                if self.k > FAISS_GPU_MAX_K:
+                    raise ValueError(f'{self.COMPONENT}: k={self.k} is more than a faiss GPU index returns '
+                                     f"({FAISS_GPU_MAX_K}); use a smaller k or search='exact'")
+                index = faiss_to_gpus(index)
             self._faiss = index
         return self._faiss
 
@@ -130,10 +133,8 @@ class Adore(DenseQueryTrainer):
         neg_rank = np.broadcast_to(np.arange(1, k + 1), retrieved.shape)
         neg_mask = ~is_pos
 
-        gather = self.store.gather
-        q = q.float()
-        s_pos = torch.einsum('bd,bpd->bp', q, gather(np.where(pos_mask, pos_ids, 0), device)) / self.temperature
-        s_neg = torch.einsum('bd,bnd->bn', q, gather(retrieved, device)) / self.temperature
+        s_pos = self._dot_candidates(q, np.where(pos_mask, pos_ids, 0)) / self.temperature
+        s_neg = self._dot_candidates(q, retrieved) / self.temperature
 
         def t(array, dtype=None):
             return torch.as_tensor(np.array(array), device=device, dtype=dtype)

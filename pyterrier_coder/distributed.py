@@ -12,10 +12,15 @@ components and calls ``fit`` as usual. The shared :class:`~pyterrier_coder.train
 Gradients are reduced explicitly after backward rather than through ``DistributedDataParallel``'s forward hooks
 because the trainers' losses call into several modules (encoder, candidate store, optional head) instead of one
 ``module(batch)`` forward; the arithmetic is the same as DDP's (NCCL on GPUs, gloo on CPU).
+
+Where CUDA is present the process group has both backends (``cpu:gloo,cuda:nccl``): a run that trains on the
+GPUs reduces with NCCL, one that trains on CPU on the same machine (``device='cpu'``) with gloo, and picklable
+objects (rank 0's validation value) always travel over gloo.
 """
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Iterable, Optional
 
 import torch
@@ -23,6 +28,10 @@ import torch.distributed as dist
 
 #: elements per all-reduce bucket: bounds the extra memory of the flattened gradients
 BUCKET_ELEMENTS = 1 << 24
+
+#: how long a rank waits in a collective before the job is aborted. Rank 0 validates alone while the others wait
+#: for its value, and NCCL's default of 10 minutes is shorter than a validation by retrieval over a large index.
+TIMEOUT = timedelta(hours=2)
 
 
 def launched() -> bool:
@@ -46,27 +55,37 @@ def local_rank() -> int:
     return int(os.environ.get('LOCAL_RANK', '0'))
 
 
+def local_gpu(count: Optional[int] = None) -> int:
+    """The index of this rank's GPU among the visible ones: ``LOCAL_RANK`` modulo their number, because launchers
+    that bind one GPU per process (Slurm's GPU binding) show each process only its own GPU, as device 0."""
+    count = torch.cuda.device_count() if count is None else count
+    return local_rank() % max(1, count)
+
+
 def is_main_process() -> bool:
     """Rank 0 (or not distributed): the process that should save models and write reports."""
     return rank() == 0
 
 
-def init() -> bool:
-    """Joins the process group set up by torchrun (NCCL when CUDA is present, else gloo); no-op otherwise.
-    Returns whether training is distributed."""
+def init(device: Optional[torch.device] = None) -> bool:
+    """Joins the process group set up by torchrun; no-op otherwise. Returns whether training is distributed.
+
+    ``device`` is the training device: a CUDA device becomes this process's current GPU (NCCL works on it). The
+    group uses gloo for CPU tensors and, where CUDA is present, NCCL for CUDA tensors."""
     if launched() and dist.is_available() and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend='nccl' if cuda else 'gloo')
+        if device is not None and torch.device(device).type == 'cuda':
+            torch.cuda.set_device(torch.device(device))
+        backend = 'cpu:gloo,cuda:nccl' if torch.cuda.is_available() else 'gloo'
+        dist.init_process_group(backend=backend, timeout=TIMEOUT)
     return active()
 
 
 class DataParallel:
     """What the training loop needs from torch.distributed; with one process every method is a no-op."""
 
-    def __init__(self):
-        self.enabled = init()
+    def __init__(self, device: Optional[torch.device] = None):
+        self.device = torch.device(device) if device is not None else torch.device('cpu')
+        self.enabled = init(self.device)
         self.rank = rank() if self.enabled else 0
         self.world = world_size() if self.enabled else 1
 
@@ -94,8 +113,8 @@ class DataParallel:
         return box[0]
 
     def _reduce_device(self) -> torch.device:
-        return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' \
-            else torch.device('cpu')
+        """Where the gradients are, so the group's backend for that device reduces them (NCCL / gloo)."""
+        return self.device if self.device.type == 'cuda' else torch.device('cpu')
 
     def sum_scalar(self, value: float) -> float:
         """Sum of a float over ranks (works with NCCL and gloo)."""
@@ -150,5 +169,5 @@ class DataParallel:
 def device_for_rank(device: Optional[str]) -> Optional[str]:
     """Under torchrun with CUDA, a bare ``'cuda'`` (or the default) means this rank's GPU."""
     if launched() and torch.cuda.is_available() and (device is None or str(device) == 'cuda'):
-        return f'cuda:{local_rank()}'
+        return f'cuda:{local_gpu()}'
     return device

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -23,8 +24,8 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from ._util import (check_component_dir, infer_device, model_max_tokens, tokenize_truncated, validate_columns,
-                    write_component_config)
+from ._util import (FAISS_GPU_MAX_K, check_component_dir, cuda_amp_dtype, faiss_gpu_count, faiss_to_gpus,
+                    infer_device, model_max_tokens, tokenize_truncated, validate_columns, write_component_config)
 
 POOLINGS = ('cls', 'mean')
 
@@ -217,7 +218,7 @@ class _EvalMode:
 
 def _autocast(device):
     if device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return torch.autocast('cuda', dtype=cuda_amp_dtype())
     return torch.autocast('cpu', enabled=False)
 
 
@@ -326,8 +327,9 @@ class DenseIndex:
     def retriever(self, k: int = 1000, *, backend: str = 'exact', gpu: Optional[bool] = None, **kwargs) -> pt.Transformer:
         """Single-stage retrieval: ``encoder.query_encoder() >> <search over the index>``.
 
-        backend: ``'exact'`` (numpy brute force, memory-mapped), ``'faiss'`` (faiss flat; on all GPUs when present
-        unless ``gpu=False``) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder).
+        backend: ``'exact'`` (numpy brute force, memory-mapped), ``'faiss'`` (faiss flat; sharded over the GPUs
+        that faiss sees, i.e. with faiss-gpu installed, unless ``gpu=False``; at most 2048 results per query on
+        GPU) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder).
         """
         inner = self.encoder.query_encoder() >> search_transformer(self.flex, k, backend=backend, gpu=gpu, **kwargs)
         return _CheckedStage(inner, 'DenseIndex.retriever', 'retrieve', self.flex)
@@ -350,11 +352,31 @@ def search_transformer(flex, k: int, *, backend: str = 'exact', gpu: Optional[bo
     if backend == 'exact':
         return _DropQueryVec(flex.np_retriever(num_results=k, **kwargs))
     if backend == 'faiss':
-        use_gpu = torch.cuda.is_available() if gpu is None else gpu
-        return _DropQueryVec(flex.faiss_flat_retriever(gpu=use_gpu, **kwargs)) >> pt.RankCutoff(k)
+        return _DropQueryVec(_faiss_flat_retriever(flex, k, gpu=gpu, **kwargs))
     if backend == 'hnsw':
         return _DropQueryVec(flex.faiss_hnsw_retriever(num_results=k, **kwargs))
     raise ValueError(f"backend must be 'exact', 'faiss' or 'hnsw', got {backend!r}")
+
+
+#: faiss flat indexes copied onto the GPUs, per FlexIndex (built once: the copy takes as long as a few searches)
+_FAISS_GPU_INDEXES = weakref.WeakKeyDictionary()
+
+
+def _faiss_flat_retriever(flex, k: int, *, gpu: Optional[bool] = None, qbatch: int = 64) -> pt.Transformer:
+    """pyterrier-dr's faiss flat retriever returning ``k`` results (its own always returns 1000), on the GPUs that
+    faiss sees unless ``gpu=False`` (pyterrier-dr 0.8's own GPU branch fails, and its default looked at torch's
+    GPUs, which faiss-cpu cannot use). pyterrier-dr reads the flat index from the memory map, once per FlexIndex."""
+    from pyterrier_dr.flex.faiss_retr import FaissRetriever
+    use_gpu = faiss_gpu_count() > 0 if gpu is None else bool(gpu)
+    index = flex.faiss_flat_retriever(gpu=False).faiss_index
+    if use_gpu:
+        if k > FAISS_GPU_MAX_K:
+            raise ValueError(f"backend='faiss' on GPU returns at most {FAISS_GPU_MAX_K} results per query (faiss's "
+                             f"GPU limit), got k={k}: use gpu=False or backend='exact'")
+        if flex not in _FAISS_GPU_INDEXES:
+            _FAISS_GPU_INDEXES[flex] = faiss_to_gpus(index)
+        index = _FAISS_GPU_INDEXES[flex]
+    return FaissRetriever(flex, index, num_results=k, qbatch=qbatch, index_spec=('faiss_flat', use_gpu))
 
 
 class _CheckedStage(pt.Transformer):

@@ -117,8 +117,10 @@ class EmbeddingStore:
         what reading a private copy does, measured). On a GPU, a matrix of at most ``SEARCH_CACHE_MAX_BYTES`` is
         copied to the device once and kept (ADORE searches at every step). Otherwise the matrix is scored in blocks
         of ``block_size`` rows and the per-block top-k merged, so memory stays bounded whatever the corpus size."""
-        q = query_vecs.detach().float()
-        k = min(k, len(self))
+        with torch.autocast(query_vecs.device.type, enabled=False):   # exact: fp32 even inside a training step's AMP
+            return self._search(query_vecs.detach().float(), min(k, len(self)), block_size)
+
+    def _search(self, q: torch.Tensor, k: int, block_size: int) -> tuple:
         if self.vecs.nbytes <= self.SEARCH_CACHE_MAX_BYTES:
             if q.device.type == 'cpu':
                 matrix = self._rows(0, len(self))

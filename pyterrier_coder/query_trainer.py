@@ -101,13 +101,17 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
     CPU_SCORE_BLOCK_BYTES = 4 * 1024 ** 2
 
     def _dot_candidates(self, q: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
-        """Inner products ``[B, L]`` of the query embeddings ``q`` with their candidates' embeddings."""
+        """Inner products ``[B, L]`` of the query embeddings ``q`` with their candidates' embeddings, in fp32 even
+        under autocast (which would run the product in bf16: ties among a thousand close scores, and training
+        scores that differ from the fp32 ones of validation and inference); the encoder itself still runs in AMP."""
         per_query = max(1, ids.shape[1] * self.store.dim * 4)
         block = len(ids) if q.device.type != 'cpu' else max(1, self.CPU_SCORE_BLOCK_BYTES // per_query)
         docs = self._prefetched(ids)
-        parts = [torch.einsum('bd,bld->bl', q[start:start + block], (
-            docs[start:start + block] if docs is not None else self.store.gather(ids[start:start + block])
-        ).to(q.device, non_blocking=True).to(q.dtype)) for start in range(0, len(ids), block)]
+        q = q.float()
+        with torch.autocast(q.device.type, enabled=False):
+            parts = [torch.einsum('bd,bld->bl', q[start:start + block], (
+                docs[start:start + block] if docs is not None else self.store.gather(ids[start:start + block])
+            ).to(q.device, non_blocking=True).float()) for start in range(0, len(ids), block)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _prefetched(self, ids: np.ndarray) -> Optional[torch.Tensor]:
@@ -292,6 +296,7 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
                                     f'{cls.COMPONENT}.load(path, index=...) / from_pretrained(..., index=...)')
         encoder = DenseEncoder.load(path / 'encoder', device=device)
         training = dict(conf.get('training', {}))
+        training.pop('device', None)   # the machine it was trained on may have other devices: choose afresh
         if device is not None:
             training['device'] = device
         model = cls(index if index is not None else conf['index'], encoder, **{**conf['settings'], **training, **overrides})

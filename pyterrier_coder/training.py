@@ -20,7 +20,7 @@ import numpy as np
 import pyterrier as pt
 import torch
 
-from ._util import infer_device
+from ._util import cuda_amp_dtype, infer_device
 from .distributed import DataParallel
 
 
@@ -152,10 +152,23 @@ def autocast_for(device: torch.device, enabled: bool):
     AMX (measured 1.4x per MiniLM cross-encoder training step, 1.7x inference, on this project's CPU) and is
     emulated without them, so on CPU it is opt-in (``amp=True``)."""
     if enabled and device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return torch.autocast('cuda', dtype=cuda_amp_dtype())
     if enabled and device.type == 'cpu':
         return torch.autocast('cpu', dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+def restore_cuda_rng(state, device: torch.device) -> None:
+    """Restores the CUDA generator state saved by a checkpoint on the training device. Only that device's state is
+    saved (the others are not used); checkpoints of earlier versions hold one state per visible GPU."""
+    if state is None or device.type != 'cuda':
+        return
+    if isinstance(state, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(state):
+            return
+        state = state[index]
+    torch.cuda.set_rng_state(state, device)
 
 
 class TrainingLoop:
@@ -195,7 +208,7 @@ class TrainingLoop:
         self.amp = config.amp if config.amp is not None else self.device.type == 'cuda'
         self.timers = Timers()
         #: data parallelism under torchrun (a no-op in a single process), see pyterrier_coder.distributed
-        self.dp = DataParallel()
+        self.dp = DataParallel(self.device)
 
     def _batches(self, rng, cursor: dict):
         """Yields (batch, the next batch of the same epoch or None) forever, epoch after epoch. ``cursor`` (saved in
@@ -251,6 +264,20 @@ class TrainingLoop:
                 f'a larger temperature.')
         return self.dp.sum_scalar(step_loss)
 
+    def _optimizer_step(self, optimizer, scheduler, scaler) -> None:
+        """Clips, steps and advances the schedule; a step that the fp16 gradient scaler skips (inf/NaN gradients,
+        as happens while it finds its scale) does not advance the schedule, so warm-up and decay keep their length
+        in real optimiser steps."""
+        if self.config.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.grad_clip)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if scale is None or scaler.get_scale() >= scale:
+            scheduler.step()
+
     def _run_validation(self, step, history, progress):
         with self.timers('validation'):
             value = None
@@ -277,7 +304,7 @@ class TrainingLoop:
                    'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
                    'rng': {'python': random.getstate(), 'numpy': np.random.get_state(),
                            'torch': torch.get_rng_state(),
-                           'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+                           'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}}
         tmp = path.with_name(path.name + '.tmp')
         torch.save(payload, tmp)
         os.replace(tmp, path)
@@ -290,13 +317,14 @@ class TrainingLoop:
         self.module.load_state_dict(payload.pop('model'))
         optimizer.load_state_dict(payload.pop('optimizer'))
         scheduler.load_state_dict(payload.pop('scheduler'))
-        scaler.load_state_dict(payload.pop('scaler'))
+        scaler_state = payload.pop('scaler')
+        if scaler_state and scaler.is_enabled():   # a scaler that was off (CPU, bf16) saved nothing: start fresh
+            scaler.load_state_dict(scaler_state)
         rng = payload.pop('rng')
         random.setstate(rng['python'])
         np.random.set_state(rng['numpy'])
         torch.set_rng_state(rng['torch'])
-        if rng['cuda'] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng['cuda'])
+        restore_cuda_rng(rng['cuda'], self.device)
         return payload
 
     def run(self, resume: bool = False) -> dict:
@@ -313,7 +341,7 @@ class TrainingLoop:
         warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
         optimizer = make_optimizer(self.param_groups or self.module.parameters(), config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total, config.schedule))
-        use_scaler = self.amp and self.device.type == 'cuda' and not torch.cuda.is_bf16_supported()
+        use_scaler = self.amp and self.device.type == 'cuda' and cuda_amp_dtype() == torch.float16
         scaler = torch.amp.GradScaler('cuda', enabled=use_scaler)
         state = {'step': 0, 'cursor': {'epoch': 0, 'position': 0, 'rng_state': None},
                  'history': {'metric': config.metric, 'loss': [], 'eval': [], 'lr': [], 'total_steps': total,
@@ -358,13 +386,7 @@ class TrainingLoop:
                     with self.timers('gradient_sync'):
                         self.dp.sum_gradients(self.module.parameters())
                 with self.timers('optimizer'):
-                    if config.grad_clip:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(self.module.parameters(), config.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
+                    self._optimizer_step(optimizer, scheduler, scaler)
                 step = state['step'] = step + 1
                 history['loss'].append([step, step_loss])
                 history['lr'].append([step, scheduler.get_last_lr()[0]])

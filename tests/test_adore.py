@@ -141,3 +141,27 @@ def test_faiss_index_is_sharded_over_all_gpus_when_faiss_sees_gpus(setup, monkey
     assert calls == [True]                             # one sharded clone, reused by later searches
     exact = Adore(dense, encoder, k=10, **FAST)._search_ids(q, 10)
     np.testing.assert_array_equal(via_faiss, exact)
+
+
+def test_faiss_index_under_torchrun_goes_on_this_ranks_gpu_only(setup, monkeypatch):
+    """Every rank holds its own index: sharding each over all GPUs would put world_size shards on every GPU."""
+    faiss = pytest.importorskip('faiss')
+    ds, encoder, dense = setup
+    calls = []
+
+    class ClonerOptions:
+        shard = False
+
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    monkeypatch.setattr(faiss, 'get_num_gpus', lambda: 2, raising=False)
+    monkeypatch.setattr(faiss, 'GpuMultipleClonerOptions', ClonerOptions, raising=False)
+    monkeypatch.setattr(faiss, 'index_cpu_to_all_gpus', lambda index, co=None: calls.append('all') or index,
+                        raising=False)
+    monkeypatch.setattr(faiss, 'index_cpu_to_gpus_list',
+                        lambda index, co=None, gpus=None: calls.append(gpus) or index, raising=False)
+    q = encoder.encode_queries_torch(ds.get_topics('train')['query'].tolist()[:2]).detach()
+    Adore(dense, encoder, k=10, search='faiss', **FAST)._search_ids(q, 10)
+    assert calls == [[1]]
+    with pytest.raises(ValueError, match='2048'):        # faiss GPU indexes return at most 2048 results
+        Adore(dense, encoder, k=3000, search='faiss', **FAST)._search_ids(q, 3000)

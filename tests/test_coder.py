@@ -560,3 +560,38 @@ def test_the_loop_announces_each_ranks_next_micro_batches():
     assert seen == [[1], [3], [6], [8], [11], [13], [1], [3], [6], [8]]
     # announced at steps 0, 1 (epoch 1), 3, 4 (epoch 2); the last one is for a step that max_steps cuts off
     assert announced == [[6], [8], [11], [13], [6], [8], [11], [13]]
+
+
+def test_candidate_scores_and_exact_search_stay_fp32_under_amp(setup):
+    """Under a training step's autocast (bf16 here on CPU, as on most GPUs) the encoder runs in reduced precision,
+    but the candidate scores and ADORE's exact search do not: bf16 would tie most of a thousand close scores and
+    make training scores differ from the fp32 ones of validation and inference."""
+    ds, encoder, dense, bm25 = setup
+    coder = Coder(dense, encoder, **FAST)
+    q = encoder.encode_queries_torch(ds.get_topics('train')['query'].tolist()[:3]).detach() * 40   # TAS-B-like sizes
+    ids = np.tile(np.arange(len(coder.store)), (3, 1))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        amp_scores = coder._dot_candidates(q.bfloat16(), ids)
+        amp_top = coder.store.search(q, 10)
+    exact_scores = coder._dot_candidates(q.bfloat16().float(), ids)
+    assert amp_scores.dtype == amp_top[0].dtype == torch.float32
+    torch.testing.assert_close(amp_scores, exact_scores)
+    top = coder.store.search(q, 10)
+    torch.testing.assert_close(amp_top[0], top[0])
+    assert torch.equal(amp_top[1], top[1])
+    with torch.autocast('cpu', dtype=torch.bfloat16):    # what the product would be without the guard
+        assert torch.einsum('bd,bld->bl', q, coder.store.gather(ids)).dtype == torch.bfloat16
+
+
+def test_loaded_model_does_not_keep_the_training_device(setup, tmp_path):
+    """A model trained on 'cuda:1' and loaded elsewhere chooses its device afresh (fit would fail on 'cuda:1')."""
+    import json
+    ds, encoder, dense, bm25 = setup
+    Coder(dense, encoder, **FAST).save(tmp_path / 'coder')
+    config_path = tmp_path / 'coder' / 'pyterrier_coder.json'
+    config = json.loads(config_path.read_text())
+    assert config['training']['device'] == 'cpu'
+    config['training']['device'] = 'cuda:1'
+    config_path.write_text(json.dumps(config))
+    assert Coder.load(tmp_path / 'coder').config.device is None
+    assert Coder.load(tmp_path / 'coder', device='cpu').config.device == 'cpu'

@@ -89,3 +89,38 @@ def test_single_process_is_not_distributed(monkeypatch):
     assert dp.shard(batch) is batch
     assert dp.broadcast(3.5) == 3.5 and dp.sum_scalar(2.0) == 2.0 and dp.any(False) is False
     assert distributed.is_main_process()
+
+
+def test_process_group_backend_follows_the_training_device(monkeypatch):
+    """Under torchrun on a GPU machine: NCCL for CUDA tensors and gloo for CPU ones (so ``device='cpu'`` training
+    works there too), this rank's GPU made current only when training on CUDA, and a long timeout (rank 0
+    validates alone while the others wait). torch's CUDA and process-group calls are stood in for."""
+    calls = []
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setattr(distributed.dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(distributed.dist, 'init_process_group', lambda **kw: calls.append(('init', kw)))
+    monkeypatch.setattr(distributed.torch.cuda, 'set_device', lambda d: calls.append(('set_device', d)))
+    monkeypatch.setattr(distributed.torch.cuda, 'is_available', lambda: True)
+    distributed.init(torch.device('cpu'))
+    distributed.init(torch.device('cuda', 1))
+    assert calls[0] == ('init', {'backend': 'cpu:gloo,cuda:nccl', 'timeout': distributed.TIMEOUT})
+    assert calls[1:] == [('set_device', torch.device('cuda', 1)), calls[0]]
+    assert distributed.TIMEOUT.total_seconds() >= 3600
+    monkeypatch.setattr(distributed.torch.cuda, 'is_available', lambda: False)
+    distributed.init(torch.device('cpu'))
+    assert calls[-1] == ('init', {'backend': 'gloo', 'timeout': distributed.TIMEOUT})
+
+
+def test_each_rank_uses_its_own_gpu(monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    assert distributed.local_gpu(4) == 3
+    assert distributed.local_gpu(1) == 0       # a launcher that shows each process only its own GPU
+    monkeypatch.setattr(distributed.torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, 'device_count', lambda: 2)
+    assert distributed.device_for_rank(None) == distributed.device_for_rank('cuda') == 'cuda:1'
+    assert distributed.device_for_rank('cpu') == 'cpu'
+    monkeypatch.delenv('WORLD_SIZE')
+    dp = distributed.DataParallel(torch.device('cuda', 1))
+    assert not dp.enabled and dp._reduce_device() == torch.device('cuda', 1)
+    assert distributed.DataParallel(torch.device('cpu'))._reduce_device() == torch.device('cpu')

@@ -221,3 +221,54 @@ def test_encoding_on_several_devices_matches_one(tiny_encoder, tiny_collection, 
     assert list(got) == list(want)
     for docno in want:
         np.testing.assert_allclose(got[docno], want[docno], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def random_flex(tmp_path_factory):
+    """A FlexIndex of 1,500 random vectors: more than the 1000 results pyterrier-dr's faiss retriever returns."""
+    import pyterrier_dr
+    vecs = np.random.default_rng(0).standard_normal((1500, 8)).astype(np.float32)
+    flex = pyterrier_dr.FlexIndex(str(tmp_path_factory.mktemp('random') / 'random.flex'), verbose=False)
+    flex.indexer(mode='overwrite').index([{'docno': f'd{i}', 'doc_vec': v} for i, v in enumerate(vecs)])
+    return flex, vecs
+
+
+def test_faiss_flat_returns_k_results_like_exact_search(random_flex):
+    pytest.importorskip('faiss')
+    from pyterrier_coder.encoders import search_transformer
+    flex, vecs = random_flex
+    queries = pd.DataFrame({'qid': ['a', 'b'], 'query_vec': list(vecs[[3, 7]] + 0.1)})
+    exact = search_transformer(flex, 1200)(queries)
+    flat = search_transformer(flex, 1200, backend='faiss')(queries)
+    assert flat.groupby('qid').size().tolist() == [1200, 1200]
+    assert flat['docno'].tolist() == exact['docno'].tolist()
+    np.testing.assert_allclose(flat['score'], exact['score'], rtol=1e-5, atol=1e-5)
+
+
+def test_faiss_gpu_follows_what_faiss_sees_not_torch(random_flex, monkeypatch):
+    """faiss-cpu with a CUDA torch: stay on CPU by default, fail clearly when gpu=True. With faiss GPUs (stood in
+    for), the flat index is cloned onto them once and searched there."""
+    faiss = pytest.importorskip('faiss')
+    from pyterrier_coder.encoders import search_transformer
+    flex, vecs = random_flex
+    queries = pd.DataFrame({'qid': ['a'], 'query_vec': list(vecs[[3]])})
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(faiss, 'get_num_gpus', lambda: 0, raising=False)
+    expected = search_transformer(flex, 5, backend='faiss')(queries)['docno'].tolist()
+    with pytest.raises(RuntimeError, match='faiss-gpu'):
+        search_transformer(flex, 5, backend='faiss', gpu=True)
+
+    clones = []
+
+    class ClonerOptions:
+        shard = False
+
+    monkeypatch.setattr(faiss, 'get_num_gpus', lambda: 2, raising=False)
+    monkeypatch.setattr(faiss, 'GpuMultipleClonerOptions', ClonerOptions, raising=False)
+    monkeypatch.setattr(faiss, 'index_cpu_to_all_gpus', lambda index, co=None: clones.append(co.shard) or index,
+                        raising=False)
+    for _ in range(2):
+        assert search_transformer(flex, 5, backend='faiss')(queries)['docno'].tolist() == expected
+    assert clones == [True]
+    with pytest.raises(ValueError, match='2048'):
+        search_transformer(flex, 3000, backend='faiss')

@@ -142,3 +142,91 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
 def test_resume_needs_checkpoint_dir():
     with pytest.raises(ValueError, match='checkpoint_dir'):
         _loop(torch.nn.Linear(4, 1), TrainingConfig(max_steps=2, verbose=False, device='cpu')).run(resume=True)
+
+
+# --- GPU-only branches, with torch's CUDA calls stood in for (no GPU here) ----------------------------------------
+
+def test_cuda_amp_uses_bf16_only_where_the_gpu_computes_it(monkeypatch):
+    """T4/V100 emulate bf16 (slow): torch's default ``is_bf16_supported()`` counts them, ours must not."""
+    from pyterrier_coder._util import cuda_amp_dtype
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
+    assert cuda_amp_dtype() == torch.float16            # emulation only (compute capability < 8)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
+    assert cuda_amp_dtype() == torch.bfloat16           # A100 and later
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: False)     # an older torch without the argument
+    assert cuda_amp_dtype() == torch.float16
+
+
+def test_cuda_rng_is_restored_on_the_training_device_only(monkeypatch):
+    from pyterrier_coder.training import restore_cuda_rng
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: calls.append((state, device)))
+    cuda1 = torch.device('cuda', 1)
+    restore_cuda_rng('state1', cuda1)
+    restore_cuda_rng(['s0', 's1'], cuda1)             # an earlier checkpoint: one state per visible GPU
+    restore_cuda_rng(['s0'], cuda1)                   # ... saved on a machine with fewer GPUs: nothing to restore
+    restore_cuda_rng('state', torch.device('cpu'))
+    restore_cuda_rng(None, cuda1)
+    assert calls == [('state1', cuda1), ('s1', cuda1)]
+
+
+class _SkippingScaler:
+    """The fp16 GradScaler's behaviour when a step's gradients overflow: the step is skipped, the scale halves."""
+
+    def __init__(self, overflow_at):
+        self.overflow_at, self.calls, self.scale = set(overflow_at), 0, 1024.0
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return self.scale
+
+    def unscale_(self, optimizer):
+        pass
+
+    def step(self, optimizer):
+        self.calls += 1
+        if self.calls not in self.overflow_at:
+            optimizer.step()
+
+    def update(self):
+        if self.calls in self.overflow_at:
+            self.scale /= 2
+
+
+def test_schedule_does_not_advance_on_steps_the_fp16_scaler_skipped():
+    module = torch.nn.Linear(4, 1)
+    loop = _loop(module, TrainingConfig(max_steps=4, verbose=False, device='cpu'))
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    scaler = _SkippingScaler(overflow_at={1, 2})
+    for _ in range(4):
+        module(torch.ones(1, 4)).sum().backward()
+        loop._optimizer_step(optimizer, scheduler, scaler)
+    assert scheduler.last_epoch == 2                   # 4 steps, 2 skipped: the schedule counts the 2 real ones
+
+
+def test_resume_ignores_the_state_of_a_scaler_that_was_off(tmp_path, monkeypatch):
+    """A checkpoint written on CPU (or in bf16) holds an empty scaler state; resuming where fp16 AMP scales the loss
+    must not fail on it (GradScaler.load_state_dict rejects an empty state)."""
+    config = TrainingConfig(lr=0.05, max_steps=4, eval_every=None, verbose=False, device='cpu',
+                            checkpoint_dir=str(tmp_path / 'ckpt'), checkpoint_every=2)
+    _loop(torch.nn.Linear(4, 1), config.replace(max_steps=2)).run()
+    assert torch.load(tmp_path / 'ckpt' / 'checkpoint.pt', weights_only=False)['scaler'] == {}
+
+    class EnabledScaler(torch.amp.GradScaler):
+        def is_enabled(self):
+            return True
+
+        def load_state_dict(self, state):
+            raise AssertionError('an empty scaler state was loaded')
+
+        def step(self, optimizer):
+            optimizer.step()
+
+        def get_scale(self):
+            return 1.0
+    monkeypatch.setattr(torch.amp, 'GradScaler', lambda *a, **k: EnabledScaler('cpu', enabled=False))
+    history = _loop(torch.nn.Linear(4, 1), config).run(resume=True)
+    assert history['resumed_at'] == 2 and history['steps'] == 4
