@@ -402,7 +402,7 @@ All three encode queries in batches of 64 (Coder's inference_batch_size default 
 
     times = interleaved({'coder': run_coder, 'dr': run_dr, 'floor': run_floor},
                         warmup=size['warmup'], repeats=size['repeats'], sync=sync)
-    # same work? the top-10 of each query must agree (Coder divides by its temperature; ranking is unchanged)
+    # same work? the top-10 of each query must agree (the same ranking)
     a = out['coder'].sort_values(['qid', 'rank']).groupby('qid').head(10)
     b = out['dr'].sort_values(['qid', 'rank']).groupby('qid').head(10)
     same = a['docno'].tolist() == b['docno'].tolist()

@@ -60,7 +60,7 @@ class Adore(DenseQueryTrainer):
         search: ``'exact'`` (blocked torch matmul over the memory-mapped index, on the training device) or
             ``'faiss'`` (faiss flat, or ``'faiss:<factory>'`` e.g. ``'faiss:IVF256,PQ32'`` to train against the
             compressed index that will be deployed; sharded over all GPUs when present).
-        temperature: scores are divided by it (default 0.05 for L2-normalised encoders, else 1).
+        temperature: scores are divided by it in the loss (default 0.05 for L2-normalised encoders, else 1).
         **training: :class:`TrainingConfig` fields (defaults: AdamW, lr 5e-6, 32 queries per batch).
     """
 
@@ -149,9 +149,6 @@ class Adore(DenseQueryTrainer):
             weights = losses.delta_ndcg(t(pos_rank), t(neg_rank), t(pos_gain, torch.float32), t(pos_mask),
                                         self.delta_k, t(ideal, torch.float32))
         return losses.weighted_pairwise_logistic(s_pos, s_neg, weights, pair_mask)
-
-    def _scores(self, queries, ids, mask):
-        return super()._scores(queries, ids, mask) / self.temperature
 
     # --- fit ---------------------------------------------------------------------------------------------------
     def fit(self, train: pd.DataFrame, train_qrels: pd.DataFrame, valid: Optional[pd.DataFrame] = None,

@@ -84,7 +84,8 @@ class Coder(DenseQueryTrainer):
         num_candidates: N, candidates per training query kept from the preceding stage (paper: 1000).
         loss: ``'listnet'`` (KL between softmax of the target weights and of the scores) or ``'margin'``
             (pairwise multi-label max-margin; the paper's ablation).
-        temperature: scores are divided by it before the softmax. Default: 0.05 for L2-normalised encoders
+        temperature: scores are divided by it in the loss's softmax; the scores the model outputs are the plain
+            inner products (as from ``retriever()`` and pyterrier-dr). Default: 0.05 for L2-normalised encoders
             (cosine scores in [-1, 1] are too flat for a softmax over 1000 candidates) else 1.
         min_label: judged documents with ``label >= min_label`` are positives (target mass ∝ ``label_weights``).
         label_weights: ``{label: target weight}``; default: the label value itself (graded).
@@ -132,9 +133,9 @@ class Coder(DenseQueryTrainer):
 
     def _scores(self, queries, ids: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
         if self.head is None:
-            return super()._scores(queries, ids, mask) / self.temperature
+            return super()._scores(queries, ids, mask)
         q = self.encoder.encode_queries_torch(list(queries), batch_size=len(queries))
-        return self.head(q, self._candidate_embeddings(ids).to(q.dtype), mask) / self.temperature
+        return self.head(q, self._candidate_embeddings(ids).to(q.dtype), mask)
 
     def retriever(self, k: int = 1000, *, backend: str = 'exact', **kwargs) -> pt.Transformer:
         if self.head is not None:
@@ -188,9 +189,9 @@ class Coder(DenseQueryTrainer):
         mask = torch.from_numpy((ids >= 0) & keep).to(device)
         scores = self._scores([data.queries[i] for i in batch_idx], ids, mask)
         target = torch.from_numpy(weights).to(device)
-        if self.loss == 'listnet':
-            return losses.listnet_kl(scores, target, mask)
-        return losses.multilabel_margin(scores * self.temperature, target > 0, mask)
+        if self.loss == 'listnet':   # the temperature belongs to the loss: output scores stay inner products
+            return losses.listnet_kl(scores / self.temperature, target, mask)
+        return losses.multilabel_margin(scores, target > 0, mask)
 
     def _refresh(self, step: int) -> None:
         """Dynamic candidates: re-retrieve the top-N with the current encoder and re-inject the positives. A set on

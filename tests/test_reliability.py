@@ -517,7 +517,7 @@ def test_coder_scores_and_trains_on_1000_candidates_of_one_query(env, numeric):
     assert len(out) == 1000 and out['rank'].tolist() == list(range(1000))
     q = env.encoder.encode_queries(['apple juice'])[0]
     vecs = np.asarray(numeric.flex.np_vecs())[EmbeddingStore(numeric.flex).ids(out['docno'])]
-    np.testing.assert_allclose(out['score'], vecs @ q / 0.5, atol=1e-4)
+    np.testing.assert_allclose(out['score'], vecs @ q, atol=1e-5)
     qrels = pd.DataFrame({'qid': ['q'], 'docno': ['3'], 'label': [1]})
     coder.fit(frame, qrels, frame, qrels)
     assert coder.history['training_data']['train_queries'] == 1 and coder.history['steps'] == 2
