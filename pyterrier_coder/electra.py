@@ -299,7 +299,8 @@ class MonoElectra(HubMixin, pt.Estimator):
         if train_batch_size is not None:
             training['batch_size'] = train_batch_size
         # before the model loads: unknown settings fail fast, and the fresh head is initialised from config.seed
-        self.config = split_training_kwargs(PAPER_DEFAULTS.replace(verbose=verbose, device=device), training)
+        self.config = split_training_kwargs(PAPER_DEFAULTS.replace(verbose=verbose, device=device), training,
+                                             COMPONENT)
         self.model_name = str(model)
         path = resolve_model_path(PRESETS.get(self.model_name, self.model_name))
         self.model, self._fresh_parameters = _load_model(path, self.config.seed)

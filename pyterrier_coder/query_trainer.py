@@ -80,7 +80,7 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
         self.prefetch = prefetch
         self._prefetcher = None
         self.verbose = verbose
-        self.config = split_training_kwargs(self.DEFAULTS.replace(verbose=verbose), training)
+        self.config = split_training_kwargs(self.DEFAULTS.replace(verbose=verbose), training, self.COMPONENT)
         self.history = None
         self.fitted = False
 

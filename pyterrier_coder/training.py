@@ -12,6 +12,7 @@ import inspect
 import math
 import random
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable, List, Optional, Sequence
@@ -74,12 +75,14 @@ def accepted_settings(component: type) -> set:
     return accepted
 
 
-def split_training_kwargs(defaults: TrainingConfig, kwargs: dict) -> TrainingConfig:
-    """Pops the TrainingConfig fields out of a component's ``**kwargs`` (so ``Coder(lr=1e-5)`` works)."""
-    names = {f.name for f in dataclasses.fields(TrainingConfig)}
+def split_training_kwargs(defaults: TrainingConfig, kwargs: dict, component: str = 'TrainingConfig') -> TrainingConfig:
+    """Pops the TrainingConfig fields out of a component's ``**kwargs`` (so ``Coder(lr=1e-5)`` works); anything
+    else fails with the list of training settings (the component's own arguments are named in its signature)."""
+    names = [f.name for f in dataclasses.fields(TrainingConfig)]
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
     if kwargs:
-        raise TypeError(f'unexpected arguments {sorted(kwargs)}')
+        raise TypeError(f'{component}: unexpected arguments {sorted(kwargs)}; besides its own arguments it takes '
+                        f'these training settings: {", ".join(names)}')
     return defaults.replace(**overrides)
 
 
@@ -339,6 +342,10 @@ class TrainingLoop:
         self.module.to(self.device)
         total = self._total_steps(rng)
         warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
+        if warmup >= total and self.dp.is_main:
+            warnings.warn(f'{self.name}: the warm-up ({warmup} steps) is not shorter than the run ({total} steps), '
+                          f'so the learning rate never reaches lr={config.lr:g}; give warmup as a fraction of the '
+                          f'run (warmup=0.1) or train for more steps')
         optimizer = make_optimizer(self.param_groups or self.module.parameters(), config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total, config.schedule))
         use_scaler = self.amp and self.device.type == 'cuda' and cuda_amp_dtype() == torch.float16

@@ -230,3 +230,15 @@ def test_resume_ignores_the_state_of_a_scaler_that_was_off(tmp_path, monkeypatch
     monkeypatch.setattr(torch.amp, 'GradScaler', lambda *a, **k: EnabledScaler('cpu', enabled=False))
     history = _loop(torch.nn.Linear(4, 1), config).run(resume=True)
     assert history['resumed_at'] == 2 and history['steps'] == 4
+
+
+def test_warm_up_as_long_as_the_run_warns():
+    """CODER's paper default warms up for 9,000 steps: a 10-step run would never reach its lr, silently."""
+    with pytest.warns(UserWarning, match='never reaches lr'):
+        _loop(torch.nn.Linear(4, 1), TrainingConfig(max_steps=10, warmup=9000, verbose=False, device='cpu')).run()
+
+
+def test_unknown_keyword_lists_the_training_settings():
+    from pyterrier_coder.training import TrainingConfig as Config
+    with pytest.raises(TypeError, match=r"Coder: unexpected arguments \['learning_rate'\].*\blr\b.*max_steps"):
+        split_training_kwargs(Config(), {'learning_rate': 1e-5}, 'Coder')
