@@ -212,7 +212,8 @@ class Adore(DenseQueryTrainer):
         try:
             history = self._run(self._loss, self._batches_of_queries(len(self._queries)),
                                 self._validation_fn(valid, valid_qrels),
-                                name=f'ADORE ({"dynamic" if self.dynamic else "static"})', resume=resume)
+                                name=f'ADORE ({"dynamic" if self.dynamic else "static"})', resume=resume,
+                                training_data=(self._queries, self._positives, self._gains))
         finally:
             for name in ('_positives', '_gains', '_queries', '_static'):
                 self.__dict__.pop(name, None)

@@ -271,12 +271,13 @@ class Coder(DenseQueryTrainer):
         if not len(candidates):
             raise ValueError('Coder.fit: no training query has a judged positive in the index')
         self._prepare_device()
-        self._train = candidates
+        self._train = data = candidates
         self._refresh_root = None
         try:
             history = self._run(self._loss, self._sample_batches(len(self._train)),
                                 self._validation_fn(valid, valid_qrels), before_step=self._refresh,
-                                name=f'Coder ({self.loss})', resume=resume, batch_ids=self._batch_ids)
+                                name=f'Coder ({self.loss})', resume=resume, batch_ids=self._batch_ids,
+                                training_data=(data.qids, data.queries, data.docids, data.labels))
             history['training_data'] = self._train.stats | {'train_queries': len(self._train)}
         finally:
             del self._train

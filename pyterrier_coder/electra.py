@@ -26,7 +26,7 @@ from . import losses
 from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, model_max_tokens, read_component_config,
                     tokenize_truncated, validate_columns, write_component_config)
 from .encoders import resolve_model_path
-from .mining import check_lower_labels, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
+from .mining import check_lower_labels, fingerprint, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .training import TrainingConfig, TrainingLoop, autocast_for, cpu_computes_bf16, split_training_kwargs
 
 COMPONENT = 'MonoElectra'
@@ -504,9 +504,12 @@ class MonoElectra(HubMixin, pt.Estimator):
             raise ValueError(f'{COMPONENT}.fit: no training query has a judged positive (label >= {self.min_label}) '
                              f'with text')
         self._train.queries = self._truncate_queries(self._train.queries)
+        data = self._train
         loop = TrainingLoop(self.model, self.config, sample_batches=self._sample_batches, loss_fn=self._loss,
                             validate=validate, name=f'{COMPONENT} ({self.loss}, n={self.group_size})',
-                            param_groups=self._param_groups())
+                            param_groups=self._param_groups(),
+                            identity=lambda: {'settings': self.settings(), 'training_data': fingerprint(
+                                data.qids, data.queries, data.positives, data.negatives)})
         try:
             history = loop.run(resume=resume)
         finally:

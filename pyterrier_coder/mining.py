@@ -566,6 +566,30 @@ def _fingerprint(frame: pd.DataFrame) -> str:
     return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()
 
 
+def fingerprint(*parts) -> str:
+    """sha256 of training data: numeric arrays (read in chunks of rows, so a memory-mapped candidate set is not
+    loaded whole), strings and numbers, and sequences of these (e.g. per-query arrays of docnos)."""
+    digest = hashlib.sha256()
+
+    def feed(part):
+        if isinstance(part, np.ndarray) and part.dtype != object:
+            digest.update(f'{part.dtype}{part.shape}'.encode())
+            for start in range(0, len(part), 65536):
+                digest.update(np.ascontiguousarray(part[start:start + 65536]).tobytes())
+        elif part is None or isinstance(part, (str, bytes, int, float, np.generic)):
+            digest.update(repr(part).encode() + b'\x1f')
+        elif isinstance(part, np.ndarray) or (isinstance(part, list) and all(isinstance(s, str) for s in part)):
+            digest.update(('\x1e'.join(map(str, part)) + '\x1d').encode())    # strings, in one call
+        else:
+            digest.update(b'[')
+            for item in part:
+                feed(item)
+            digest.update(b']')
+    for part in parts:
+        feed(part)
+    return digest.hexdigest()
+
+
 def mine_candidates_to_disk(first_stage, topics: pd.DataFrame, qrels: pd.DataFrame, index, path, *,
                             chunk_size: int = 1000, num_candidates: int = 1000, inject_positives: bool = True,
                             min_label: int = 1, on_missing: str = 'error', resume: bool = False,

@@ -24,8 +24,8 @@ from torch import nn
 from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, read_component_config, validate_columns,
                     write_component_config)
 from .encoders import DenseEncoder, DenseIndex
-from .mining import (EmbeddingStore, GatherPrefetcher, group_order, normalise_frame, normalise_qrels, normalised,
-                     pad_groups)
+from .mining import (EmbeddingStore, GatherPrefetcher, fingerprint, group_order, normalise_frame, normalise_qrels,
+                     normalised, pad_groups)
 from .training import TrainingConfig, TrainingLoop, split_training_kwargs
 
 VALIDATE_WITH = ('rerank', 'retrieve')
@@ -234,16 +234,19 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
         return device
 
     def _run(self, loss_fn, sample_batches, validate, *, before_step=None, name=None, resume=False,
-             batch_ids=None) -> dict:
+             batch_ids=None, training_data=None) -> dict:
         """Runs the TrainingLoop. ``batch_ids``: ``fn(micro_batch)`` -> the candidate row ids its loss will gather;
-        when given (and ``prefetch`` is on), the next batch's are gathered in the background while a step runs."""
+        when given (and ``prefetch`` is on), the next batch's are gathered in the background while a step runs.
+        ``training_data``: the parts of the training data that :func:`~pyterrier_coder.mining.fingerprint` hashes
+        for the checkpoint's identity (with the settings), so ``resume=True`` cannot continue another run."""
         if batch_ids is not None and self.prefetch:
             self._prefetcher = GatherPrefetcher(self.store, self.encoder.device)
         prefetch = (lambda part: self._prefetcher.request(batch_ids(part))) if self._prefetcher is not None else None
         try:
             loop = TrainingLoop(self.trainable_module(), self.config, sample_batches=sample_batches, loss_fn=loss_fn,
                                 validate=validate, before_step=before_step, name=name or self.COMPONENT,
-                                prefetch=prefetch)
+                                prefetch=prefetch, identity=lambda: {'settings': self.settings(),
+                                                                     'training_data': fingerprint(training_data)})
             history = loop.run(resume=resume)
             if self._prefetcher is not None:
                 history['prefetched_batches'] = self._prefetcher.hits

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import random
 import time
@@ -191,14 +192,19 @@ class TrainingLoop:
             step runs, so the trainer can read that batch's data in the background (CODER's candidate embeddings);
             not called for the first batch of an epoch (it is drawn when the epoch starts).
         name: shown on the progress bar.
+        identity: ``fn() -> dict`` describing what is trained beyond the config (the component's settings, a
+            fingerprint of its training data); with ``checkpoint_dir`` it is saved, and ``resume=True`` refuses a
+            checkpoint of another run instead of silently continuing it.
     """
 
     def __init__(self, module: torch.nn.Module, config: TrainingConfig, *,
                  sample_batches: Callable[[int, np.random.Generator], List], loss_fn: Callable,
                  validate: Optional[Callable[[], float]] = None,
                  before_step: Optional[Callable[[int], None]] = None, name: str = 'training',
-                 prefetch: Optional[Callable] = None, param_groups: Optional[List[dict]] = None):
+                 prefetch: Optional[Callable] = None, param_groups: Optional[List[dict]] = None,
+                 identity: Optional[Callable[[], dict]] = None):
         self.module = module
+        self.identity = identity
         self.config = config
         self.sample_batches = sample_batches
         self.loss_fn = loss_fn
@@ -312,11 +318,12 @@ class TrainingLoop:
         torch.save(payload, tmp)
         os.replace(tmp, path)
 
-    def _load_checkpoint(self, optimizer, scheduler, scaler) -> Optional[dict]:
+    def _load_checkpoint(self, optimizer, scheduler, scaler, identity: Optional[dict]) -> Optional[dict]:
         path = self._checkpoint_path()
         if path is None or not path.exists():
             return None
         payload = torch.load(path, map_location='cpu', weights_only=False)
+        self._check_same_run(payload.get('identity'), identity)    # before anything is restored
         self.module.load_state_dict(payload.pop('model'))
         optimizer.load_state_dict(payload.pop('optimizer'))
         scheduler.load_state_dict(payload.pop('scheduler'))
@@ -329,6 +336,25 @@ class TrainingLoop:
         torch.set_rng_state(rng['torch'])
         restore_cuda_rng(rng['cuda'], self.device)
         return payload
+
+    #: config fields that may change between an interrupted run and its resumption (where and how it runs, not what)
+    RESUMABLE_CHANGES = ('verbose', 'device', 'amp', 'checkpoint_dir', 'checkpoint_every')
+
+    def _run_identity(self) -> dict:
+        config = {k: v for k, v in self.config.as_dict().items() if k not in self.RESUMABLE_CHANGES}
+        return json.loads(json.dumps({'config': config, **(self.identity() if self.identity else {})}, default=str))
+
+    def _check_same_run(self, saved: Optional[dict], current: dict) -> None:
+        """Fails when the checkpoint was written by another run (checkpoints of earlier versions carry no identity)."""
+        if saved is None or saved == current:
+            return
+        changes = [f'{name}: {saved["config"].get(name)!r} there, {value!r} here'
+                   for name, value in current['config'].items() if saved['config'].get(name) != value]
+        changes += [f'other {key.replace("_", " ")}' for key in current
+                    if key != 'config' and saved.get(key) != current[key]]
+        raise ValueError(f'{self.name}: the checkpoint in {self.config.checkpoint_dir} was written by another run '
+                         f'({"; ".join(changes)}); resume=True only continues the same run. Delete it, or use '
+                         f'another checkpoint_dir, to start over')
 
     def run(self, resume: bool = False) -> dict:
         """Trains, restores the best validated weights, and returns the history dict.
@@ -354,7 +380,9 @@ class TrainingLoop:
                  'history': {'metric': config.metric, 'loss': [], 'eval': [], 'lr': [], 'total_steps': total,
                              'best_step': 0, 'best_metric': None, 'stopped_early': False, 'config': config.as_dict()},
                  'best_state': None, 'best_value': -math.inf, 'bad_evals': 0}
-        restored = self._load_checkpoint(optimizer, scheduler, scaler) if resume else None
+        if config.checkpoint_dir:
+            state['identity'] = self._run_identity()
+        restored = self._load_checkpoint(optimizer, scheduler, scaler, state.get('identity')) if resume else None
         if restored is not None:
             state = restored
             state['history']['resumed_at'] = state['step']

@@ -244,6 +244,13 @@ def test_coder_resume_matches_uninterrupted_run(setup, tmp_path, monkeypatch):
     assert resumed.history['resumed_at'] == 4
     assert [v for _, v in resumed.history['eval']] == [v for _, v in reference.history['eval']]
     np.testing.assert_array_equal(resumed(res)['score'], reference(res)['score'])
+    other_queries = res[res['qid'] != res['qid'].iloc[0]]      # the same settings, other training data
+    with pytest.raises(ValueError, match='another run.*other training data'):
+        Coder(dense, encoder, checkpoint_dir=str(tmp_path / 'c'), checkpoint_every=4, **options).fit(
+            other_queries, qrels, res, qrels, resume=True)
+    with pytest.raises(ValueError, match='another run.*other settings'):
+        Coder(dense, encoder, checkpoint_dir=str(tmp_path / 'c'), checkpoint_every=4, loss='margin',
+              **options).fit(res, qrels, res, qrels, resume=True)
 
 
 # --- reranking: the vectorised frame handling gives pyterrier's own result -------------------------------------

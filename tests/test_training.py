@@ -212,7 +212,15 @@ def test_resume_ignores_the_state_of_a_scaler_that_was_off(tmp_path, monkeypatch
     must not fail on it (GradScaler.load_state_dict rejects an empty state)."""
     config = TrainingConfig(lr=0.05, max_steps=4, eval_every=None, verbose=False, device='cpu',
                             checkpoint_dir=str(tmp_path / 'ckpt'), checkpoint_every=2)
-    _loop(torch.nn.Linear(4, 1), config.replace(max_steps=2)).run()
+    calls = {'n': 0}
+
+    def crash_at_3(loss):
+        calls['n'] += 1
+        if calls['n'] == 3:
+            raise _Interrupt('simulated crash')
+        return loss
+    with pytest.raises(_Interrupt):
+        _loop(torch.nn.Linear(4, 1), config, loss_hook=crash_at_3).run()
     assert torch.load(tmp_path / 'ckpt' / 'checkpoint.pt', weights_only=False)['scaler'] == {}
 
     class EnabledScaler(torch.amp.GradScaler):
@@ -242,3 +250,22 @@ def test_unknown_keyword_lists_the_training_settings():
     from pyterrier_coder.training import TrainingConfig as Config
     with pytest.raises(TypeError, match=r"Coder: unexpected arguments \['learning_rate'\].*\blr\b.*max_steps"):
         split_training_kwargs(Config(), {'learning_rate': 1e-5}, 'Coder')
+
+
+def test_resume_refuses_the_checkpoint_of_another_run(tmp_path):
+    """A reused checkpoint_dir with resume=True must not silently continue a run of other settings or data."""
+    config = TrainingConfig(lr=0.05, max_steps=4, eval_every=None, verbose=False, device='cpu',
+                            checkpoint_dir=str(tmp_path / 'ckpt'), checkpoint_every=2)
+    first = torch.nn.Linear(4, 1)
+    _loop(first, config).run()
+    module = torch.nn.Linear(4, 1)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=r"another run \(lr: 0.05 there, 0.001 here\)"):
+        _loop(module, config.replace(lr=1e-3)).run(resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))     # nothing was restored
+    loop = _loop(module, config)
+    loop.identity = lambda: {'training_data': 'other'}
+    with pytest.raises(ValueError, match='other training data'):
+        loop.run(resume=True)
+    history = _loop(module, config.replace(verbose=True, device='cpu')).run(resume=True)   # the same run
+    assert history['resumed_at'] == 4
