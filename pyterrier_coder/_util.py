@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +66,26 @@ def faiss_to_gpus(index):
         return faiss.index_cpu_to_gpus_list(index, co=options, gpus=[local_gpu(faiss_gpu_count())])
     options.shard = True
     return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def check_document(doc, number: int, seen: set, *, text_field: str = 'text') -> dict:
+    """``{'docno', text_field}`` of the ``number``-th document of a corpus being indexed, or a ValueError naming it:
+    not a dict, a docno that is not a non-empty str without whitespace, a text that is not a str, or a docno
+    already in ``seen`` (to which it is then added). Every indexer checks its corpus with it."""
+    if not isinstance(doc, dict):
+        raise ValueError(f'Document {number}: expected a dict, got {type(doc).__name__}')
+    docno, text = doc.get('docno'), doc.get(text_field)
+    if not isinstance(docno, str) or not docno:
+        raise ValueError(f'Document {number}: docno must be a non-empty str, got {docno!r}')
+    if not isinstance(text, str):
+        found = f'no {text_field!r} field (fields: {sorted(doc)})' if text_field not in doc else type(text).__name__
+        raise ValueError(f'Document {number} ({docno!r}): {text_field} must be a str, got {found}')
+    if re.search(r'[\s\x00]', docno):
+        raise ValueError(f'Document {number}: docno {docno!r} contains whitespace or NUL')
+    if docno in seen:
+        raise ValueError(f'Document {number}: duplicate docno {docno!r}')
+    seen.add(docno)
+    return {'docno': docno, text_field: text}
 
 
 def write_component_config(path, component: str, settings: dict, **extra) -> None:

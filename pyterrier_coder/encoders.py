@@ -24,8 +24,9 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from ._util import (FAISS_GPU_MAX_K, check_component_dir, cuda_amp_dtype, faiss_gpu_count, faiss_to_gpus,
-                    infer_device, model_max_tokens, tokenize_truncated, validate_columns, write_component_config)
+from ._util import (FAISS_GPU_MAX_K, check_component_dir, check_document, cuda_amp_dtype, faiss_gpu_count,
+                    faiss_to_gpus, infer_device, model_max_tokens, tokenize_truncated, validate_columns,
+                    write_component_config)
 
 POOLINGS = ('cls', 'mean')
 
@@ -283,10 +284,11 @@ class DenseIndex:
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
         executor = ThreadPoolExecutor(len(encoders)) if len(encoders) > 1 else None
-        resumed = 0
+        resumed, seen = 0, set()
         try:
             for number, chunk in enumerate(_chunks(corpus_iter, batch_size)):
-                docnos = [str(d['docno']) for d in chunk]
+                chunk = [check_document(doc, len(seen) + 1, seen, text_field=field) for doc in chunk]
+                docnos = [d['docno'] for d in chunk]
                 saved = work / f'chunk{number:07d}.npz' if work is not None else None
                 if saved is not None and saved.exists():
                     stored = np.load(saved, allow_pickle=False)
@@ -309,6 +311,8 @@ class DenseIndex:
             progress.close()
             if executor is not None:
                 executor.shutdown()
+        if len(seen) < 2:   # pyterrier-dr's docno store cannot hold fewer than two (it divides by zero)
+            raise ValueError(f'DenseIndex.index: the corpus has {len(seen)} document(s); at least 2 are needed')
         if resumed and self.verbose:
             print(f'DenseIndex.index: {resumed} documents were read back from {work} (resumed)')
 

@@ -29,7 +29,7 @@ import pandas as pd
 import pyterrier as pt
 import pyterrier_alpha as pta
 
-from ._util import validate_columns
+from ._util import check_document, validate_columns
 
 __all__ = ['BM25', 'TextLoader', 'terrier_unavailable_reason']
 
@@ -460,23 +460,13 @@ class _CheckedDocs:
 
     def _check(self, doc) -> dict:
         n = self.count + 1
-        if not isinstance(doc, dict):
-            raise ValueError(f'Document {n}: expected a dict, got {type(doc).__name__}')
-        docno, text = doc.get('docno'), doc.get('text')
-        if not isinstance(docno, str) or not docno:
-            raise ValueError(f'Document {n}: docno must be a non-empty str, got {docno!r}')
-        if not isinstance(text, str):
-            raise ValueError(f'Document {n} ({docno!r}): text must be a str, got {type(text).__name__}')
-        if re.search(r'[\s\x00]', docno):
-            raise ValueError(f'Document {n}: docno {docno!r} contains whitespace or NUL')
+        doc = check_document(doc, n, self._seen)
+        docno = doc['docno']
         if self.max_docno_bytes is not None and len(docno.encode('utf-8')) > self.max_docno_bytes:
             raise ValueError(f'Document {n}: docno {docno[:40]!r}... is longer than the {self.max_docno_bytes} '
                              'bytes the terrier backend stores')
-        if docno in self._seen:
-            raise ValueError(f'Document {n}: duplicate docno {docno!r}')
-        self._seen.add(docno)
         self.count += 1
-        return {'docno': docno, 'text': text}
+        return doc
 
     def _generate(self, head):
         try:

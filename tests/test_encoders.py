@@ -272,3 +272,22 @@ def test_faiss_gpu_follows_what_faiss_sees_not_torch(random_flex, monkeypatch):
     assert clones == [True]
     with pytest.raises(ValueError, match='2048'):
         search_transformer(flex, 3000, backend='faiss')
+
+
+@pytest.mark.parametrize('corpus, error', [
+    ([{'docno': 'a1', 'text': 'apple'}, {'docno': 'a1', 'text': 'pear'}, {'docno': 'b2', 'text': 'fig'}],
+     "Document 2: duplicate docno 'a1'"),
+    ([{'docno': 'a1', 'text': 'apple'}, {'docno': 'b2', 'body': 'pear'}],
+     r"Document 2 \('b2'\): text must be a str, got no 'text' field"),
+    ([{'docno': 'a1', 'text': 'apple'}, {'docno': 'b2', 'text': None}], 'text must be a str, got NoneType'),
+    ([{'docno': 'a 1', 'text': 'apple'}], 'whitespace'),
+    ([], 'has 0 document'),
+    ([{'docno': 'a1', 'text': 'apple'}], 'has 1 document'),
+])
+def test_indexing_checks_the_corpus_as_bm25_does(tiny_encoder, tmp_path, corpus, error):
+    """Bad corpora fail naming the document, not later in pandas or pyterrier-dr (duplicates made the scorer fail
+    with 'Reindexing only valid with uniquely valued Index objects'; an empty corpus with a struct.error)."""
+    dense = DenseIndex(tiny_encoder, tmp_path / 'bad.flex', verbose=False)
+    with pytest.raises(ValueError, match=error):
+        dense.index(iter(corpus))
+    assert not dense.built()
