@@ -11,6 +11,7 @@ Example::
     dataset = load_dataset('../shared/datasets/nfcorpus')
     topics, qrels = dataset.get_topics('test'), dataset.get_qrels('test')
 """
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -70,6 +71,7 @@ class LocalDataset(Dataset):
         if not self.path.is_dir():
             raise FileNotFoundError(f'Dataset directory not found: {str(self.path)!r}')
         self._num_docs = None
+        self._corpus_store = None
 
     def __repr__(self):
         return f'LocalDataset({str(self.path)!r})'
@@ -127,6 +129,15 @@ class LocalDataset(Dataset):
                 if not isinstance(doc['text'], str):
                     raise DatasetError(f'{file}:{lineno}: text must be a string, got {type(doc["text"]).__name__}')
                 yield doc
+
+    def text_loader(self, fields='*', *, verbose: bool = False, **kwargs) -> pt.Transformer:
+        """A transformer adding document fields (``text``, or any field of ``corpus.jsonl``) by ``docno``, so
+        ``pt.text.get_text(dataset)`` works as with ir_datasets. The corpus is read into memory on first use: fine
+        for test collections of this layout; for a large corpus use ``BM25(..., text=True).text_loader()``."""
+        from .retrievers import TextLoader
+        if self._corpus_store is None:
+            self._corpus_store = _CorpusStore(self, verbose)
+        return TextLoader(self._corpus_store, fields)
 
     # -- topics and qrels --------------------------------------------------------------------------
 
@@ -232,3 +243,20 @@ class LocalDataset(Dataset):
         if not file.is_file():
             raise FileNotFoundError(f'{self!r}: {file} not found')
         return file
+
+
+class _CorpusStore:
+    """The documents of a :class:`LocalDataset`'s corpus by docno, for :class:`~pyterrier_coder.retrievers.TextLoader`."""
+
+    def __init__(self, dataset: LocalDataset, verbose: bool = False):
+        self.label = str(dataset.path)
+        self.docs = {doc['docno']: doc for doc in dataset.get_corpus_iter(verbose=verbose)}
+        self.fields = list(dict.fromkeys(f for doc in itertools.islice(self.docs.values(), 1000) for f in doc
+                                         if f != 'docno'))
+
+    def get(self, docnos, field: str = 'text') -> list:
+        docnos = [str(d) for d in docnos]
+        missing = [d for d in dict.fromkeys(docnos) if d not in self.docs]
+        if missing:
+            raise KeyError(f'{len(missing)} docno(s) not in the corpus of {self.label!r}, e.g. {missing[:5]}')
+        return [self.docs[d].get(field) for d in docnos]

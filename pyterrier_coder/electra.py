@@ -84,10 +84,7 @@ def _lookup_texts(docnos: Sequence[str], source: Optional[TextSource], text_fiel
         return {}
     docnos = list(docnos)
     if isinstance(source, pt.Transformer):
-        frame = source(pd.DataFrame({'qid': ['0'] * len(docnos), 'docno': docnos}))
-        if text_field not in frame.columns:
-            raise _missing_text_error(text_field, f'texts loader output ({source!r})')
-        found = dict(zip(frame['docno'].astype(str), frame[text_field]))
+        found = _loader_texts(source, docnos, text_field)
     elif isinstance(source, Mapping):
         found = {d: source[d] for d in docnos if d in source}
     elif callable(source):
@@ -101,6 +98,22 @@ def _lookup_texts(docnos: Sequence[str], source: Optional[TextSource], text_fiel
         raise TypeError(f'{COMPONENT}: texts must be a callable docno -> text, a mapping or a pt.Transformer '
                         f'text loader, got {type(source).__name__}')
     return {d: t for d, t in zip(found, _clean_text(found.values())) if found[d] is not None}
+
+
+def _loader_texts(loader: pt.Transformer, docnos: List[str], text_field: str) -> Dict[str, str]:
+    """Text of ``docnos`` from a text loader. Loaders raise a KeyError for a docno they do not hold (e.g. a docstore
+    of part of the corpus), so a failed request is split in halves until the docnos it can give are found."""
+    try:
+        frame = loader(pd.DataFrame({'qid': ['0'] * len(docnos), 'docno': docnos}))
+    except KeyError:
+        if len(docnos) == 1:
+            return {}
+        middle = len(docnos) // 2
+        return {**_loader_texts(loader, docnos[:middle], text_field), **_loader_texts(loader, docnos[middle:],
+                                                                                       text_field)}
+    if text_field not in frame.columns:
+        raise _missing_text_error(text_field, f'texts loader output ({loader!r})')
+    return dict(zip(frame['docno'].astype(str), frame[text_field]))
 
 
 def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_field: str = 'text',

@@ -245,9 +245,10 @@ class BM25(pt.Transformer):
         clone._handle = self._handle
         return clone
 
-    def text_loader(self) -> 'TextLoader':
-        """Returns a transformer that adds the ``text`` of each ``docno`` from this index's docstore."""
-        return TextLoader(self._handle.docstore())
+    def text_loader(self, fields='*', *, verbose: bool = False, **kwargs) -> 'TextLoader':
+        """Returns a transformer that adds the ``text`` of each ``docno`` from this index's docstore (PyTerrier's
+        text-loader protocol, so ``pt.text.get_text(bm25)`` works too; the docstore holds the ``text`` field only)."""
+        return TextLoader(self._handle.docstore(), fields)
 
     def num_docs(self) -> int:
         """Returns the number of indexed documents."""
@@ -273,17 +274,29 @@ def _read_meta(path: Path) -> Optional[dict]:
 
 
 class TextLoader(pt.Transformer):
-    """Adds a ``text`` column by looking up each ``docno`` in a BM25 index's docstore."""
+    """Adds document fields (``text`` by default) by looking up each ``docno`` in a store: a BM25 index's docstore
+    or a local dataset's corpus. A docno the store does not hold raises a KeyError naming a few.
 
-    def __init__(self, docstore: '_DocStore'):
+    ``fields``: ``'*'`` (every field the store has), one field name, or a list of them (PyTerrier's
+    ``text_loader`` convention)."""
+
+    def __init__(self, docstore, fields='*'):
+        available = list(docstore.fields)
+        wanted = available if fields == '*' else [fields] if isinstance(fields, str) else list(fields)
+        unknown = [f for f in wanted if f not in available]
+        if unknown:
+            raise ValueError(f'TextLoader: {unknown} not stored in {docstore.label}, which has {available}')
         self.docstore = docstore
+        self.fields = wanted
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         pta.validate.columns(inp, includes=['docno'])
-        return inp.assign(text=pd.Series(self.docstore.get(inp['docno']), index=inp.index, dtype=object))
+        return inp.assign(**{field: pd.Series(self.docstore.get(inp['docno'], field), index=inp.index, dtype=object)
+                             for field in self.fields})
 
     def __repr__(self):
-        return f'TextLoader({str(self.docstore.path.parent)!r})'
+        fields = '' if self.fields == list(self.docstore.fields) else f', {self.fields!r}'
+        return f'TextLoader({self.docstore.label!r}{fields})'
 
 
 # -- index handle (backend retrievers + docstore, opened once) ---------------------------------------
@@ -394,10 +407,16 @@ class _DocStore:
         size = int(self.offsets[-1])
         self.text = np.memmap(path / 'text.bin', dtype=np.uint8, mode='r') if size else np.zeros(0, np.uint8)
 
+    fields = ('text',)
+
+    @property
+    def label(self) -> str:
+        return str(self.path.parent)
+
     def __len__(self):
         return len(self.order)
 
-    def get(self, docnos: Iterable[str]) -> List[str]:
+    def get(self, docnos: Iterable[str], field: str = 'text') -> List[str]:
         """Returns the text of each docno. Raises KeyError naming (a few of) the unknown docnos."""
         docnos = [str(d) for d in docnos]
         if not docnos:

@@ -236,3 +236,20 @@ def test_vaswani_counts(vaswani_dataset):
     assert len(topics) == 93
     assert len(qrels) == 2083
     assert topics['qid'].map(type).eq(str).all() and qrels['docno'].map(type).eq(str).all()
+
+
+def test_local_dataset_text_loader(tmp_path):
+    """pt.text.get_text(dataset) works with a local directory as it does with ir_datasets: any corpus field."""
+    root = tmp_path / 'ds'
+    (root / 'topics').mkdir(parents=True)
+    (root / 'corpus.jsonl').write_text(json.dumps({'docno': 'a', 'text': 'apple', 'title': 'A'}) + '\n'
+                                       + json.dumps({'docno': 'b', 'text': 'pear', 'title': 'B'}) + '\n')
+    dataset = load_dataset(root)
+    frame = pd.DataFrame({'qid': ['1', '1', '2'], 'docno': ['b', 'a', 'b']})
+    out = pt.text.get_text(dataset)(frame)
+    assert out['text'].tolist() == ['pear', 'apple', 'pear'] and out['title'].tolist() == ['B', 'A', 'B']
+    assert list(pt.text.get_text(dataset, 'title')(frame).columns) == ['qid', 'docno', 'title']
+    with pytest.raises(KeyError, match=r"1 docno\(s\) not in the corpus.*\['zz'\]"):
+        dataset.text_loader()(pd.DataFrame({'qid': ['1'], 'docno': ['zz']}))
+    with pytest.raises(ValueError, match='body'):
+        dataset.text_loader('body')

@@ -266,6 +266,25 @@ def test_sampler_text_loader_source(bm25, dataset):
     assert all(data.texts[d] == docs[d] for d in data.positives[0])
 
 
+@pytest.mark.filterwarnings('ignore:MonoElectra')
+def test_positives_a_text_loader_lacks_are_skipped_and_counted(bm25, dataset, tmp_path):
+    """A docstore of part of the corpus raises KeyError for the other docnos: those positives are skipped and
+    counted, as from any other texts source (the KeyError ended fit)."""
+    docs = list(dataset.get_corpus_iter(verbose=False))
+    qrels = dataset.get_qrels('train')
+    qid = qrels['qid'].iloc[0]
+    positives = qrels[(qrels['qid'] == qid) & (qrels['label'] >= 1)]['docno'].tolist()
+    assert len(positives) >= 2
+    kept = [d for d in docs if d['docno'] != positives[0]]               # the docstore lacks one positive
+    partial = BM25(tmp_path / 'partial', text=True).index(iter(kept), verbose=False)
+    topics = dataset.get_topics('train')
+    frame = BM25(bm25.path, num_results=20, text=True)(topics[topics.qid == qid])
+    frame = frame[~frame['docno'].isin(qrels['docno'])]
+    data = build_training_groups(frame, qrels, texts=partial.text_loader())
+    assert data.stats['positives_without_text'] == 1
+    assert sorted(data.positives[0]) == sorted(positives[1:])
+
+
 # --- training ----------------------------------------------------------------------------------------------
 
 TRAIN = dict(lr=2e-3, max_steps=60, train_batch_size=4, group_size=8, negatives_from=20, seed=0, eval_every=None)

@@ -354,3 +354,13 @@ def test_vaswani_map_ndcg(vaswani_dataset, vaswani_bm25):
     # '../shared/datasets/vaswani' and its 'all' split.
     assert 0.300 <= res['AP'].iloc[0] <= 0.311
     assert 0.460 <= res['nDCG@10'].iloc[0] <= 0.473
+
+
+def test_text_loader_follows_pyterriers_protocol(tiny_bm25):
+    """pt.text.get_text(indexlike) calls indexlike.text_loader(fields, verbose=...)."""
+    frame = pd.DataFrame({'qid': ['1', '1'], 'docno': ['007', 'd5']})
+    for loader in (pt.text.get_text(tiny_bm25), pt.text.get_text(tiny_bm25, 'text', verbose=True),
+                   tiny_bm25.text_loader(['text'])):
+        assert loader(frame)['text'].tolist() == [TEXTS['007'], TEXTS['d5']]
+    with pytest.raises(ValueError, match=r"\['title'\] not stored in .* which has \['text'\]"):
+        pt.text.get_text(tiny_bm25, 'title')
