@@ -88,6 +88,31 @@ def check_document(doc, number: int, seen: set, *, text_field: str = 'text') -> 
     return {'docno': docno, text_field: text}
 
 
+@contextmanager
+def explained_model_errors(component: str, model: str):
+    """Turns transformers' error for a model that is neither a local directory nor obtainable from the hub (a typo
+    in a path reads as "couldn't connect to huggingface.co" or "Repo id must be in the form...") into one that
+    says so. Errors about a directory that exists pass unchanged."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        if Path(str(model)).expanduser().exists():
+            raise
+        offline = ' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE', '0') not in ('', '0') else ''
+        raise OSError(f'{component}: cannot load the model {str(model)!r}: there is no such local directory (from '
+                      f'{os.getcwd()}), and the Hugging Face hub could not provide it{offline}. Give an existing '
+                      f'model directory or a hub id. ({type(error).__name__}: {str(error)[:200]})') from error
+
+
+def validation_data(valid, valid_qrels, component: str) -> bool:
+    """Whether ``fit`` was given validation data; one of the two without the other is a mistake, not a request to
+    train without validation (which would silently keep the last weights instead of the best)."""
+    if (valid is None) != (valid_qrels is None):
+        given, missing = ('valid', 'valid_qrels') if valid_qrels is None else ('valid_qrels', 'valid')
+        raise ValueError(f'{component}.fit: {given} was given without {missing}; validation needs both')
+    return valid is not None
+
+
 def write_component_config(path, component: str, settings: dict, **extra) -> None:
     """Writes the json that tells which component a directory holds (checked again by ``load``)."""
     from ._version import __version__

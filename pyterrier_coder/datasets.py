@@ -246,7 +246,8 @@ class LocalDataset(Dataset):
 
 
 class _CorpusStore:
-    """The documents of a :class:`LocalDataset`'s corpus by docno, for :class:`~pyterrier_coder.retrievers.TextLoader`."""
+    """The documents of a :class:`LocalDataset`'s corpus by docno (for
+    :class:`~pyterrier_coder.retrievers.TextLoader`)."""
 
     def __init__(self, dataset: LocalDataset, verbose: bool = False):
         self.label = str(dataset.path)

@@ -23,8 +23,9 @@ import pyterrier as pt
 import torch
 
 from . import losses
-from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, model_max_tokens, read_component_config,
-                    tokenize_truncated, validate_columns, write_component_config)
+from ._util import (HubMixin, atomic_write_text, evaluate, explained_model_errors, infer_device, model_max_tokens,
+                    read_component_config, tokenize_truncated, validate_columns, validation_data,
+                    write_component_config)
 from .encoders import resolve_model_path
 from .mining import check_lower_labels, fingerprint, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .training import TrainingConfig, TrainingLoop, autocast_for, cpu_computes_bf16, split_training_kwargs
@@ -213,7 +214,8 @@ def _load_model(model: str, seed: int):
 
 def _load_model_unseeded(model: str):
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    config = AutoConfig.from_pretrained(model)
+    with explained_model_errors(COMPONENT, model):
+        config = AutoConfig.from_pretrained(model)
     archs = config.architectures or []
     if any(a.endswith('ForSequenceClassification') for a in archs):
         net, info = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
@@ -485,7 +487,7 @@ class MonoElectra(HubMixin, pt.Estimator):
         return [{'params': body}, {'params': head, 'lr': self.head_lr}]
 
     def _prepare_validation(self, valid, valid_qrels):
-        if valid is None or valid_qrels is None:
+        if not validation_data(valid, valid_qrels, COMPONENT):
             return None
         if 'docno' not in valid.columns:
             raise ValueError(f'{COMPONENT}.fit: the validation frame needs candidates (qid, query, docno, '

@@ -24,9 +24,9 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from ._util import (FAISS_GPU_MAX_K, check_component_dir, check_document, cuda_amp_dtype, faiss_gpu_count,
-                    faiss_to_gpus, infer_device, model_max_tokens, tokenize_truncated, validate_columns,
-                    write_component_config)
+from ._util import (FAISS_GPU_MAX_K, check_component_dir, check_document, cuda_amp_dtype, explained_model_errors,
+                    faiss_gpu_count, faiss_to_gpus, infer_device, model_max_tokens, tokenize_truncated,
+                    validate_columns, write_component_config)
 
 POOLINGS = ('cls', 'mean')
 
@@ -102,8 +102,11 @@ class DenseEncoder(pyterrier_dr.BiEncoder):
         self.doc_max_length = doc_max_length or settings.get('doc_max_length', 256)
         path = model if saved else resolve_model_path(self.model_name)
         self.device = infer_device(device)
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer) if tokenizer else path)
+        with explained_model_errors('DenseEncoder', path):
+            self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        tokenizer_path = resolve_model_path(tokenizer) if tokenizer else path
+        with explained_model_errors('DenseEncoder', tokenizer_path):
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         #: the most tokens the model can embed; longer settings truncate to it instead of crashing in the model
         self.max_model_length = model_max_tokens(self.model, self.tokenizer, 1 << 30)
 
@@ -328,6 +331,13 @@ class DenseIndex:
     def __len__(self):
         return len(self.flex)
 
+    def _require_built(self, use: str) -> None:
+        if not self.built():
+            raise RuntimeError(f'DenseIndex.{use}: the index {str(self.flex.index_path)!r} is not built yet; call '
+                               f'.index(corpus_iter) first')
+        check_dimensions(self.encoder, self.flex.payload(return_dvecs=False, return_docnos=False)[0]['vec_size'],
+                         self.flex, f'DenseIndex.{use}')
+
     def retriever(self, k: int = 1000, *, backend: str = 'exact', gpu: Optional[bool] = None, **kwargs) -> pt.Transformer:
         """Single-stage retrieval: ``encoder.query_encoder() >> <search over the index>``.
 
@@ -335,8 +345,12 @@ class DenseIndex:
         that faiss sees, i.e. with faiss-gpu installed, unless ``gpu=False``; at most 2048 results per query on
         GPU) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder).
         """
+        self._require_built('retriever')
         inner = self.encoder.query_encoder() >> search_transformer(self.flex, k, backend=backend, gpu=gpu, **kwargs)
-        return _CheckedStage(inner, 'DenseIndex.retriever', 'retrieve', self.flex)
+        options = ''.join(f', {name}={value!r}' for name, value in [('backend', backend), ('gpu', gpu), *kwargs.items()]
+                          if (name, value) not in (('backend', 'exact'), ('gpu', None)))
+        return _CheckedStage(inner, 'DenseIndex.retriever', 'retrieve', self.flex,
+                             label=f'{self!r}.retriever(k={k}{options})')
 
     def scorer(self, *, on_missing: str = 'error') -> pt.Transformer:
         """Re-ranks a result frame (``qid``, ``query``, ``docno``) with the indexed document embeddings.
@@ -344,11 +358,20 @@ class DenseIndex:
         with a warning."""
         if on_missing not in ('error', 'drop'):
             raise ValueError(f"DenseIndex.scorer: on_missing must be 'error' or 'drop', got {on_missing!r}")
+        self._require_built('scorer')
         inner = self.encoder.query_encoder() >> self.flex.scorer()
-        return _CheckedStage(inner, 'DenseIndex.scorer', 'rerank', self.flex, on_missing=on_missing)
+        return _CheckedStage(inner, 'DenseIndex.scorer', 'rerank', self.flex, on_missing=on_missing,
+                             label=f'{self!r}.scorer()')
 
     def __repr__(self):
         return f'DenseIndex({self.encoder!r}, {str(self.flex.index_path)!r})'
+
+
+def check_dimensions(encoder: 'DenseEncoder', index_dim: int, flex, component: str) -> None:
+    """An encoder can only be scored against an index of its own dimension (else a matmul error much later)."""
+    if encoder.dim != index_dim:
+        raise ValueError(f'{component}: the encoder ({encoder!r}) gives {encoder.dim}-d vectors, but the index '
+                         f'{str(flex.index_path)!r} holds {index_dim}-d ones: use the encoder it was built with')
 
 
 def search_transformer(flex, k: int, *, backend: str = 'exact', gpu: Optional[bool] = None, **kwargs) -> pt.Transformer:
@@ -389,8 +412,10 @@ class _CheckedStage(pt.Transformer):
     docnos absent from the index when reranking with ``on_missing='drop'`` (else a KeyError lists them), which
     pyterrier-dr's hashed lookup would otherwise score as some other document. Empty input gives empty output."""
 
-    def __init__(self, inner: pt.Transformer, component: str, mode: str, flex, on_missing: str = 'error'):
+    def __init__(self, inner: pt.Transformer, component: str, mode: str, flex, on_missing: str = 'error', *,
+                 label: Optional[str] = None):
         self.inner = inner
+        self.label = label
         self.component = component
         self.mode = mode
         self.flex = flex
@@ -420,7 +445,7 @@ class _CheckedStage(pt.Transformer):
         return out.drop(columns=[c for c in ('query_vec', 'docid') if c in out.columns])
 
     def __repr__(self):
-        return repr(self.inner)
+        return self.label or repr(self.inner)
 
 
 class _DropQueryVec(pt.Transformer):

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, read_component_config, validate_columns,
-                    write_component_config)
-from .encoders import DenseEncoder, DenseIndex
+                    validation_data, write_component_config)
+from .encoders import DenseEncoder, DenseIndex, check_dimensions
 from .mining import (EmbeddingStore, GatherPrefetcher, fingerprint, group_order, normalise_frame, normalise_qrels,
                      normalised, pad_groups)
 from .training import TrainingConfig, TrainingLoop, split_training_kwargs
@@ -31,12 +31,18 @@ from .training import TrainingConfig, TrainingLoop, split_training_kwargs
 VALIDATE_WITH = ('rerank', 'retrieve')
 
 
-def as_flex_index(index) -> pyterrier_dr.FlexIndex:
+def as_flex_index(index, component: str) -> pyterrier_dr.FlexIndex:
+    """The built FlexIndex of a DenseIndex, a FlexIndex or a path (else FileNotFoundError saying how to build it)."""
     if isinstance(index, DenseIndex):
-        return index.flex
-    if isinstance(index, pyterrier_dr.FlexIndex):
-        return index
-    return pyterrier_dr.FlexIndex(str(index), verbose=False)
+        flex = index.flex
+    elif isinstance(index, pyterrier_dr.FlexIndex):
+        flex = index
+    else:
+        flex = pyterrier_dr.FlexIndex(str(index), verbose=False)
+    if not (Path(flex.index_path) / 'pt_meta.json').exists():
+        raise FileNotFoundError(f'{component}: no dense index at {str(flex.index_path)!r}; build it first with '
+                                f'DenseIndex(encoder, path).index(corpus_iter)')
+    return flex
 
 
 def ranked(frame: pd.DataFrame, rows: np.ndarray, codes: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
@@ -70,8 +76,9 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
             raise ValueError(f"{self.COMPONENT}: on_missing must be 'error' or 'drop', got {on_missing!r}")
         if not isinstance(encoder, DenseEncoder):
             raise TypeError(f'{self.COMPONENT}: encoder must be a pyterrier_coder.DenseEncoder, got {type(encoder).__name__}')
-        self.flex = as_flex_index(index)
+        self.flex = as_flex_index(index, self.COMPONENT)
         self.store = EmbeddingStore(self.flex)
+        check_dimensions(encoder, self.store.dim, self.flex, self.COMPONENT)
         self.encoder = encoder.clone()
         self.num_results = num_results
         self.validate_with = validate_with
@@ -199,7 +206,7 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
         """``fn() -> metric`` on the validation data: re-ranking the preceding stage's validation results (the
         pipeline being trained) or, for query frames / ``validate_with='retrieve'``, retrieval of ``depth``
         documents from the whole index. Judged positives are never injected here (that would leak)."""
-        if valid is None or valid_qrels is None:
+        if not validation_data(valid, valid_qrels, self.COMPONENT):
             return None
         with validate_columns(valid, f'{self.COMPONENT}.fit', 'validation frame') as v:
             v.columns(includes=['qid', 'query'])

@@ -84,7 +84,14 @@ def split_training_kwargs(defaults: TrainingConfig, kwargs: dict, component: str
     if kwargs:
         raise TypeError(f'{component}: unexpected arguments {sorted(kwargs)}; besides its own arguments it takes '
                         f'these training settings: {", ".join(names)}')
-    return defaults.replace(**overrides)
+    config = defaults.replace(**overrides)
+    import ir_measures
+    try:   # checked here, not after candidates were mined for the first validation
+        ir_measures.parse_measure(config.metric)
+    except (NameError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{component}: metric={config.metric!r} is not an ir_measures measure (e.g. 'nDCG@10', "
+                         f"'RR@10', 'AP', 'R@100'): {error}") from None
+    return config
 
 
 def seed_everything(seed: int) -> np.random.Generator:

@@ -175,6 +175,14 @@ def test_save_load_round_trip(setup, tmp_path):
         Coder.load(tmp_path / 'coder' / 'encoder')
 
 
+def test_validation_topics_without_qrels_fail(setup):
+    """Validation frames without their qrels silently trained without validation (keeping the last weights)."""
+    ds, encoder, dense, bm25 = setup
+    res = (bm25 % 5)(ds.get_topics('train'))
+    with pytest.raises(ValueError, match='Coder.fit: valid was given without valid_qrels'):
+        Coder(dense, encoder, max_steps=1, **FAST).fit(res, ds.get_qrels('train'), res)
+
+
 def test_fit_without_any_positive_fails_clearly(setup):
     ds, encoder, dense, bm25 = setup
     coder = Coder(dense, encoder, max_steps=2, **FAST)

@@ -124,6 +124,10 @@ def test_index_is_built_once(tiny_dense, tiny_collection):
 def test_repr(tiny_dense):
     assert 'DenseIndex(DenseEncoder(' in repr(tiny_dense)
     assert repr(DenseEncoder) and 'pooling' in repr(tiny_dense.encoder)
+    # pt.Experiment names systems by repr: no object addresses
+    assert repr(tiny_dense.scorer()) == f'{tiny_dense!r}.scorer()'
+    assert repr(tiny_dense.retriever(100, backend='faiss')) == f"{tiny_dense!r}.retriever(k=100, backend='faiss')"
+    assert repr(tiny_dense.retriever()) == f'{tiny_dense!r}.retriever(k=1000)'
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,3 +295,20 @@ def test_indexing_checks_the_corpus_as_bm25_does(tiny_encoder, tmp_path, corpus,
     with pytest.raises(ValueError, match=error):
         dense.index(iter(corpus))
     assert not dense.built()
+
+
+def test_clear_errors_for_a_wrong_index_or_model(tiny_encoder, random_flex, tmp_path):
+    """Mistakes a user makes in a notebook fail where they are made, saying what is wrong."""
+    from pyterrier_coder import Coder, MonoElectra
+    flex, _ = random_flex                                           # 8-d vectors; the tiny encoder gives 32-d
+    with pytest.raises(ValueError, match='gives 32-d vectors, but the index .* holds 8-d'):
+        Coder(flex, tiny_encoder, verbose=False)
+    with pytest.raises(ValueError, match='gives 32-d vectors'):
+        DenseIndex(tiny_encoder, flex).retriever()
+    with pytest.raises(FileNotFoundError, match=r"Coder: no dense index at .*nope.flex.*DenseIndex\(encoder, path\)"):
+        Coder(tmp_path / 'nope.flex', tiny_encoder, verbose=False)
+    with pytest.raises(RuntimeError, match=r'not built yet; call .index\(corpus_iter\)'):
+        DenseIndex(tiny_encoder, tmp_path / 'nope.flex').scorer()
+    for make in (DenseEncoder, MonoElectra):
+        with pytest.raises(OSError, match="cannot load the model 'models/tiny_electr': there is no such local"):
+            make('models/tiny_electr')

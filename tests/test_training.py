@@ -269,3 +269,8 @@ def test_resume_refuses_the_checkpoint_of_another_run(tmp_path):
         loop.run(resume=True)
     history = _loop(module, config.replace(verbose=True, device='cpu')).run(resume=True)   # the same run
     assert history['resumed_at'] == 4
+
+
+def test_unknown_metric_fails_when_the_component_is_made():
+    with pytest.raises(ValueError, match=r"Coder: metric='nDCG10' is not an ir_measures measure"):
+        split_training_kwargs(TrainingConfig(), {'metric': 'nDCG10'}, 'Coder')
