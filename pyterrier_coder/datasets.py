@@ -70,6 +70,11 @@ class LocalDataset(Dataset):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f'Dataset directory not found: {str(self.path)!r}')
+        if not any((self.path / name).exists() for name in ('corpus.jsonl', 'topics', 'qrels')):
+            inside = sorted(p.name for p in self.path.iterdir() if (p / 'corpus.jsonl').exists())
+            hint = f'; it holds the datasets {inside}' if inside else ''
+            raise DatasetError(f'{str(self.path)!r} is not a dataset directory (no corpus.jsonl, topics/ or qrels/)'
+                               f'{hint}')
         self._num_docs = None
         self._corpus_store = None
 

@@ -162,9 +162,11 @@ class DenseEncoder(pyterrier_dr.BiEncoder):
 
     # --- persistence ---------------------------------------------------------------------------------------
     def clone(self) -> 'DenseEncoder':
-        """A deep copy with its own weights (trainers fine-tune a clone, leaving the base model untouched)."""
+        """A deep copy with its own weights (trainers fine-tune a clone, leaving the base model untouched) and its
+        own tokenizer (a fast tokenizer used from two threads at once can fail with "Already borrowed")."""
         other = copy.copy(self)
         other.model = copy.deepcopy(self.model)
+        other.tokenizer = copy.deepcopy(self.tokenizer)
         return other
 
     def to(self, device) -> 'DenseEncoder':
@@ -276,10 +278,10 @@ class DenseIndex:
         if devices is None:
             n = torch.cuda.device_count() if torch.cuda.is_available() else 0
             devices = [f'cuda:{i}' for i in range(n)] if n > 1 else []
-        devices = [torch.device(d) for d in devices]
-        if len(devices) <= 1:
-            return [self.encoder if not devices else self.encoder.clone().to(devices[0])]
-        return [self.encoder.clone().to(d) for d in devices]
+        devices = [torch.device(d) for d in devices] or [self.encoder.device]
+        # the encoder serves its own device (no second copy of the model there); clones serve the others
+        own = next((i for i, d in enumerate(devices) if _same_device(d, self.encoder.device)), None)
+        return [self.encoder if i == own else self.encoder.clone().to(d) for i, d in enumerate(devices)]
 
     def _encoded(self, corpus_iter, batch_size, encoders, work: Optional[Path]):
         field = self.encoder.text_field
@@ -365,6 +367,12 @@ class DenseIndex:
 
     def __repr__(self):
         return f'DenseIndex({self.encoder!r}, {str(self.flex.index_path)!r})'
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when the current one is 0 (torch.device compares them unequal)."""
+    index = (lambda d: d.index if d.index is not None else (torch.cuda.current_device() if d.type == 'cuda' else 0))
+    return a.type == b.type and index(a) == index(b)
 
 
 def check_dimensions(encoder: 'DenseEncoder', index_dim: int, flex, component: str) -> None:

@@ -253,3 +253,10 @@ def test_local_dataset_text_loader(tmp_path):
         dataset.text_loader()(pd.DataFrame({'qid': ['1'], 'docno': ['zz']}))
     with pytest.raises(ValueError, match='body'):
         dataset.text_loader('body')
+
+
+def test_a_directory_of_datasets_is_not_a_dataset(tmp_path):
+    (tmp_path / 'nfc' / 'topics').mkdir(parents=True)
+    (tmp_path / 'nfc' / 'corpus.jsonl').write_text('')
+    with pytest.raises(DatasetError, match=r"not a dataset directory .* it holds the datasets \['nfc'\]"):
+        load_dataset(tmp_path)

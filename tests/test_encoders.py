@@ -219,7 +219,9 @@ def test_encoding_on_several_devices_matches_one(tiny_encoder, tiny_collection, 
     docs = list(load_dataset(tiny_collection).get_corpus_iter(verbose=False))
     one = DenseIndex(tiny_encoder, tmp_path / 'one.flex', verbose=False).index(docs, batch_size=25)
     two = DenseIndex(tiny_encoder, tmp_path / 'two.flex', verbose=False)
-    assert len(two._replicas(['cpu', 'cpu'])) == 2
+    replicas = two._replicas(['cpu', 'cpu'])
+    assert replicas[0] is tiny_encoder and replicas[1] is not tiny_encoder     # no second model on its device
+    assert replicas[1].tokenizer is not tiny_encoder.tokenizer                 # threads never share a tokenizer
     two.index(docs, batch_size=25, devices=['cpu', 'cpu'], resumable=False)
     got, want = _vectors(two), _vectors(one)
     assert list(got) == list(want)
