@@ -105,6 +105,18 @@ class _Interrupt(RuntimeError):
     pass
 
 
+def _crash_at(call: int):
+    """A loss hook that raises on its ``call``-th call, as an interruption mid-run would."""
+    calls = {'n': 0}
+
+    def hook(loss):
+        calls['n'] += 1
+        if calls['n'] == call:
+            raise _Interrupt('simulated crash')
+        return loss
+    return hook
+
+
 def _dropout_module():
     torch.manual_seed(5)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
@@ -119,15 +131,8 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     _loop(reference, config.replace(checkpoint_dir=str(tmp_path / 'ref'))).run()
 
     interrupted = _dropout_module()
-    calls = {'n': 0}
-
-    def crash_at_8(loss):
-        calls['n'] += 1
-        if calls['n'] == 8:
-            raise _Interrupt('simulated crash')
-        return loss
     with pytest.raises(_Interrupt):
-        _loop(interrupted, config, loss_hook=crash_at_8).run()
+        _loop(interrupted, config, loss_hook=_crash_at(8)).run()
     assert (tmp_path / 'ckpt' / 'checkpoint.pt').exists()
     assert not list((tmp_path / 'ckpt').glob('*.tmp'))
 
@@ -212,15 +217,8 @@ def test_resume_ignores_the_state_of_a_scaler_that_was_off(tmp_path, monkeypatch
     must not fail on it (GradScaler.load_state_dict rejects an empty state)."""
     config = TrainingConfig(lr=0.05, max_steps=4, eval_every=None, verbose=False, device='cpu',
                             checkpoint_dir=str(tmp_path / 'ckpt'), checkpoint_every=2)
-    calls = {'n': 0}
-
-    def crash_at_3(loss):
-        calls['n'] += 1
-        if calls['n'] == 3:
-            raise _Interrupt('simulated crash')
-        return loss
     with pytest.raises(_Interrupt):
-        _loop(torch.nn.Linear(4, 1), config, loss_hook=crash_at_3).run()
+        _loop(torch.nn.Linear(4, 1), config, loss_hook=_crash_at(3)).run()
     assert torch.load(tmp_path / 'ckpt' / 'checkpoint.pt', weights_only=False)['scaler'] == {}
 
     class EnabledScaler(torch.amp.GradScaler):
