@@ -333,12 +333,12 @@ class DenseIndex:
     def __len__(self):
         return len(self.flex)
 
-    def _require_built(self, use: str) -> None:
-        if not self.built():
-            raise RuntimeError(f'DenseIndex.{use}: the index {str(self.flex.index_path)!r} is not built yet; call '
-                               f'.index(corpus_iter) first')
-        check_dimensions(self.encoder, self.flex.payload(return_dvecs=False, return_docnos=False)[0]['vec_size'],
-                         self.flex, f'DenseIndex.{use}')
+    def _check_encoder(self, use: str) -> None:
+        """An index built with an encoder of another dimension fails here (a pipeline may also be made before the
+        index is built: then the stage itself says so when it runs)."""
+        if self.built():
+            check_dimensions(self.encoder, self.flex.payload(return_dvecs=False, return_docnos=False)[0]['vec_size'],
+                             self.flex, f'DenseIndex.{use}')
 
     def retriever(self, k: int = 1000, *, backend: str = 'exact', gpu: Optional[bool] = None, **kwargs) -> pt.Transformer:
         """Single-stage retrieval: ``encoder.query_encoder() >> <search over the index>``.
@@ -347,7 +347,7 @@ class DenseIndex:
         that faiss sees, i.e. with faiss-gpu installed, unless ``gpu=False``; at most 2048 results per query on
         GPU) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder).
         """
-        self._require_built('retriever')
+        self._check_encoder('retriever')
         inner = self.encoder.query_encoder() >> search_transformer(self.flex, k, backend=backend, gpu=gpu, **kwargs)
         options = ''.join(f', {name}={value!r}' for name, value in [('backend', backend), ('gpu', gpu), *kwargs.items()]
                           if (name, value) not in (('backend', 'exact'), ('gpu', None)))
@@ -360,7 +360,7 @@ class DenseIndex:
         with a warning."""
         if on_missing not in ('error', 'drop'):
             raise ValueError(f"DenseIndex.scorer: on_missing must be 'error' or 'drop', got {on_missing!r}")
-        self._require_built('scorer')
+        self._check_encoder('scorer')
         inner = self.encoder.query_encoder() >> self.flex.scorer()
         return _CheckedStage(inner, 'DenseIndex.scorer', 'rerank', self.flex, on_missing=on_missing,
                              label=f'{self!r}.scorer()')
@@ -439,6 +439,9 @@ class _CheckedStage(pt.Transformer):
                 v.result_frame(extra_columns=['query'])
         if self.mode == 'rerank' and not len(inp):
             return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
+        if not (Path(self.flex.index_path) / 'pt_meta.json').exists():
+            raise RuntimeError(f'{self.component}: the index {str(self.flex.index_path)!r} is not built yet; call '
+                               f'DenseIndex.index(corpus_iter) first')
         frame = normalise_frame(inp, self.component)
         if self.mode == 'rerank':
             if self._store is None:

@@ -309,8 +309,9 @@ def test_clear_errors_for_a_wrong_index_or_model(tiny_encoder, random_flex, tmp_
         DenseIndex(tiny_encoder, flex).retriever()
     with pytest.raises(FileNotFoundError, match=r"Coder: no dense index at .*nope.flex.*DenseIndex\(encoder, path\)"):
         Coder(tmp_path / 'nope.flex', tiny_encoder, verbose=False)
-    with pytest.raises(RuntimeError, match=r'not built yet; call .index\(corpus_iter\)'):
-        DenseIndex(tiny_encoder, tmp_path / 'nope.flex').scorer()
+    scorer = DenseIndex(tiny_encoder, tmp_path / 'nope.flex').scorer()      # a pipeline made before indexing...
+    with pytest.raises(RuntimeError, match=r'not built yet; call DenseIndex.index\(corpus_iter\)'):
+        scorer(pd.DataFrame({'qid': ['q'], 'query': ['apple'], 'docno': ['d1']}))   # ... says so when it runs
     for make in (DenseEncoder, MonoElectra):
         with pytest.raises(OSError, match="cannot load the model 'models/tiny_electr': there is no such local"):
             make('models/tiny_electr')
