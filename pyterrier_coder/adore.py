@@ -205,7 +205,7 @@ class Adore(DenseQueryTrainer):
             self._positives[row, :len(ids)] = ids
             self._gains[row, :len(ids)] = labels
         self._queries = [queries[i] for i in keep]
-        self._timers = Timers()
+        self._timers = Timers.for_device(self.encoder.device)
         if not self.dynamic:
             with self._timers('static_retrieval'):
                 self._static = self._retrieve_ids(self._queries, self.k)

@@ -272,3 +272,18 @@ def test_resume_refuses_the_checkpoint_of_another_run(tmp_path):
 def test_unknown_metric_fails_when_the_component_is_made():
     with pytest.raises(ValueError, match=r"Coder: metric='nDCG10' is not an ir_measures measure"):
         split_training_kwargs(TrainingConfig(), {'metric': 'nDCG10'}, 'Coder')
+
+
+def test_phase_timers_wait_for_the_gpu(monkeypatch):
+    """CUDA kernels run asynchronously: each phase waits for them at its start and end, or it would be charged for
+    the launches only (ADORE's retrieval share, history['timing']). On CPU nothing waits."""
+    from pyterrier_coder.training import Timers
+    waits = []
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: waits.append(device))
+    timers = Timers.for_device(torch.device('cuda', 0))
+    with timers('retrieval'):
+        pass
+    assert waits == [torch.device('cuda', 0)] * 2 and timers.seconds['retrieval'] >= 0
+    with Timers.for_device(torch.device('cpu'))('retrieval'):
+        pass
+    assert len(waits) == 2
