@@ -52,6 +52,13 @@ def faiss_gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0
 
 
+def check_faiss_gpu_k(k: int, component: str, instead: str) -> None:
+    """A faiss GPU index cannot return more than :data:`FAISS_GPU_MAX_K` results per query."""
+    if k > FAISS_GPU_MAX_K:
+        raise ValueError(f'{component}: k={k} is more than a faiss GPU index returns ({FAISS_GPU_MAX_K} per '
+                         f'query); use a smaller k, or {instead}')
+
+
 def faiss_to_gpus(index):
     """``index`` copied onto the GPUs faiss sees: sharded over all of them in a single process; under torchrun
     only onto this rank's GPU, since every rank holds its own index (sharding each over all GPUs would put

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from . import losses
-from ._util import FAISS_GPU_MAX_K, faiss_gpu_count, faiss_to_gpus
+from ._util import check_faiss_gpu_k, faiss_gpu_count, faiss_to_gpus
 from .encoders import DenseEncoder
 from .mining import CandidateSet, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .query_trainer import DenseQueryTrainer
@@ -105,9 +105,7 @@ class Adore(DenseQueryTrainer):
             for start in range(0, len(vecs), 65536):
                 index.add(np.ascontiguousarray(vecs[start:start + 65536], dtype=np.float32))
             if faiss_gpu_count() > 0:
-                if self.k > FAISS_GPU_MAX_K:
-                    raise ValueError(f'{self.COMPONENT}: k={self.k} is more than a faiss GPU index returns '
-                                     f"({FAISS_GPU_MAX_K}); use a smaller k or search='exact'")
+                check_faiss_gpu_k(self.k, self.COMPONENT, "search='exact'")
                 index = faiss_to_gpus(index)
             self._faiss = index
         return self._faiss

@@ -24,7 +24,7 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from ._util import (FAISS_GPU_MAX_K, check_component_dir, check_document, cuda_amp_dtype, explained_model_errors,
+from ._util import (check_component_dir, check_document, check_faiss_gpu_k, cuda_amp_dtype, explained_model_errors,
                     faiss_gpu_count, faiss_to_gpus, infer_device, model_max_tokens, tokenize_truncated,
                     validate_columns, write_component_config)
 
@@ -246,7 +246,7 @@ class DenseIndex:
         self.verbose = verbose
 
     def built(self) -> bool:
-        return (Path(self.flex.index_path) / 'pt_meta.json').exists()
+        return flex_built(self.flex)
 
     def index(self, corpus_iter: Iterable[dict], *, batch_size: int = 1024, overwrite: bool = False,
               resumable: bool = True, devices: Optional[Sequence] = None) -> 'DenseIndex':
@@ -369,6 +369,11 @@ class DenseIndex:
         return f'DenseIndex({self.encoder!r}, {str(self.flex.index_path)!r})'
 
 
+def flex_built(flex) -> bool:
+    """Whether a FlexIndex has been written (pyterrier-dr writes its metadata file last)."""
+    return (Path(flex.index_path) / 'pt_meta.json').exists()
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:0`` are the same device when the current one is 0 (torch.device compares them unequal)."""
     index = (lambda d: d.index if d.index is not None else (torch.cuda.current_device() if d.type == 'cuda' else 0))
@@ -405,9 +410,7 @@ def _faiss_flat_retriever(flex, k: int, *, gpu: Optional[bool] = None, qbatch: i
     use_gpu = faiss_gpu_count() > 0 if gpu is None else bool(gpu)
     index = flex.faiss_flat_retriever(gpu=False).faiss_index
     if use_gpu:
-        if k > FAISS_GPU_MAX_K:
-            raise ValueError(f"backend='faiss' on GPU returns at most {FAISS_GPU_MAX_K} results per query (faiss's "
-                             f"GPU limit), got k={k}: use gpu=False or backend='exact'")
+        check_faiss_gpu_k(k, "DenseIndex.retriever(backend='faiss')", "gpu=False or backend='exact'")
         if flex not in _FAISS_GPU_INDEXES:
             _FAISS_GPU_INDEXES[flex] = faiss_to_gpus(index)
         index = _FAISS_GPU_INDEXES[flex]
@@ -439,7 +442,7 @@ class _CheckedStage(pt.Transformer):
                 v.result_frame(extra_columns=['query'])
         if self.mode == 'rerank' and not len(inp):
             return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
-        if not (Path(self.flex.index_path) / 'pt_meta.json').exists():
+        if not flex_built(self.flex):
             raise RuntimeError(f'{self.component}: the index {str(self.flex.index_path)!r} is not built yet; call '
                                f'DenseIndex.index(corpus_iter) first')
         frame = normalise_frame(inp, self.component)

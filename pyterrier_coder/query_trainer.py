@@ -23,7 +23,7 @@ from torch import nn
 
 from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, read_component_config, validate_columns,
                     validation_data, write_component_config)
-from .encoders import DenseEncoder, DenseIndex, check_dimensions
+from .encoders import DenseEncoder, DenseIndex, check_dimensions, flex_built
 from .mining import (EmbeddingStore, GatherPrefetcher, fingerprint, group_order, normalise_frame, normalise_qrels,
                      normalised, pad_groups)
 from .training import TrainingConfig, TrainingLoop, split_training_kwargs
@@ -39,7 +39,7 @@ def as_flex_index(index, component: str) -> pyterrier_dr.FlexIndex:
         flex = index
     else:
         flex = pyterrier_dr.FlexIndex(str(index), verbose=False)
-    if not (Path(flex.index_path) / 'pt_meta.json').exists():
+    if not flex_built(flex):
         raise FileNotFoundError(f'{component}: no dense index at {str(flex.index_path)!r}; build it first with '
                                 f'DenseIndex(encoder, path).index(corpus_iter)')
     return flex

@@ -114,7 +114,7 @@ class Timers:
 
     @classmethod
     def for_device(cls, device: torch.device) -> 'Timers':
-        return cls(lambda: torch.cuda.synchronize(device) if device.type == 'cuda' else None)
+        return cls(lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else cls()
 
     @contextmanager
     def __call__(self, phase: str):
