@@ -300,6 +300,11 @@ class Coder(DenseQueryTrainer):
             min_label=self.min_label, label_weights=self.label_weights, lower_labels=self.lower_labels,
             random_negatives=self.random_negatives, scorer=self.scorer, refresh_every=self.refresh_every)
 
+    def _adopt_trained_state(self, source, changes: dict) -> None:
+        super()._adopt_trained_state(source, changes)
+        if self.head is not None and source.head is not None and 'encoder' not in changes:
+            self.head.load_state_dict(source.head.state_dict())
+
     def _save_extra(self, path: Path) -> None:
         if self.head is not None:
             torch.save({'config': self.head.config, 'state_dict': self.head.state_dict()}, path / 'head.pt')

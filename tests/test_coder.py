@@ -77,6 +77,9 @@ def test_empty_frame_and_missing_columns_and_docnos(setup):
     empty = pd.DataFrame(columns=['qid', 'query', 'docno', 'score', 'rank'])
     out = coder(empty)
     assert len(out) == 0 and {'score', 'rank'} <= set(out.columns)
+    retrieved = coder(pd.DataFrame({'qid': pd.Series(dtype=str), 'query': pd.Series(dtype=str)}))   # single stage
+    full = coder(pd.DataFrame({'qid': ['q'], 'query': ['apple']}))
+    assert retrieved['docno'].dtype == full['docno'].dtype and retrieved['rank'].dtype == full['rank'].dtype
     with pytest.raises(Exception, match='query'):
         coder(pd.DataFrame({'qid': ['1'], 'docno': ['d000']}))
     bad = pd.DataFrame({'qid': ['1', '1'], 'query': ['apple', 'apple'], 'docno': ['d000', 'nope']})
@@ -173,6 +176,32 @@ def test_save_load_round_trip(setup, tmp_path):
     assert 'fitted' in repr(loaded)
     with pytest.raises(ValueError, match='DenseEncoder'):
         Coder.load(tmp_path / 'coder' / 'encoder')
+
+
+def test_pt_inspect_lists_settings_and_applies_changes_keeping_the_trained_weights(setup):
+    """pt.inspect reads the signature by default, which fails for settings kept in a TrainingConfig (the Jupyter
+    schematic then shows none); apply_attributes must keep the fine-tuned encoder and the trained head."""
+    ds, encoder, dense, bm25 = setup
+    train, qrels = ds.get_topics('train'), ds.get_qrels('train')
+    coder = Coder(dense, encoder, scorer='transformer', num_candidates=20, max_steps=3, **FAST)
+    res = (bm25 % 20)(train)
+    coder.fit(res, qrels)
+    attributes = {a.name: a.value for a in pt.inspect.transformer_attributes(coder)}
+    assert attributes['index'] is coder.flex and attributes['scorer'] == 'transformer'
+    assert attributes['kwargs']['lr'] == FAST['lr'] and attributes['kwargs']['max_steps'] == 3
+    assert 'warmup' in attributes['kwargs'] and 'verbose' in attributes['kwargs']   # differs from the defaults
+    copy = pt.inspect.transformer_apply_attributes(coder, num_results=7, lr=0.5)
+    assert (copy.num_results, copy.config.lr, copy.config.max_steps, copy.scorer) == (7, 0.5, 3, 'transformer')
+    assert copy.fitted and copy.encoder is not coder.encoder
+    np.testing.assert_allclose(copy(res)['score'], coder(res)['score'], atol=1e-6)   # same encoder and head
+    rebuilt = pt.inspect.transformer_apply_attributes(coder, encoder=encoder)          # a different encoder
+    assert not rebuilt.fitted and not np.allclose(rebuilt(res)['score'], coder(res)['score'])
+    adore = Adore(dense, encoder, k=5, delta_metric='MRR@5', lr=1e-4, verbose=False)
+    attributes = {a.name: a.value for a in pt.inspect.transformer_attributes(adore)}
+    assert (attributes['k'], attributes['delta_metric'], attributes['kwargs']['validate_with']) == (5, 'MRR@5', 'retrieve')
+    assert pt.inspect.transformer_apply_attributes(adore, k=9).k == 9
+    with pytest.raises(TypeError, match='Coder'):
+        pt.inspect.transformer_apply_attributes(coder, no_such_setting=1)
 
 
 def test_validation_topics_without_qrels_fail(setup):

@@ -354,6 +354,29 @@ def test_save_load_round_trip(tiny_cross_encoder_dir, train_res, dataset, tmp_pa
     np.testing.assert_allclose(loaded(train_res)['score'].values, model(train_res)['score'].values, atol=1e-6)
 
 
+def test_pt_inspect_lists_settings_and_applies_changes_keeping_the_trained_weights(tiny_cross_encoder_dir,
+                                                                                     train_res, dataset):
+    import pyterrier as pt
+    model = electra(tiny_cross_encoder_dir, max_length=64, **{**TRAIN, 'group_size': 4, 'max_steps': 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model.fit(train_res, dataset.get_qrels('train'))
+    attributes = {a.name: a.value for a in pt.inspect.transformer_attributes(model)}
+    assert attributes['model'] == str(tiny_cross_encoder_dir) and attributes['tokenizer'] is None   # readable
+    assert (attributes['group_size'], attributes['max_length']) == (4, 64)
+    assert attributes['train_batch_size'] == TRAIN['train_batch_size'] and attributes['training']['lr'] == TRAIN['lr']
+    copy = pt.inspect.transformer_apply_attributes(model, batch_size=3)
+    assert copy.batch_size == 3 and copy.fitted and copy.model is not model.model
+    np.testing.assert_allclose(copy(train_res)['score'].values, model(train_res)['score'].values, atol=1e-6)
+    assert {a.name: a.value for a in pt.inspect.transformer_attributes(copy)}['model'] == str(tiny_cross_encoder_dir)
+    fresh = pt.inspect.transformer_apply_attributes(model, model=str(tiny_cross_encoder_dir))   # the checkpoint
+    assert not fresh.fitted
+    assert not np.allclose(fresh(train_res)['score'].values, model(train_res)['score'].values)
+    # a loaded model object is accepted, and copied (training the reranker leaves the caller's model alone)
+    from_object = MonoElectra(model.model, tokenizer=model.tokenizer, verbose=False)
+    assert from_object.model is not model.model
+
+
 def test_amp_on_a_cpu_without_bf16_instructions_warns(tiny_cross_encoder_dir, tmp_path, monkeypatch):
     """A model saved with amp=True (the runner does so on CPUs with bf16 instructions) warns when it is loaded on a
     CPU without them, where bf16 is emulated and slow; amp=False loads it quietly."""
