@@ -241,6 +241,9 @@ class DenseIndex:
     """
 
     def __init__(self, encoder: DenseEncoder, index, *, verbose: bool = True):
+        if not isinstance(encoder, DenseEncoder):   # e.g. the arguments swapped: would fail much later
+            raise TypeError(f'DenseIndex(encoder, index): encoder must be a pyterrier_coder.DenseEncoder, got '
+                            f'{type(encoder).__name__} {encoder!r}')
         self.encoder = encoder
         self.flex = index if isinstance(index, pyterrier_dr.FlexIndex) else pyterrier_dr.FlexIndex(str(index), verbose=False)
         self.verbose = verbose
@@ -440,7 +443,9 @@ class _CheckedStage(pt.Transformer):
                 v.query_frame(extra_columns=['query'])
             else:
                 v.result_frame(extra_columns=['query'])
-        if self.mode == 'rerank' and not len(inp):
+        if not len(inp):   # pyterrier-dr would give float docno and rank columns
+            if self.mode == 'retrieve':
+                inp = inp.assign(docno=pd.Series(dtype=str))
             return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
         if not flex_built(self.flex):
             raise RuntimeError(f'{self.component}: the index {str(self.flex.index_path)!r} is not built yet; call '

@@ -113,6 +113,9 @@ def test_faiss_backends(tiny_dense):
 def test_empty_topics(tiny_dense):
     out = tiny_dense.retriever(k=5)(pd.DataFrame({'qid': pd.Series(dtype=str), 'query': pd.Series(dtype=str)}))
     assert len(out) == 0 and {'qid', 'docno', 'score', 'rank'} <= set(out.columns)
+    # the types of a non-empty result, so that concatenating or merging with other results keeps them
+    full = tiny_dense.retriever(k=5)(pd.DataFrame({'qid': ['a'], 'query': ['apple']}))
+    assert out['docno'].dtype == full['docno'].dtype and out['rank'].dtype == full['rank'].dtype == 'int64'
 
 
 def test_index_is_built_once(tiny_dense, tiny_collection):
@@ -123,6 +126,11 @@ def test_index_is_built_once(tiny_dense, tiny_collection):
 
 def test_repr(tiny_dense):
     assert 'DenseIndex(DenseEncoder(' in repr(tiny_dense)
+
+
+def test_swapped_arguments_fail_clearly(tiny_dense):
+    with pytest.raises(TypeError, match=r'DenseIndex\(encoder, index\).*PosixPath'):
+        DenseIndex(tiny_dense.flex.index_path, tiny_dense.encoder)
     assert repr(DenseEncoder) and 'pooling' in repr(tiny_dense.encoder)
     # pt.Experiment names systems by repr: no object addresses
     assert repr(tiny_dense.scorer()) == f'{tiny_dense!r}.scorer()'
