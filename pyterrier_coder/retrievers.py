@@ -48,7 +48,7 @@ class BM25(pt.Transformer):
     """BM25 retrieval: maps ``qid, query`` to ``qid, query, docno, score, rank`` (plus ``text`` if ``text=True``).
 
     The index is built once with :meth:`index` (or :meth:`from_dataset`) and reopened from ``path`` after that.
-    ``bm25 % k`` is fused into a retrieval of ``k`` results that shares the opened index.
+    When a pipeline is compiled, ``bm25 % k`` is fused into a retrieval of ``k`` results that shares the opened index.
     """
 
     def __init__(self,
@@ -97,7 +97,7 @@ class BM25(pt.Transformer):
         self.threads = threads
         self.verbose = verbose
         # Opened lazily and shared with the copies made by fuse_rank_cutoff, so `bm25 % 100` reuses it.
-        self._handle = _IndexHandle(self.path, backend, k1, b, threads, verbose)
+        self._handle = _IndexHandle(self.path, backend)
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -226,7 +226,8 @@ class BM25(pt.Transformer):
                                  for c in out_columns}).astype({'score': float, 'rank': int})
         inp = inp.drop(columns=[c for c in added if c in inp.columns])
         inp = inp.assign(qid=inp['qid'].astype(str), query=inp['query'].fillna('').astype(str))
-        res = self._handle.retrieve(inp, self.num_results)
+        res = self._handle.retrieve(inp, self.num_results, k1=self.k1, b=self.b, threads=self.threads,
+                                    verbose=self.verbose)
         # Keep the input's query order (multi-threaded retrieval may interleave queries).
         order = {qid: i for i, qid in reversed(list(enumerate(inp['qid'])))}
         res = res.assign(_order=res['qid'].map(order)).sort_values(['_order', 'rank'], kind='stable')
@@ -302,15 +303,26 @@ class TextLoader(pt.Transformer):
 # -- index handle (backend retrievers + docstore, opened once) ---------------------------------------
 
 class _IndexHandle:
-    """Opens a BM25's backend index and docstore on first use; shared by its rank-cutoff copies."""
+    """Opens a BM25's backend index and docstore on first use; shared by its rank-cutoff copies.
 
-    def __init__(self, path: Path, backend: str, k1: float, b: float, threads: int, verbose: bool):
-        self.path, self.backend, self.k1, self.b, self.threads, self.verbose = path, backend, k1, b, threads, verbose
+    It keeps no BM25 settings: every retrieval is given the BM25's current ones, so ``set_parameter`` (and
+    ``pt.GridScan`` over ``k1``/``b``) takes effect. Pickled (``.parallel()``, joblib, ``copy.deepcopy``), it
+    drops the opened native objects, which cannot be pickled, and reopens them on first use."""
+
+    def __init__(self, path: Path, backend: str):
+        self.path, self.backend = path, backend
         self.reset()
 
     def reset(self):
-        self._retriever = None
+        self._retrievers = {}   # (k1, b) -> a prepared PISA retriever (its native retrieval context)
+        self._terrier_index = None
         self._docstore = None
+
+    def __getstate__(self):
+        return {'path': self.path, 'backend': self.backend}
+
+    def __setstate__(self, state):
+        self.__init__(state['path'], state['backend'])
 
     def require_built(self):
         if _read_meta(self.path) is None:
@@ -325,30 +337,29 @@ class _IndexHandle:
             self._docstore = _DocStore(self.path / 'docstore')
         return self._docstore
 
-    def retrieve(self, queries: pd.DataFrame, k: int) -> pd.DataFrame:
+    def retrieve(self, queries: pd.DataFrame, k: int, *, k1: float, b: float, threads: int,
+                 verbose: bool) -> pd.DataFrame:
         self.require_built()
         if self.backend == 'terrier':
-            return self._retrieve_terrier(queries, k)
+            return self._retrieve_terrier(queries, k, k1=k1, b=b, threads=threads, verbose=verbose)
         import copy
         import pyterrier_pisa
-        if self._retriever is None:
-            index = pyterrier_pisa.PisaIndex(str(self.path / 'pisa'), threads=self.threads)
+        if (k1, b) not in self._retrievers:
+            index = pyterrier_pisa.PisaIndex(str(self.path / 'pisa'), threads=threads)
             with _native_output_silenced():
-                self._retriever = index.bm25(k1=self.k1, b=self.b, num_results=k, threads=self.threads,
-                                             verbose=self.verbose)
-        # A shallow copy shares the prepared retrieval context, so only num_results differs.
+                self._retrievers[k1, b] = index.bm25(k1=k1, b=b, num_results=k, threads=threads, verbose=verbose)
+        # A shallow copy shares the prepared retrieval context; only what does not change it is set on the copy.
         # (Retrieval itself prints nothing, so it is not silenced and verbose=True still shows its bar.)
-        retriever = copy.copy(self._retriever)
-        retriever.num_results = k
+        retriever = copy.copy(self._retrievers[k1, b])
+        retriever.num_results, retriever.threads, retriever.verbose = k, threads, verbose
         return retriever.transform(queries)
 
-    def _retrieve_terrier(self, queries, k):
+    def _retrieve_terrier(self, queries, k, *, k1, b, threads, verbose):
         _require_terrier()
-        if self._retriever is None:
-            self._retriever = pt.terrier.IndexFactory.of(str(self.path / 'terrier' / 'data.properties'))
-        retriever = pt.terrier.Retriever(self._retriever, wmodel='BM25', num_results=k, threads=self.threads,
-                                         controls={'bm25.k_1': str(self.k1), 'bm25.b': str(self.b)},
-                                         verbose=self.verbose)
+        if self._terrier_index is None:
+            self._terrier_index = pt.terrier.IndexFactory.of(str(self.path / 'terrier' / 'data.properties'))
+        retriever = pt.terrier.Retriever(self._terrier_index, wmodel='BM25', num_results=k, threads=threads,
+                                         controls={'bm25.k_1': str(k1), 'bm25.b': str(b)}, verbose=verbose)
         # Terrier's query parser rejects some punctuation (quotes, colons, ...), so it gets words only
         # (and no empty queries); the original query text is kept on the results.
         words = queries[['qid']].assign(query=queries['query'].map(lambda q: ' '.join(re.findall(r'\w+', q))))
@@ -408,6 +419,12 @@ class _DocStore:
         self.text = np.memmap(path / 'text.bin', dtype=np.uint8, mode='r') if size else np.zeros(0, np.uint8)
 
     fields = ('text',)
+
+    def __getstate__(self):   # pickled, the memory maps would be copied whole: reopen them instead
+        return {'path': self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state['path'])
 
     @property
     def label(self) -> str:

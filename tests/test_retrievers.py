@@ -142,6 +142,34 @@ def test_composition(tiny_bm25):
     assert (res['text'] == res['docno'].map(TEXTS)).all()
 
 
+def test_pickles_after_retrieving(tiny_bm25):
+    """.parallel(), joblib and copy.deepcopy pickle the pipeline: the opened PISA context and the docstore's memory
+    maps are reopened on the other side, not pickled (the former cannot be; the latter would be copied whole)."""
+    import copy
+    import pickle
+    bm25 = BM25(tiny_bm25.path, text=True)
+    pipeline = bm25 % 2 >> bm25.text_loader()
+    expected = pipeline(TOPICS)                            # opens the index and the docstore
+    for clone in (pickle.loads(pickle.dumps(pipeline)), copy.deepcopy(pipeline)):
+        pd.testing.assert_frame_equal(clone(TOPICS), expected)
+    assert len(pickle.dumps(bm25.text_loader())) < 1000    # the path, not the texts
+
+
+def test_set_parameter_changes_the_scores(tiny_bm25):
+    """pt.GridScan / GridSearch tune k1 and b through set_parameter: it must change the retrieval, not the repr alone."""
+    bm25 = BM25(tiny_bm25.path)
+    before = bm25(TOPICS)
+    bm25.set_parameter('k1', 3.0)
+    bm25.set_parameter('b', 1.0)
+    after = bm25(TOPICS)
+    pd.testing.assert_frame_equal(after, BM25(tiny_bm25.path, k1=3.0, b=1.0)(TOPICS))
+    assert not after['score'].equals(before['score'])
+    grid = pt.GridScan(bm25, {bm25: {'b': [0.1, 1.0]}}, TOPICS,
+                       pd.DataFrame({'qid': list(EXPECTED_TOP), 'docno': list(EXPECTED_TOP.values()), 'label': 1}),
+                       ['map'], verbose=False, dataframe=True)
+    assert len(grid) == 2
+
+
 def test_reopen_without_reindexing(tiny_bm25):
     reopened = BM25(str(tiny_bm25.path))
     assert reopened.built() and reopened.backend == 'pisa' and reopened.stemmer == 'porter2'
