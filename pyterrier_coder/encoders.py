@@ -350,12 +350,18 @@ class DenseIndex:
         that faiss sees, i.e. with faiss-gpu installed, unless ``gpu=False``; at most 2048 results per query on
         GPU) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder).
         """
+        return self.retriever_of(self, k, backend=backend, gpu=gpu, **kwargs)
+
+    def retriever_of(self, owner, k: int, *, backend: str = 'exact', gpu: Optional[bool] = None,
+                     **kwargs) -> pt.Transformer:
+        """:meth:`retriever`, named after ``owner`` (e.g. the Coder whose fine-tuned encoder this is), so that
+        pt.Experiment's rows of the base and the fine-tuned retriever do not get the same name."""
         self._check_encoder('retriever')
         inner = self.encoder.query_encoder() >> search_transformer(self.flex, k, backend=backend, gpu=gpu, **kwargs)
         options = ''.join(f', {name}={value!r}' for name, value in [('backend', backend), ('gpu', gpu), *kwargs.items()]
                           if (name, value) not in (('backend', 'exact'), ('gpu', None)))
         return _CheckedStage(inner, 'DenseIndex.retriever', 'retrieve', self.flex,
-                             label=f'{self!r}.retriever(k={k}{options})')
+                             label=(owner, f'.retriever(k={k}{options})'))
 
     def scorer(self, *, on_missing: str = 'error') -> pt.Transformer:
         """Re-ranks a result frame (``qid``, ``query``, ``docno``) with the indexed document embeddings.
@@ -366,7 +372,7 @@ class DenseIndex:
         self._check_encoder('scorer')
         inner = self.encoder.query_encoder() >> self.flex.scorer()
         return _CheckedStage(inner, 'DenseIndex.scorer', 'rerank', self.flex, on_missing=on_missing,
-                             label=f'{self!r}.scorer()')
+                             label=(self, '.scorer()'))
 
     def __repr__(self):
         return f'DenseIndex({self.encoder!r}, {str(self.flex.index_path)!r})'
@@ -424,10 +430,11 @@ class _CheckedStage(pt.Transformer):
     """Runs a pyterrier-dr pipeline on checked, normalised input: missing columns raise an error naming the
     component; qid/docno become str and NaN queries ''; duplicated (qid, docno) rows are dropped (warned), as are
     docnos absent from the index when reranking with ``on_missing='drop'`` (else a KeyError lists them), which
-    pyterrier-dr's hashed lookup would otherwise score as some other document. Empty input gives empty output."""
+    pyterrier-dr's hashed lookup would otherwise score as some other document. Empty input gives empty output.
+    ``label=(owner, call)`` names it ``repr(owner) + call`` (e.g. ``DenseIndex(...).scorer()``)."""
 
     def __init__(self, inner: pt.Transformer, component: str, mode: str, flex, on_missing: str = 'error', *,
-                 label: Optional[str] = None):
+                 label: Optional[tuple] = None):
         self.inner = inner
         self.label = label
         self.component = component
@@ -461,10 +468,14 @@ class _CheckedStage(pt.Transformer):
             if not len(frame):
                 return frame.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
         out = self.inner(frame.reset_index(drop=True))
-        return out.drop(columns=[c for c in ('query_vec', 'docid') if c in out.columns])
+        # pyterrier-dr's scorer returns the rows in rank order under their input index labels
+        return out.drop(columns=[c for c in ('query_vec', 'docid') if c in out.columns]).reset_index(drop=True)
 
     def __repr__(self):
-        return self.label or repr(self.inner)
+        if self.label is None:
+            return repr(self.inner)
+        owner, call = self.label   # the owner's repr when asked: a Coder trained since then says 'fitted'
+        return f'{owner!r}{call}'
 
 
 class _DropQueryVec(pt.Transformer):

@@ -85,7 +85,8 @@ class Interpolate(pt.Estimator):
 
     def _check_ready(self, inp: pd.DataFrame) -> None:
         self._check_input(inp)
-        if self.alpha is None:
+        # an empty frame needs no weight: pt.inspect and pt.Experiment's validation run stages on one
+        if self.alpha is None and len(inp):
             raise RuntimeError(f'{COMPONENT}: no weight yet: pass alpha=..., or choose it on validation data with '
                                f'fit(train, train_qrels, valid, valid_qrels) or tune(valid, valid_qrels)')
 

@@ -199,7 +199,7 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
 
     def retriever(self, k: int = 1000, *, backend: str = 'exact', **kwargs) -> pt.Transformer:
         """Single-stage dense retrieval over the same (fixed) document index with the fine-tuned encoder."""
-        return DenseIndex(self.encoder, self.flex).retriever(k, backend=backend, **kwargs)
+        return DenseIndex(self.encoder, self.flex).retriever_of(self, k, backend=backend, **kwargs)
 
     # --- training plumbing ------------------------------------------------------------------------------------
     def _validation_fn(self, valid: Optional[pd.DataFrame], valid_qrels: Optional[pd.DataFrame], depth: int = 100):

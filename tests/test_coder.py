@@ -110,6 +110,9 @@ def test_fit_trains_only_the_query_encoder_and_improves(setup):
     # single-stage retrieval with the fine-tuned encoder over the same index
     res = coder.retriever(k=10)(train)
     assert res.groupby('qid').size().eq(10).all()
+    # named after the fitted Coder, so that pt.Experiment's rows of the base and the fine-tuned retriever differ
+    assert repr(coder.retriever(k=10)) == f'{coder!r}.retriever(k=10)' and 'fitted' in repr(coder)
+    assert repr(coder.retriever(k=10)) != repr(dense.retriever(k=10))
 
 
 def test_fit_from_topics_uses_the_index_itself_and_retrieve_validation(setup):

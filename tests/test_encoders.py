@@ -96,6 +96,7 @@ def test_retriever_and_scorer(tiny_dense, tiny_collection):
     rescored = tiny_dense.scorer()(res[['qid', 'query', 'docno']])
     merged = res.merge(rescored, on=['qid', 'docno'], suffixes=('', '_s'))
     np.testing.assert_allclose(merged['score'], merged['score_s'], atol=1e-5)
+    assert rescored.index.tolist() == list(range(len(rescored)))   # a fresh index, as every other stage gives
     # composition with a cut-off
     assert (tiny_dense.retriever(k=5) % 2)(topics).groupby('qid').size().tolist() == [2, 2]
 
@@ -126,16 +127,16 @@ def test_index_is_built_once(tiny_dense, tiny_collection):
 
 def test_repr(tiny_dense):
     assert 'DenseIndex(DenseEncoder(' in repr(tiny_dense)
-
-
-def test_swapped_arguments_fail_clearly(tiny_dense):
-    with pytest.raises(TypeError, match=r'DenseIndex\(encoder, index\).*PosixPath'):
-        DenseIndex(tiny_dense.flex.index_path, tiny_dense.encoder)
     assert repr(DenseEncoder) and 'pooling' in repr(tiny_dense.encoder)
     # pt.Experiment names systems by repr: no object addresses
     assert repr(tiny_dense.scorer()) == f'{tiny_dense!r}.scorer()'
     assert repr(tiny_dense.retriever(100, backend='faiss')) == f"{tiny_dense!r}.retriever(k=100, backend='faiss')"
     assert repr(tiny_dense.retriever()) == f'{tiny_dense!r}.retriever(k=1000)'
+
+
+def test_swapped_arguments_fail_clearly(tiny_dense):
+    with pytest.raises(TypeError, match=r'DenseIndex\(encoder, index\).*PosixPath'):
+        DenseIndex(tiny_dense.flex.index_path, tiny_dense.encoder)
 
 
 # ---------------------------------------------------------------------------------------------------------

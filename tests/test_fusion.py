@@ -98,6 +98,9 @@ def test_empty_frames_errors_and_repr():
         model(frame().drop(columns='score'))
     with pytest.raises(RuntimeError, match='no weight yet'):
         Interpolate(ColumnScorer())(frame())
+    # but its output columns can be inspected before the weight is chosen (pipeline schematics, validate=)
+    columns = ['qid', 'query', 'docno', 'score', 'rank']
+    assert set(pt.inspect.transformer_outputs(Interpolate(ColumnScorer()), columns)) == set(columns)
     with pytest.raises(ValueError, match=r'\[0, 1\]'):
         Interpolate(ColumnScorer(), 1.5)
     with pytest.raises(ValueError, match='normalise'):
