@@ -256,6 +256,17 @@ class BM25(pt.Transformer):
         self._handle.require_built()
         return _read_meta(self.path)['num_docs']
 
+    # Equal BM25s give equal results: pt.Experiment(precompute_prefix=True) then runs a shared first stage once
+    # even when the pipelines were built from separate BM25 objects (as PyTerrier's own retrievers compare).
+    def _key(self) -> tuple:
+        return (str(self.path.resolve()), self.backend, self.num_results, self.k1, self.b, self.text, self.stemmer)
+
+    def __eq__(self, other):
+        return self._key() == other._key() if isinstance(other, BM25) else NotImplemented
+
+    def __hash__(self):
+        return hash(self._key())
+
     def __repr__(self):
         args = [repr(str(self.path)), f'backend={self.backend!r}', f'num_results={self.num_results!r}']
         if (self.k1, self.b) != (0.9, 0.4):
@@ -294,6 +305,15 @@ class TextLoader(pt.Transformer):
         pta.validate.columns(inp, includes=['docno'])
         return inp.assign(**{field: pd.Series(self.docstore.get(inp['docno'], field), index=inp.index, dtype=object)
                              for field in self.fields})
+
+    def __eq__(self, other):   # as BM25's: text loaders of the same store and fields are interchangeable
+        if not isinstance(other, TextLoader):
+            return NotImplemented
+        return (type(self.docstore), self.docstore.label, self.fields) == (type(other.docstore), other.docstore.label,
+                                                                           other.fields)
+
+    def __hash__(self):
+        return hash((type(self.docstore), self.docstore.label, tuple(self.fields)))
 
     def __repr__(self):
         fields = '' if self.fields == list(self.docstore.fields) else f', {self.fields!r}'

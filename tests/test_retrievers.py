@@ -170,6 +170,22 @@ def test_set_parameter_changes_the_scores(tiny_bm25):
     assert len(grid) == 2
 
 
+def test_equal_first_stages_are_shared_by_experiments(tiny_bm25, monkeypatch):
+    """BM25s (and text loaders) of the same index and settings compare equal, so pt.Experiment's
+    plan='tree' (precompute_prefix) runs the first stage once for pipelines built from separate objects."""
+    a, b = BM25(tiny_bm25.path, num_results=5), BM25(str(tiny_bm25.path), num_results=5)
+    assert a == b and hash(a) == hash(b) and a.text_loader() == b.text_loader()
+    assert a != BM25(tiny_bm25.path, num_results=5, k1=1.2) and a != BM25(tiny_bm25.path, num_results=6)
+    calls = []
+    retrieve = retrievers._IndexHandle.retrieve
+    monkeypatch.setattr(retrievers._IndexHandle, 'retrieve', lambda self, *args, **kw: calls.append(1) or retrieve(self, *args, **kw))
+    qrels = pd.DataFrame({'qid': list(EXPECTED_TOP), 'docno': list(EXPECTED_TOP.values()), 'label': 1})
+    pipelines = [a >> a.text_loader() >> pt.apply.doc_score(lambda row: len(row['text'])),
+                 b >> b.text_loader() >> pt.apply.doc_score(lambda row: -len(row['text']))]
+    pt.Experiment(pipelines, TOPICS, qrels, ['map'], plan='tree')
+    assert len(calls) == 1
+
+
 def test_reopen_without_reindexing(tiny_bm25):
     reopened = BM25(str(tiny_bm25.path))
     assert reopened.built() and reopened.backend == 'pisa' and reopened.stemmer == 'porter2'
