@@ -24,7 +24,7 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from ._util import (check_component_dir, check_document, check_faiss_gpu_k, cuda_amp_dtype, explained_model_errors,
+from ._util import (InspectableSettings, check_component_dir, check_document, check_faiss_gpu_k, cuda_amp_dtype, explained_model_errors,
                     faiss_gpu_count, faiss_to_gpus, infer_device, model_max_tokens, tokenize_truncated,
                     validate_columns, write_component_config)
 
@@ -70,7 +70,7 @@ def pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor, pooling:
     return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-class DenseEncoder(pyterrier_dr.BiEncoder):
+class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
     """A single-vector bi-encoder over a Hugging Face transformer.
 
     Args:
@@ -104,6 +104,7 @@ class DenseEncoder(pyterrier_dr.BiEncoder):
         self.device = infer_device(device)
         with explained_model_errors('DenseEncoder', path):
             self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.tokenizer_name = tokenizer
         tokenizer_path = resolve_model_path(tokenizer) if tokenizer else path
         with explained_model_errors('DenseEncoder', tokenizer_path):
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -177,6 +178,36 @@ class DenseEncoder(pyterrier_dr.BiEncoder):
     def settings(self) -> dict:
         return dict(model=self.model_name, pooling=self.pooling, normalize=self.normalize,
                     query_max_length=self.query_max_length, doc_max_length=self.doc_max_length)
+
+    #: settings that apply_attributes changes on a clone (a new model is loaded afresh)
+    _CLONE_SETTINGS = ('pooling', 'normalize', 'query_max_length', 'doc_max_length', 'batch_size', 'text_field',
+                       'verbose', 'device', 'tokenizer')
+
+    def init_arguments(self) -> dict:
+        return dict(self.settings(), model=self.preset or self.model_name, batch_size=self.batch_size,
+                    device=str(self.device), tokenizer=self.tokenizer_name, text_field=self.text_field,
+                    verbose=self.verbose)
+
+    def apply_attributes(self, **changes) -> 'DenseEncoder':
+        """A clone (its fine-tuned weights included) with these settings changed; a new ``model`` is loaded
+        afresh."""
+        if set(changes) - set(self._CLONE_SETTINGS):
+            return DenseEncoder(**{**self.init_arguments(), **changes})
+        if changes.get('pooling', self.pooling) not in POOLINGS:
+            raise ValueError(f'pooling must be one of {POOLINGS}, got {changes["pooling"]!r}')
+        other = self.clone()
+        for name, value in changes.items():
+            if name == 'device':
+                other.to(infer_device(value))
+            elif name == 'tokenizer' and value != self.tokenizer_name:
+                from transformers import AutoTokenizer
+                source = resolve_model_path(value) if value else resolve_model_path(self.model_name)
+                with explained_model_errors('DenseEncoder', source):
+                    other.tokenizer = AutoTokenizer.from_pretrained(source)
+                other.tokenizer_name = value
+            elif name != 'tokenizer':
+                setattr(other, name, value)
+        return other
 
     def save(self, path) -> None:
         """Writes HF model + tokenizer files and the pooling/normalisation settings to ``path``."""

@@ -134,6 +134,18 @@ def test_repr(tiny_dense):
     assert repr(tiny_dense.retriever()) == f'{tiny_dense!r}.retriever(k=1000)'
 
 
+def test_pt_inspect_settings_and_copies(tiny_dense):
+    encoder = tiny_dense.encoder
+    attributes = {a.name: a.value for a in pt.inspect.transformer_attributes(encoder)}
+    assert attributes['model'] == encoder.model_name and attributes['pooling'] == encoder.pooling   # not the module
+    copy = pt.inspect.transformer_apply_attributes(encoder, batch_size=3, query_max_length=8)
+    assert (copy.batch_size, copy.query_max_length, encoder.query_max_length) == (3, 8, 32)
+    assert copy.model is not encoder.model
+    assert all(torch.equal(a, b) for a, b in zip(copy.model.state_dict().values(), encoder.model.state_dict().values()))
+    with pytest.raises(ValueError, match='pooling'):
+        pt.inspect.transformer_apply_attributes(encoder, pooling='max')
+
+
 def test_swapped_arguments_fail_clearly(tiny_dense):
     with pytest.raises(TypeError, match=r'DenseIndex\(encoder, index\).*PosixPath'):
         DenseIndex(tiny_dense.flex.index_path, tiny_dense.encoder)
