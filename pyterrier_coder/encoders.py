@@ -379,7 +379,8 @@ class DenseIndex:
 
         backend: ``'exact'`` (numpy brute force, memory-mapped), ``'faiss'`` (faiss flat; sharded over the GPUs
         that faiss sees, i.e. with faiss-gpu installed, unless ``gpu=False``; at most 2048 results per query on
-        GPU) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder).
+        GPU) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder; ``ef_search`` defaults to
+        at least ``k``; the graph is built in memory once per index and process).
         """
         return self.retriever_of(self, k, backend=backend, gpu=gpu, **kwargs)
 
@@ -434,8 +435,31 @@ def search_transformer(flex, k: int, *, backend: str = 'exact', gpu: Optional[bo
     if backend == 'faiss':
         return _DropQueryVec(_faiss_flat_retriever(flex, k, gpu=gpu, **kwargs))
     if backend == 'hnsw':
-        return _DropQueryVec(flex.faiss_hnsw_retriever(num_results=k, **kwargs))
+        return _DropQueryVec(_faiss_hnsw_retriever(flex, k, **kwargs))
     raise ValueError(f"backend must be 'exact', 'faiss' or 'hnsw', got {backend!r}")
+
+
+def _faiss_hnsw_retriever(flex, k: int, **kwargs) -> pt.Transformer:
+    """pyterrier-dr's HNSW retriever, with two fixes for pyterrier-dr 0.8:
+
+    - ``ef_search`` (the candidate queue) defaults to at least ``k``: pyterrier-dr's 16 returned about 470 results
+      for ``k=1000``;
+    - the graph is kept in memory (built once per FlexIndex and process), not written to the index directory:
+      pyterrier-dr writes it with its vectors removed, which faiss >= 1.9 refuses to read back (``HNSW storage
+      ntotal 0 != index ntotal``). Such an unreadable file left by an earlier run is removed and the graph rebuilt.
+    """
+    kwargs.setdefault('ef_search', max(k, 16))
+    kwargs.setdefault('cache', False)
+    try:
+        return flex.faiss_hnsw_retriever(num_results=k, **kwargs)
+    except RuntimeError as e:
+        graph = Path(flex.index_path) / f"hnsw_n-{kwargs.get('neighbours', 32)}_ef-{kwargs.get('ef_construction', 40)}.faiss"
+        if 'ntotal' not in str(e) or not graph.exists():
+            raise
+        warnings.warn(f'DenseIndex.retriever: removing {str(graph)!r}, an HNSW graph pyterrier-dr saved that faiss '
+                      f'cannot read back; it is rebuilt in memory')
+        graph.unlink()
+        return flex.faiss_hnsw_retriever(num_results=k, **kwargs)
 
 
 #: faiss flat indexes copied onto the GPUs, per FlexIndex (built once: the copy takes as long as a few searches)

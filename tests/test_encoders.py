@@ -111,6 +111,28 @@ def test_faiss_backends(tiny_dense):
         tiny_dense.retriever(backend='nope')
 
 
+def test_hnsw_backend_returns_k_results_and_survives_a_graph_pyterrier_dr_saved(tiny_dense):
+    faiss = pytest.importorskip('faiss')
+    import pyterrier_dr
+    topics = pd.DataFrame({'qid': ['a', 'b'], 'query': ['apple fresh', 'plum tree']})
+    exact = tiny_dense.retriever(k=90)(topics)
+    hnsw = tiny_dense.retriever(k=90, backend='hnsw')(topics)
+    assert hnsw.groupby('qid').size().tolist() == [90, 90]          # pyterrier-dr's ef_search=16 gave fewer
+    assert set(hnsw['docno'][hnsw['rank'] < 5]) == set(exact['docno'][exact['rank'] < 5])
+    # pyterrier-dr 0.8 (cache=True) saves the graph without its vectors; faiss cannot read that file back
+    path = tiny_dense.flex.index_path
+    pyterrier_dr.FlexIndex(str(path)).faiss_hnsw_retriever(cache=True)
+    graph = path / 'hnsw_n-32_ef-40.faiss'
+    assert graph.exists()
+    with pytest.raises(RuntimeError, match='ntotal'):
+        faiss.read_index(str(graph))
+    later = DenseIndex(tiny_dense.encoder, str(path))                 # a later process: a fresh FlexIndex
+    with pytest.warns(UserWarning, match='cannot read back'):
+        again = later.retriever(k=90, backend='hnsw')(topics)
+    pd.testing.assert_frame_equal(again, hnsw)
+    assert not graph.exists()
+
+
 def test_empty_topics(tiny_dense):
     out = tiny_dense.retriever(k=5)(pd.DataFrame({'qid': pd.Series(dtype=str), 'query': pd.Series(dtype=str)}))
     assert len(out) == 0 and {'qid', 'docno', 'score', 'rank'} <= set(out.columns)
