@@ -24,8 +24,8 @@ import pyterrier as pt
 import torch
 
 from . import losses
-from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, explained_model_errors, infer_device, model_max_tokens,
-                    read_component_config, tokenize_truncated, validate_columns, validation_data,
+from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, explained_model_errors, infer_device,
+                    model_max_tokens, read_component_config, tokenize_truncated, validate_columns, validation_data,
                     write_component_config)
 from .encoders import resolve_model_path
 from .mining import check_lower_labels, fingerprint, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped

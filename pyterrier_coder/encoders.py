@@ -24,9 +24,9 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from ._util import (InspectableSettings, check_component_dir, check_document, check_faiss_gpu_k, cuda_amp_dtype, explained_model_errors,
-                    faiss_gpu_count, faiss_to_gpus, infer_device, model_max_tokens, tokenize_truncated,
-                    validate_columns, write_component_config)
+from ._util import (InspectableSettings, check_component_dir, check_document, check_faiss_gpu_k, cuda_amp_dtype,
+                    explained_model_errors, faiss_gpu_count, faiss_to_gpus, infer_device, model_max_tokens,
+                    tokenize_truncated, validate_columns, write_component_config)
 
 POOLINGS = ('cls', 'mean')
 
@@ -453,7 +453,8 @@ def _faiss_hnsw_retriever(flex, k: int, **kwargs) -> pt.Transformer:
     try:
         return flex.faiss_hnsw_retriever(num_results=k, **kwargs)
     except RuntimeError as e:
-        graph = Path(flex.index_path) / f"hnsw_n-{kwargs.get('neighbours', 32)}_ef-{kwargs.get('ef_construction', 40)}.faiss"
+        graph = Path(flex.index_path) / (f"hnsw_n-{kwargs.get('neighbours', 32)}"
+                                         f"_ef-{kwargs.get('ef_construction', 40)}.faiss")
         if 'ntotal' not in str(e) or not graph.exists():
             raise
         warnings.warn(f'DenseIndex.retriever: removing {str(graph)!r}, an HNSW graph pyterrier-dr saved that faiss '

@@ -21,8 +21,8 @@ import pyterrier_dr
 import torch
 from torch import nn
 
-from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, infer_device, read_component_config, validate_columns,
-                    validation_data, write_component_config)
+from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, infer_device, read_component_config,
+                    validate_columns, validation_data, write_component_config)
 from .encoders import DenseEncoder, DenseIndex, check_dimensions, flex_built
 from .mining import (EmbeddingStore, GatherPrefetcher, fingerprint, group_order, normalise_frame, normalise_qrels,
                      normalised, pad_groups)

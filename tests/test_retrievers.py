@@ -156,7 +156,8 @@ def test_pickles_after_retrieving(tiny_bm25):
 
 
 def test_set_parameter_changes_the_scores(tiny_bm25):
-    """pt.GridScan / GridSearch tune k1 and b through set_parameter: it must change the retrieval, not the repr alone."""
+    """pt.GridScan / GridSearch tune k1 and b through set_parameter: it must change the retrieval, not only the
+    repr."""
     bm25 = BM25(tiny_bm25.path)
     before = bm25(TOPICS)
     bm25.set_parameter('k1', 3.0)
@@ -178,7 +179,8 @@ def test_equal_first_stages_are_shared_by_experiments(tiny_bm25, monkeypatch):
     assert a != BM25(tiny_bm25.path, num_results=5, k1=1.2) and a != BM25(tiny_bm25.path, num_results=6)
     calls = []
     retrieve = retrievers._IndexHandle.retrieve
-    monkeypatch.setattr(retrievers._IndexHandle, 'retrieve', lambda self, *args, **kw: calls.append(1) or retrieve(self, *args, **kw))
+    monkeypatch.setattr(retrievers._IndexHandle, 'retrieve',
+                        lambda self, *args, **kw: calls.append(1) or retrieve(self, *args, **kw))
     qrels = pd.DataFrame({'qid': list(EXPECTED_TOP), 'docno': list(EXPECTED_TOP.values()), 'label': 1})
     pipelines = [a >> a.text_loader() >> pt.apply.doc_score(lambda row: len(row['text'])),
                  b >> b.text_loader() >> pt.apply.doc_score(lambda row: -len(row['text']))]
