@@ -88,7 +88,7 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
                  batch_size: int = 32, device=None, tokenizer: Optional[str] = None, text_field: str = 'text',
                  verbose: bool = False):
         super().__init__(batch_size=batch_size, text_field=text_field, verbose=verbose)
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
         settings = dict(PRESETS.get(model, {}))
         saved = _read_saved_settings(model)
         settings.update(saved)
@@ -105,9 +105,7 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         with explained_model_errors('DenseEncoder', path):
             self.model = AutoModel.from_pretrained(path).to(self.device).eval()
         self.tokenizer_name = tokenizer
-        tokenizer_path = resolve_model_path(tokenizer) if tokenizer else path
-        with explained_model_errors('DenseEncoder', tokenizer_path):
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = _load_tokenizer(tokenizer, path)
         #: the most tokens the model can embed; longer settings truncate to it instead of crashing in the model
         self.max_model_length = model_max_tokens(self.model, self.tokenizer, 1 << 30)
 
@@ -200,10 +198,7 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
             if name == 'device':
                 other.to(infer_device(value))
             elif name == 'tokenizer' and value != self.tokenizer_name:
-                from transformers import AutoTokenizer
-                source = resolve_model_path(value) if value else resolve_model_path(self.model_name)
-                with explained_model_errors('DenseEncoder', source):
-                    other.tokenizer = AutoTokenizer.from_pretrained(source)
+                other.tokenizer = _load_tokenizer(value, resolve_model_path(self.model_name))
                 other.tokenizer_name = value
             elif name != 'tokenizer':
                 setattr(other, name, value)
@@ -227,6 +222,14 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
     def __repr__(self):
         name = self.preset or self.model_name
         return f'DenseEncoder({name!r}, pooling={self.pooling!r}, normalize={self.normalize})'
+
+
+def _load_tokenizer(tokenizer: Optional[str], model_path: str):
+    """The tokenizer named by ``tokenizer`` (a directory or hub id), else the model's own at ``model_path``."""
+    from transformers import AutoTokenizer
+    source = resolve_model_path(tokenizer) if tokenizer else model_path
+    with explained_model_errors('DenseEncoder', source):
+        return AutoTokenizer.from_pretrained(source)
 
 
 def _read_saved_settings(model) -> dict:
