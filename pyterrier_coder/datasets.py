@@ -15,7 +15,7 @@ import itertools
 import json
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 import pandas as pd
 import pyterrier as pt
@@ -53,6 +53,24 @@ def load_dataset(spec: Union[str, Path, Dataset]) -> Dataset:
     if not path.is_dir():
         raise ValueError(f'Dataset path is not a directory: {str(path)!r}')
     return LocalDataset(path)
+
+
+class _SizedIterator:
+    """An iterator that also has a length, counted only when asked (PyTerrier's dataset corpus iterators have one,
+    and code written for them calls ``len()``, e.g. for a progress bar)."""
+
+    def __init__(self, items: Iterator, count: Callable[[], int]):
+        self._items = items
+        self._count = count
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._items)
+
+    def __len__(self) -> int:
+        return self._count()
 
 
 class LocalDataset(Dataset):
@@ -101,7 +119,8 @@ class LocalDataset(Dataset):
     def get_corpus_iter(self, *, verbose: bool = True) -> Iterator[dict]:
         """Yields ``{'docno': str, 'text': str, ...}`` for each document in ``corpus.jsonl``.
 
-        Fields other than ``docno`` and ``text`` are passed through unchanged.
+        Fields other than ``docno`` and ``text`` are passed through unchanged. ``len()`` of the iterator is the
+        number of documents, as for PyTerrier's own datasets.
 
         Args:
             verbose: Show a progress bar.
@@ -109,7 +128,11 @@ class LocalDataset(Dataset):
         Raises:
             DatasetError: A line is not a JSON object, or lacks a string ``docno``/``text``.
         """
-        file = self._require(self._corpus_file)
+        self._require(self._corpus_file)
+        return _SizedIterator(self._read_corpus(verbose), self.num_docs)
+
+    def _read_corpus(self, verbose: bool) -> Iterator[dict]:
+        file = self._corpus_file
         with file.open('rt', encoding='utf-8') as fin:
             lines = enumerate(fin, start=1)
             if verbose:

@@ -86,6 +86,15 @@ def test_corpus_iter(tiny):
     assert list(tiny.get_corpus_iter(verbose=True)) == CORPUS  # progress bar does not change the output
 
 
+def test_corpus_iter_has_a_length(tmp_path):
+    # as PyTerrier's dataset iterators (pt.utils.GeneratorLen): code written for them calls len()
+    ds = LocalDataset(write_dataset(tmp_path / 'ds', corpus=[CORPUS[0], '', CORPUS[1]]))
+    it = ds.get_corpus_iter(verbose=False)
+    assert len(it) == 2
+    assert next(it) == CORPUS[0] and list(it) == [CORPUS[1]]
+    assert len(ds.get_corpus_iter(verbose=True)) == 2
+
+
 def test_corpus_extra_fields_and_blank_lines(tmp_path):
     ds = LocalDataset(write_dataset(tmp_path / 'ds', corpus=[{'docno': 'a', 'text': 't', 'title': 'T'}, '',
                                                              {'docno': 7, 'text': 'int docno'}]))
@@ -206,7 +215,7 @@ def test_missing_corpus(tmp_path):
     root = write_dataset(tmp_path / 'ds')
     (root / 'corpus.jsonl').unlink()
     with pytest.raises(FileNotFoundError, match='corpus.jsonl'):
-        list(LocalDataset(root).get_corpus_iter(verbose=False))
+        LocalDataset(root).get_corpus_iter(verbose=False)  # at the call, not at the first document
 
 
 # -- real collections (skipped when ../shared/datasets is absent) ---------------------------------------
