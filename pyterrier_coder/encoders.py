@@ -322,7 +322,9 @@ class DenseIndex:
 
     def _encoded(self, corpus_iter, batch_size, encoders, work: Optional[Path]):
         field = self.encoder.text_field
-        progress = pt.tqdm(desc=f'Encoding corpus ({self.encoder!r})', unit='doc', disable=not self.verbose)
+        total = len(corpus_iter) if hasattr(corpus_iter, '__len__') else None   # e.g. a dataset's get_corpus_iter()
+        progress = pt.tqdm(desc=f'Encoding corpus ({self.encoder!r})', total=total, unit='doc',
+                           disable=not self.verbose)
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
         executor = ThreadPoolExecutor(len(encoders)) if len(encoders) > 1 else None

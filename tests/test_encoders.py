@@ -147,6 +147,16 @@ def test_index_is_built_once(tiny_dense, tiny_collection):
     assert (tiny_dense.flex.index_path / 'vecs.f4').stat().st_mtime_ns == before
 
 
+def test_encoding_progress_knows_the_corpus_size(tiny_encoder, tiny_collection, tmp_path, monkeypatch):
+    totals = []
+    tqdm = pt.tqdm
+    monkeypatch.setattr(pt, 'tqdm', lambda *a, **k: totals.append(k.get('total')) or tqdm(*a, **k))
+    ds = load_dataset(tiny_collection)
+    DenseIndex(tiny_encoder, tmp_path / 'sized.flex').index(ds.get_corpus_iter(verbose=False))
+    DenseIndex(tiny_encoder, tmp_path / 'unsized.flex').index(iter(list(ds.get_corpus_iter(verbose=False))))
+    assert totals == [ds.num_docs(), None]   # a total (and an ETA) when the corpus has a length
+
+
 def test_repr(tiny_dense):
     assert 'DenseIndex(DenseEncoder(' in repr(tiny_dense)
     assert repr(DenseEncoder) and 'pooling' in repr(tiny_dense.encoder)
