@@ -9,7 +9,8 @@ import torch
 
 from pyterrier_coder._util import evaluate, write_component_config
 from pyterrier_coder.datasets import load_dataset
-from pyterrier_coder.electra import MonoElectra, build_training_groups, sample_groups
+from pyterrier_coder import losses
+from pyterrier_coder.electra import MonoElectra, TrainingGroups, build_training_groups, sample_groups
 from pyterrier_coder.retrievers import BM25
 
 
@@ -352,6 +353,37 @@ def test_save_load_round_trip(tiny_cross_encoder_dir, train_res, dataset, tmp_pa
     assert loaded.config.lr == model.config.lr and loaded.config.batch_size == model.config.batch_size
     assert loaded.fitted and loaded.history['steps'] == 2
     np.testing.assert_allclose(loaded(train_res)['score'].values, model(train_res)['score'].values, atol=1e-6)
+
+
+def test_save_load_keeps_every_setting(tiny_cross_encoder_dir, tmp_path):
+    settings = dict(query_max_length=16, max_length=64, batch_size=3, text_field='body', group_size=5,
+                    negatives_from=7, min_label=2, lower_labels='ignore', loss='hinge', head_lr=1e-3)
+    model = electra(tiny_cross_encoder_dir, **settings, lr=3e-5, warmup=5, max_steps=9, train_batch_size=6)
+    model.save(tmp_path / 'saved')
+    loaded = MonoElectra.load(tmp_path / 'saved', verbose=False)
+    assert loaded.settings() == settings                # every value differs from its default
+    assert (loaded.config.lr, loaded.config.warmup, loaded.config.max_steps, loaded.config.batch_size) == \
+        (3e-5, 5, 9, 6)
+
+
+@pytest.mark.parametrize('loss', ['lce', 'ce', 'hinge'])
+def test_training_loss_is_the_configured_loss_of_the_group_scores(tiny_cross_encoder_dir, loss):
+    model = electra(tiny_cross_encoder_dir, loss=loss, group_size=3)
+    texts = {'p': 'apple juice apple', 'n1': 'banana market', 'n2': 'cherry tree', 'p2': 'grape seed', 'm1': 'lemon'}
+    model._train = TrainingGroups(['1', '2'], ['apple', 'grape'], [np.array(['p'], object), np.array(['p2'], object)],
+                                  [np.array(['n1', 'n2'], object), np.array(['m1'], object)], texts, {})
+    groups = [(0, ['p', 'n1', 'n2']), (1, ['p2', 'm1'])]      # the second group is shorter: padded
+    model.model.eval()   # no dropout, so the loss sees the scores score_pairs gives
+    with torch.no_grad():
+        got = model._loss(groups).item()
+    first = model.score_pairs(['apple'] * 3, [texts[d] for d in groups[0][1]])
+    second = model.score_pairs(['grape'] * 2, [texts[d] for d in groups[1][1]])
+    scores = torch.tensor([list(first), list(second) + [0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    expected = {'lce': lambda: losses.localized_contrastive(scores, mask),
+                'hinge': lambda: losses.pairwise_hinge(scores, mask),
+                'ce': lambda: losses.pointwise_bce(scores, torch.tensor([[1.0, 0, 0], [1.0, 0, 0]]), mask)}[loss]()
+    assert got == pytest.approx(expected.item(), abs=1e-4)
 
 
 def test_pt_inspect_lists_settings_and_applies_changes_keeping_the_trained_weights(tiny_cross_encoder_dir,

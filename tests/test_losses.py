@@ -26,6 +26,24 @@ def test_listnet_kl_is_zero_when_distributions_match_and_skips_queries_without_t
     assert losses.listnet_kl(scores, target, mask).item() == pytest.approx(0.0, abs=1e-5)
 
 
+def test_listnet_kl_averages_only_over_queries_with_target_mass():
+    target = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    scores = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    # query 1: KL(one-hot || uniform over 2) = log 2; query 2 has no target and is left out of the mean (not a 0 in it)
+    assert losses.listnet_kl(scores, target, mask).item() == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_group_losses_ignore_padding_columns():
+    scores = torch.tensor([[2.0, 0.0, 5.0]])       # the last column is padding, with a large score
+    mask = torch.tensor([[True, True, False]])
+    assert losses.pairwise_hinge(scores, mask).item() == pytest.approx(0.0)
+    labels = torch.tensor([[1.0, 0.0, 0.0]])
+    expected_bce = (math.log1p(math.exp(-2.0)) + math.log(2)) / 2
+    assert losses.pointwise_bce(scores, labels, mask).item() == pytest.approx(expected_bce, rel=1e-5)
+    assert losses.localized_contrastive(scores, mask).item() == pytest.approx(math.log1p(math.exp(-2.0)), rel=1e-5)
+
+
 def test_listnet_gradient_raises_relevant_scores():
     scores = torch.zeros(1, 4, requires_grad=True)
     losses.listnet_kl(scores, torch.tensor([[1.0, 0, 0, 0]]), torch.ones(1, 4, dtype=torch.bool)).backward()
