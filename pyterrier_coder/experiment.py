@@ -72,6 +72,26 @@ QUICK = dict(
 )
 
 
+def paired_comparisons(perquery: pd.DataFrame, names: List[str]) -> pd.DataFrame:
+    """Paired t-tests of the :data:`COMPARISONS` whose two systems are both in ``names``, over a per-query frame
+    (``qid``, ``name``, ``measure``, ``value``); uncorrected p-values: each pair is its own question."""
+    from scipy import stats
+    rows = []
+    for measure in ('nDCG@10', 'RR@10'):
+        table = perquery[perquery['measure'] == measure].pivot(index='qid', columns='name', values='value')
+        for system, reference in COMPARISONS:
+            if system in names and reference in names:
+                a, b = table[system], table[reference]
+                with warnings.catch_warnings():
+                    warnings.simplefilter('ignore', RuntimeWarning)
+                    p = stats.ttest_rel(a, b).pvalue
+                rows.append({'system': system, 'reference': reference, 'measure': measure,
+                             'system value': a.mean(), 'reference value': b.mean(), 'difference': a.mean() - b.mean(),
+                             'wins': int((a > b).sum()), 'losses': int((a < b).sum()), 'p-value': p})
+    return pd.DataFrame(rows, columns=['system', 'reference', 'measure', 'system value', 'reference value',
+                                       'difference', 'wins', 'losses', 'p-value'])
+
+
 @dataclasses.dataclass
 class ExperimentSettings:
     dataset: str
@@ -492,25 +512,6 @@ class Experiment:
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
         return runs
 
-    def _comparisons(self, perquery: pd.DataFrame, names: List[str]) -> pd.DataFrame:
-        """Paired t-tests of :data:`COMPARISONS` whose two systems are both in this run (uncorrected p-values:
-        each pair is its own question)."""
-        from scipy import stats
-        rows = []
-        for measure in ('nDCG@10', 'RR@10'):
-            table = perquery[perquery['measure'] == measure].pivot(index='qid', columns='name', values='value')
-            for system, reference in COMPARISONS:
-                if system in names and reference in names:
-                    a, b = table[system], table[reference]
-                    with warnings.catch_warnings():
-                        warnings.simplefilter('ignore', RuntimeWarning)
-                        p = stats.ttest_rel(a, b).pvalue
-                    rows.append({'system': system, 'reference': reference, 'measure': measure,
-                                 'system value': a.mean(), 'reference value': b.mean(), 'difference': a.mean() - b.mean(),
-                                 'wins': int((a > b).sum()), 'losses': int((a < b).sum()), 'p-value': p})
-        return pd.DataFrame(rows, columns=['system', 'reference', 'measure', 'system value', 'reference value',
-                                           'difference', 'wins', 'losses', 'p-value'])
-
     def run(self) -> pd.DataFrame:
         self.out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -530,7 +531,7 @@ class Experiment:
         results['ms/query'] = [self.latency[name] for name in names]
         results.to_csv(self.out / 'results.csv', index=False)
         perquery.to_csv(self.out / 'perquery.csv', index=False)
-        comparisons = self._comparisons(perquery, names)
+        comparisons = paired_comparisons(perquery, names)
         comparisons.to_csv(self.out / 'comparisons.csv', index=False)
         if self.fusion_weights:
             atomic_write_text(self.out / 'fusion_weights.json', json.dumps(self.fusion_weights, indent=2))

@@ -84,6 +84,49 @@ def test_delta_weights_use_the_retrieved_ranks(setup, monkeypatch):
     assert m.all() and torch.allclose(w, expected)
 
 
+def test_a_retrieved_positive_is_not_paired_with_itself(setup, monkeypatch):
+    ds, encoder, dense = setup
+    from pyterrier_coder import losses
+    from pyterrier_coder.mining import EmbeddingStore
+    store = EmbeddingStore(dense.flex)
+    adore = Adore(dense, encoder, k=len(store), max_steps=1, **FAST)   # the whole corpus: the positive is retrieved
+    seen, retrieved = {}, []
+    original_loss, original_search = losses.weighted_pairwise_logistic, adore._search_ids
+
+    def spy(pos, neg, weights, mask):
+        seen['mask'] = mask.clone()
+        return original_loss(pos, neg, weights, mask)
+    monkeypatch.setattr(losses, 'weighted_pairwise_logistic', spy)
+    monkeypatch.setattr(adore, '_search_ids', lambda q, k: retrieved.append(original_search(q, k)) or retrieved[-1])
+    adore.fit(ds.get_topics('train'), pd.DataFrame({'qid': ['q00'], 'docno': ['d000'], 'label': [1]}))
+    position = retrieved[0][0].tolist().index(int(store.ids(['d000'])[0]))
+    assert (~seen['mask'][0, 0]).nonzero().flatten().tolist() == [position]
+
+
+def test_ndcg_weights_use_the_ideal_dcg_of_the_sorted_labels(setup, monkeypatch):
+    ds, encoder, dense = setup
+    from pyterrier_coder import losses
+    seen = []
+    original = losses.delta_ndcg
+    monkeypatch.setattr(losses, 'delta_ndcg', lambda *args: seen.append(args) or original(*args))
+    adore = Adore(dense, encoder, k=5, max_steps=1, delta_metric='nDCG@10', **FAST)
+    qrels = pd.DataFrame({'qid': ['q00', 'q00'], 'docno': ['d001', 'd000'], 'label': [1, 2]})   # not label-sorted
+    adore.fit(ds.get_topics('train'), qrels)
+    ideal = seen[0][5]
+    assert ideal[0].item() == pytest.approx(2 + 1 / np.log2(3), rel=1e-5)
+
+
+def test_save_load_keeps_every_setting(setup, tmp_path):
+    ds, encoder, dense = setup
+    chosen = dict(k=13, delta_metric='nDCG@10', lambda_weighting=False, dynamic=False, min_label=2, search='faiss',
+                  temperature=0.5)
+    adore = Adore(dense, encoder, verbose=False, device='cpu', **chosen)
+    adore.save(tmp_path / 'adore')
+    loaded = Adore.load(tmp_path / 'adore', device='cpu', verbose=False)
+    assert loaded.settings() == adore.settings()
+    assert {name: loaded.settings()[name] for name in chosen} == chosen     # every value differs from its default
+
+
 def test_save_load_round_trip_and_cross_type_error(setup, tmp_path):
     ds, encoder, dense = setup
     adore = Adore(dense, encoder, k=10, max_steps=5, **FAST)

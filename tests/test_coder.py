@@ -9,6 +9,7 @@ import pyterrier as pt
 import pytest
 import torch
 
+from pyterrier_coder import losses
 from pyterrier_coder._util import evaluate
 from pyterrier_coder.adore import Adore
 from pyterrier_coder.coder import Coder
@@ -53,6 +54,53 @@ def test_mining_injects_positives_and_skips_queries_without_positive(setup):
     assert all(labels[d] == l for d, l in zip(q0['docno'], q0['label']))
     assert cands.num_retrieved.tolist() == [2]
     assert cands.stats['skipped_no_positive'] == 1
+
+
+def _mined_row(store, cands, i=0):
+    ids = cands.docids[i]
+    return store.docnos.fwd[ids[ids >= 0]].tolist(), cands.labels[i][ids >= 0].tolist()
+
+
+def test_mining_appends_only_the_positives_the_first_stage_missed(setup):
+    ds, encoder, dense, bm25 = setup
+    store = EmbeddingStore(dense.flex)
+    candidates = pd.DataFrame({'qid': ['q00'] * 3, 'query': ['apple'] * 3, 'docno': ['d000', 'd050', 'd051'],
+                               'score': [3.0, 2.0, 1.0]})
+    cands = mine_candidates(candidates, ds.get_qrels('train'), store, num_candidates=3)
+    # d000 (label 2) was retrieved and keeps its place; only d001 (label 1) is appended, once
+    assert _mined_row(store, cands) == (['d000', 'd050', 'd051', 'd001'], [2.0, 0.0, 0.0, 1.0])
+
+
+def test_mining_positives_follow_min_label(setup):
+    ds, encoder, dense, bm25 = setup
+    store = EmbeddingStore(dense.flex)
+    qrels = pd.DataFrame({'qid': ['q00', 'q00', 'q01'], 'docno': ['d000', 'd001', 'd011'], 'label': [2, 1, 1]})
+    candidates = pd.DataFrame({'qid': ['q00', 'q01'], 'query': ['apple', 'banana'], 'docno': ['d050', 'd050'],
+                               'score': [1.0, 1.0]})
+    with pytest.warns(UserWarning, match='skipped 1 of 2'):
+        cands = mine_candidates(candidates, qrels, store, num_candidates=5, min_label=2)
+    assert cands.qids == ['q00']                            # q01 has only a label-1 judgement
+    assert _mined_row(store, cands)[0] == ['d050', 'd000']  # d001 (label 1 < min_label) is not appended
+
+
+@pytest.mark.parametrize('options, target, kept', [
+    (dict(), [2, 1, 0, 0], [1, 1, 1, 1]),
+    (dict(min_label=2), [2, 0, 0, 0], [1, 1, 1, 1]),
+    (dict(min_label=2, lower_labels='ignore'), [2, 0, 0, 0], [1, 0, 1, 1]),
+    (dict(label_weights={2: 1.0, 1: 1.0}), [1, 1, 0, 0], [1, 1, 1, 1])])   # not proportional to the labels
+def test_loss_is_listnet_of_temperature_scaled_scores_against_the_configured_target(setup, options, target, kept):
+    ds, encoder, dense, bm25 = setup
+    store = EmbeddingStore(dense.flex)
+    ids = store.ids(['d000', 'd001', 'd050', 'd051'])
+    coder = Coder(dense, encoder, temperature=0.5, verbose=False, device='cpu', **options)
+    coder._train = CandidateSet.from_rows(['q00'], ['apple'], [ids], [np.array([2, 1, 0, 0], np.float32)], [4], {})
+    coder.encoder.model.eval()   # no dropout: the loss sees the scores _scores gives
+    with torch.no_grad():
+        got = coder._loss(np.array([[0]])).item()
+        scores = coder._scores(['apple'], ids[None].astype(np.int64), torch.ones(1, 4, dtype=torch.bool))
+    expected = losses.listnet_kl(scores / 0.5, torch.tensor([target], dtype=torch.float),
+                                 torch.tensor([kept], dtype=torch.bool)).item()
+    assert got == pytest.approx(expected, rel=1e-4)
 
 
 def test_rerank_scores_are_the_inner_products_whatever_the_temperature(setup):
@@ -128,7 +176,7 @@ def test_fit_from_topics_uses_the_index_itself_and_retrieve_validation(setup):
 
 @pytest.mark.parametrize('options', [dict(loss='margin'), dict(random_negatives=5),
                                      dict(refresh_every=5), dict(min_label=2, lower_labels='ignore'),
-                                     dict(label_weights={2: 1.0, 1: 0.5})])
+                                     dict(label_weights={2: 1.0, 1: 1.0})])   # not proportional to the labels
 def test_training_variants_run_and_learn(setup, options):
     ds, encoder, dense, bm25 = setup
     train, qrels = ds.get_topics('train'), ds.get_qrels('train')
@@ -145,6 +193,22 @@ def test_refresh_reretrieves_candidates(setup, monkeypatch):
     monkeypatch.setattr(coder, '_retrieve_ids', lambda q, k: calls.append(k) or original(q, k))
     coder.fit((bm25 % 10)(ds.get_topics('train')), ds.get_qrels('train'))
     assert calls == [10, 10]        # steps 5 and 10
+
+
+def test_refresh_keeps_every_judged_positive_with_its_label(setup):
+    ds, encoder, dense, bm25 = setup
+    store = EmbeddingStore(dense.flex)
+    coder = Coder(dense, encoder, num_candidates=2, refresh_every=1, verbose=False, device='cpu')
+    ids = store.ids(['d050', 'd051', 'd000', 'd001'])
+    coder._train = CandidateSet.from_rows(['q00'], ['apple'], [ids], [np.array([0, 0, 2, 1], np.float32)], [2], {})
+    coder._refresh_root = None
+    coder._refresh(1)
+    row, labels = coder._train.docids[0], coder._train.labels[0]
+    kept = row[row >= 0]
+    assert len(kept) == len(set(kept.tolist()))                        # no document twice
+    label_of = dict(zip(kept.tolist(), labels[row >= 0].tolist()))
+    assert label_of[int(ids[2])] == 2.0 and label_of[int(ids[3])] == 1.0
+    assert kept[:2].tolist() == coder._retrieve_ids(['apple'], 2)[0].tolist()   # the new retrieval comes first
 
 
 def test_transformer_scorer_trains_and_refuses_single_stage(setup, tmp_path):
@@ -179,6 +243,18 @@ def test_save_load_round_trip(setup, tmp_path):
     assert 'fitted' in repr(loaded)
     with pytest.raises(ValueError, match='DenseEncoder'):
         Coder.load(tmp_path / 'coder' / 'encoder')
+
+
+def test_save_load_keeps_every_setting(setup, tmp_path):
+    ds, encoder, dense, bm25 = setup
+    chosen = dict(num_candidates=17, loss='margin', temperature=0.5, min_label=2, label_weights={2: 1.0, 1: 0.3},
+                  lower_labels='ignore', random_negatives=3, refresh_every=4, num_results=50, on_missing='drop')
+    coder = Coder(dense, encoder, lr=3e-5, max_steps=7, verbose=False, device='cpu', **chosen)
+    coder.save(tmp_path / 'coder')
+    loaded = Coder.load(tmp_path / 'coder', device='cpu', verbose=False)
+    assert loaded.settings() == coder.settings()
+    assert {name: loaded.settings()[name] for name in chosen} == chosen     # every value differs from its default
+    assert (loaded.config.lr, loaded.config.max_steps) == (3e-5, 7)
 
 
 def test_pt_inspect_lists_settings_and_applies_changes_keeping_the_trained_weights(setup):

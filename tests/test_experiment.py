@@ -9,7 +9,7 @@ import pyterrier as pt
 import pytest
 
 from pyterrier_coder.cli import main
-from pyterrier_coder.experiment import BASELINE
+from pyterrier_coder.experiment import BASELINE, COMPARISONS, paired_comparisons
 
 EXPECTED = ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'BM25 >> CODER (+ BM25 score)', 'CODER', 'ADORE',
             'BM25 >> MonoELECTRA', 'BM25 >> MonoELECTRA (+ BM25 score)']
@@ -61,6 +61,18 @@ def test_report_and_plots(nfcorpus_quick_run):
         assert f'![{name}]({name})' in report
 
 
+def test_comparisons_count_the_wins_and_losses_of_the_system():
+    system, reference = COMPARISONS[0]
+    values = {system: [0.5, 0.4, 0.3, 0.2], reference: [0.1, 0.2, 0.9, 0.2]}     # system: 2 wins, 1 loss, 1 tie
+    perquery = pd.DataFrame([{'qid': str(q), 'name': name, 'measure': measure, 'value': value[q]}
+                             for measure in ('nDCG@10', 'RR@10') for name, value in values.items() for q in range(4)])
+    rows = paired_comparisons(perquery, [system, reference, 'another system'])
+    assert len(rows) == 2                      # one row per measure: no other pair of COMPARISONS is in the names
+    row = rows[rows['measure'] == 'nDCG@10'].iloc[0]
+    assert (row['system'], row['reference'], row['wins'], row['losses']) == (system, reference, 2, 1)
+    assert row['difference'] == pytest.approx(0.0)
+
+
 def test_paired_comparisons(nfcorpus_quick_run):
     out, _ = nfcorpus_quick_run
     comparisons = pd.read_csv(out / 'comparisons.csv')
@@ -75,6 +87,8 @@ def test_paired_comparisons(nfcorpus_quick_run):
     row = ndcg.loc[['BM25 >> CODER']].iloc[0]
     assert row['difference'] == pytest.approx(table['BM25 >> CODER'].mean() - table['BM25'].mean())
     assert row['p-value'] == pytest.approx(stats.ttest_rel(table['BM25 >> CODER'], table['BM25']).pvalue)
+    assert (row['wins'], row['losses']) == ((table['BM25 >> CODER'] > table['BM25']).sum(),
+                                            (table['BM25 >> CODER'] < table['BM25']).sum())
     assert '## Paired comparisons' in (out / 'report.md').read_text()
 
 

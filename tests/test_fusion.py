@@ -83,10 +83,14 @@ def test_documents_missing_from_the_input_get_the_lowest_incoming_score():
             extra = inp.iloc[:1].assign(docno='new', rr=5.0)
             return super().transform(pd.concat([inp, extra], ignore_index=True))
 
-    out = Interpolate(AddsADocument(), 0.5)(frame())
-    new = out[(out['qid'] == 'q1') & (out['docno'] == 'new')]
-    # incoming: lowest of q1 (0.0 -> 0 after min-max); reranker: 5 of [0, 1, 2, 5] -> 1
-    assert new['score'].item() == pytest.approx(0.5)
+    # q1's incoming scores are 10, 5, 2: 'new' gets 2 (not 0, which min-max would stretch the others against)
+    inp = frame().assign(score=[10.0, 5.0, 2.0, 3.0])
+    out = Interpolate(AddsADocument(), 0.5)(inp)
+    score = out[out['qid'] == 'q1'].set_index('docno')['score']
+    # incoming min-max over [10, 5, 2, 2]; reranker min-max over [0, 1, 2, 5]
+    assert score['new'] == pytest.approx(0.5 * 0.0 + 0.5 * 1.0)
+    assert score['c'] == pytest.approx(0.5 * 0.0 + 0.5 * 0.4)
+    assert score['b'] == pytest.approx(0.5 * 3 / 8 + 0.5 * 0.2)
 
 
 def test_empty_frames_errors_and_repr():
