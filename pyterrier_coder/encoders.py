@@ -24,9 +24,9 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from ._util import (InspectableSettings, check_component_dir, check_document, check_faiss_gpu_k, cuda_amp_dtype,
-                    explained_model_errors, faiss_gpu_count, faiss_to_gpus, infer_device, model_max_tokens,
-                    tokenize_truncated, validate_columns, write_component_config)
+from ._util import (InspectableSettings, atomic_write_text, check_component_dir, check_document, check_faiss_gpu_k,
+                    cuda_amp_dtype, explained_model_errors, faiss_gpu_count, faiss_to_gpus, infer_device,
+                    model_max_tokens, tokenize_truncated, validate_columns, write_component_config)
 
 POOLINGS = ('cls', 'mean')
 
@@ -327,6 +327,7 @@ class DenseIndex:
                            disable=not self.verbose)
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
+            self._check_work_encoder(work)
         executor = ThreadPoolExecutor(len(encoders)) if len(encoders) > 1 else None
         resumed, seen = 0, set()
         try:
@@ -359,6 +360,29 @@ class DenseIndex:
             raise ValueError(f'DenseIndex.index: the corpus has {len(seen)} document(s); at least 2 are needed')
         if resumed and self.verbose:
             print(f'DenseIndex.index: {resumed} documents were read back from {work} (resumed)')
+
+    #: encoded by every run that writes chunks, so a resumed run can tell whether the same encoder wrote them
+    _PROBE_TEXT = 'pyterrier-coder: which encoder wrote these chunks?'
+
+    def _check_work_encoder(self, work: Path) -> None:
+        """Refuses to resume chunks that another encoder wrote (other weights, pooling, normalisation or length):
+        the finished index would mix the vectors of two models. The encoder is recognised by its settings and its
+        embedding of a probe text (compared loosely: a resumed run may use another device or precision)."""
+        settings = {k: v for k, v in self.encoder.settings().items() if k != 'model'}   # a path or a hub id alike
+        probe = self.encoder.encode_docs([self._PROBE_TEXT])[0].astype(np.float64)
+        stamp = work / 'encoder.json'
+        if not stamp.exists():
+            atomic_write_text(stamp, json.dumps({'settings': settings, 'probe': probe.tolist()}))
+            return
+        saved = json.loads(stamp.read_text())
+        old = np.asarray(saved['probe'])
+        same = saved['settings'] == settings and old.shape == probe.shape and \
+            float(old @ probe) / (np.linalg.norm(old) * np.linalg.norm(probe) + 1e-12) > 0.999 and \
+            abs(np.linalg.norm(old) / (np.linalg.norm(probe) + 1e-12) - 1) < 0.01
+        if not same:
+            raise ValueError(f'DenseIndex.index: {work} holds chunks that another encoder encoded (settings '
+                             f'{saved["settings"]}, or other weights) than {self.encoder!r}; call '
+                             f'index(..., overwrite=True) to start again')
 
     @staticmethod
     def _encode_texts(texts, encoders, executor) -> np.ndarray:

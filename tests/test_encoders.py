@@ -236,7 +236,7 @@ def test_interrupted_encoding_resumes_where_it_stopped(tiny_encoder, tiny_collec
     with pytest.raises(KeyboardInterrupt):
         target.index(crashing_corpus(), batch_size=16)
     work = tmp_path / 'target.flex.encoding'
-    assert sorted(p.name for p in work.iterdir()) == ['chunk0000000.npz', 'chunk0000001.npz']
+    assert sorted(p.name for p in work.glob('chunk*')) == ['chunk0000000.npz', 'chunk0000001.npz']
     assert not target.built()
 
     encoded = []
@@ -244,7 +244,8 @@ def test_interrupted_encoding_resumes_where_it_stopped(tiny_encoder, tiny_collec
     monkeypatch.setattr(tiny_encoder, 'encode_docs', lambda texts, *a, **k: encoded.append(len(texts)) or
                         original(texts, *a, **k))
     target.index(docs, batch_size=16)
-    assert sum(encoded) == len(docs) - 32          # the two saved chunks were read back, not re-encoded
+    # the two saved chunks were read back, not re-encoded (+ 1: the probe text that recognises the encoder)
+    assert sum(encoded) == len(docs) - 32 + 1
     assert target.built() and not work.exists()
     got, want = _vectors(target), _vectors(reference)
     assert got.keys() == want.keys()
@@ -265,6 +266,65 @@ def test_resuming_with_another_corpus_order_fails(tiny_encoder, tiny_collection,
         dense.index(docs[::-1], batch_size=16)
     dense.index(docs[::-1], batch_size=16, overwrite=True)   # overwrite starts again
     assert dense.built() and len(dense) == len(docs)
+
+
+@pytest.mark.parametrize('other', [dict(pooling='cls', normalize=False), dict(pooling='mean', normalize=True,
+                                                                              perturbed=True)])
+def test_resuming_with_another_encoder_fails(tiny_bert_dir, tiny_encoder, tiny_collection, tmp_path, other):
+    # the chunks of an interrupted run were read back whatever encoder wrote them: an index mixing two models
+    docs = list(load_dataset(tiny_collection).get_corpus_iter(verbose=False))
+
+    def crash_after_one_chunk():
+        yield from docs[:16]
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        DenseIndex(tiny_encoder, tmp_path / 'x.flex', verbose=False).index(crash_after_one_chunk(), batch_size=16)
+    perturbed = other.pop('perturbed', False)
+    encoder = DenseEncoder(str(tiny_bert_dir), device='cpu', **other)
+    if perturbed:   # the same settings, other weights (e.g. fine-tuned)
+        with torch.no_grad():
+            for p in encoder.model.parameters():
+                p.add_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match='another encoder'):
+        DenseIndex(encoder, tmp_path / 'x.flex', verbose=False).index(docs, batch_size=16)
+    dense = DenseIndex(encoder, tmp_path / 'x.flex', verbose=False).index(docs, batch_size=16, overwrite=True)
+    np.testing.assert_allclose(_vectors(dense)[docs[0]['docno']], encoder.encode_docs([docs[0]['text']])[0],
+                               atol=1e-5)
+    # the same encoder resumes as before (another instance loaded from the same files)
+    with pytest.raises(KeyboardInterrupt):
+        DenseIndex(tiny_encoder, tmp_path / 'y.flex', verbose=False).index(crash_after_one_chunk(), batch_size=16)
+    same = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
+    assert DenseIndex(same, tmp_path / 'y.flex', verbose=False).index(docs, batch_size=16).built()
+
+
+def test_unnormalised_mean_pooling_ignores_padding(tiny_bert_dir):
+    # a short text padded in a batch with a long one is embedded as when alone (normalising would hide the scale)
+    encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=False, device='cpu')
+    texts = ['apple', 'apple banana cherry grape lemon mango melon orange peach']
+    alone = np.concatenate([encoder.encode_docs([t]) for t in texts])
+    np.testing.assert_allclose(encoder.encode_docs(texts), alone, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_queries(texts), alone, atol=1e-5)
+
+
+def test_queries_in_several_batches_keep_their_order(tiny_bert_dir):
+    encoder = DenseEncoder(str(tiny_bert_dir), pooling='cls', normalize=False, batch_size=2, device='cpu')
+    texts = ['apple', 'banana juice', 'cherry', 'grape tree', 'lemon']
+    one_by_one = np.concatenate([encoder.encode_queries([t]) for t in texts])
+    np.testing.assert_allclose(encoder.encode_queries(texts), one_by_one, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_queries_torch(texts).detach().numpy(), one_by_one, atol=1e-5)
+
+
+def test_apply_attributes_keeps_fine_tuned_weights(tiny_bert_dir):
+    encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
+    with torch.no_grad():   # "fine-tuned": differs from the checkpoint on disk
+        for p in encoder.model.parameters():
+            p.add_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+    tuned = encoder.encode_queries(['apple tree'])
+    changed = encoder.apply_attributes(batch_size=7)
+    assert changed is not encoder and changed.batch_size == 7
+    np.testing.assert_allclose(changed.encode_queries(['apple tree']), tuned, atol=1e-6)
+    fresh = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
+    assert not np.allclose(fresh.encode_queries(['apple tree']), tuned, atol=1e-4)
 
 
 def test_encoding_on_several_devices_matches_one(tiny_encoder, tiny_collection, tmp_path):
@@ -290,6 +350,16 @@ def random_flex(tmp_path_factory):
     flex = pyterrier_dr.FlexIndex(str(tmp_path_factory.mktemp('random') / 'random.flex'), verbose=False)
     flex.indexer(mode='overwrite').index([{'docno': f'd{i}', 'doc_vec': v} for i, v in enumerate(vecs)])
     return flex, vecs
+
+
+def test_hnsw_returns_k_results_when_k_is_large(random_flex):
+    # ef_search defaults to at least k (pyterrier-dr's 16 returns far fewer than k=1000 results)
+    pytest.importorskip('faiss')
+    from pyterrier_coder.encoders import search_transformer
+    flex, vecs = random_flex
+    queries = pd.DataFrame({'qid': ['a', 'b'], 'query_vec': list(vecs[[3, 7]] + 0.1)})
+    out = search_transformer(flex, 1000, backend='hnsw')(queries)
+    assert out.groupby('qid').size().tolist() == [1000, 1000]
 
 
 def test_faiss_flat_returns_k_results_like_exact_search(random_flex):
