@@ -136,6 +136,76 @@ def test_empty_frame_and_missing_columns_and_docnos(setup):
     dropping = Coder(dense, encoder, on_missing='drop', verbose=False, device='cpu')
     with pytest.warns(UserWarning, match='dropped 1'):
         assert dropping(bad)['docno'].tolist() == ['d000']
+    res = (bm25 % 5)(ds.get_topics('dev'))
+    reranked, none = coder(res), coder(res.iloc[:0])    # an empty result has the column types of a non-empty one
+    assert len(none) == 0 and (none['rank'].dtype, none['score'].dtype) == (reranked['rank'].dtype, np.float64)
+
+
+def _inner_products(encoder, dense, out):
+    q = encoder.encode_queries(out['query'].tolist())
+    d = dense.flex.np_vecs()[EmbeddingStore(dense.flex).ids(out['docno'])]
+    return (q * d).sum(1)
+
+
+def test_dropping_every_docno_of_a_query_leaves_the_other_queries_scores_right(setup):
+    ds, encoder, dense, bm25 = setup
+    res = (bm25 % 5)(ds.get_topics('dev'))
+    gone = pd.DataFrame({'qid': ['0000'] * 2, 'query': ['apple'] * 2, 'docno': ['nope1', 'nope2'],
+                         'score': [1.0, 0.5], 'rank': [0, 1]})   # sorts before every other qid
+    coder = Coder(dense, encoder, on_missing='drop', verbose=False, device='cpu')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        out = coder(pd.concat([gone, res], ignore_index=True))
+    assert '0000' not in set(out['qid']) and len(out) == len(res)
+    np.testing.assert_allclose(out['score'], _inner_products(encoder, dense, out), atol=1e-5)
+    assert (out.groupby('qid')['rank'].apply(lambda r: list(r) == list(range(len(r))))).all()
+
+
+def test_small_cpu_score_blocks_give_the_same_scores(setup, monkeypatch):
+    # candidates are scored a block of queries at a time on CPU: every block must use its own rows
+    ds, encoder, dense, bm25 = setup
+    res = (bm25 % 10)(ds.get_topics('train'))
+    assert res['qid'].nunique() > 2
+    monkeypatch.setattr(Coder, 'CPU_SCORE_BLOCK_BYTES', 1)    # one query per block
+    out = Coder(dense, encoder, verbose=False, device='cpu')(res)
+    np.testing.assert_allclose(out['score'], _inner_products(encoder, dense, out), atol=1e-5)
+
+
+def _retrieval_metric(coder, topics, qrels, depth=100):
+    return evaluate(coder.retriever(depth)(topics), qrels, coder.config.metric, topics['qid'])
+
+
+def test_validate_with_retrieve_retrieves_even_from_a_result_frame(setup):
+    ds, encoder, dense, bm25 = setup
+    topics, qrels = ds.get_topics('train'), ds.get_qrels('train')
+    res = (bm25 % 2)(topics)      # reranking 2 BM25 candidates scores differently from retrieving 100
+    retrieve = Coder(dense, encoder, validate_with='retrieve', verbose=False, device='cpu')
+    rerank = Coder(dense, encoder, validate_with='rerank', verbose=False, device='cpu')
+    expected = _retrieval_metric(retrieve, topics, qrels)
+    assert retrieve._validation_fn(res, qrels)() == pytest.approx(expected, abs=1e-6)
+    assert rerank._validation_fn(res, qrels)() != pytest.approx(expected, abs=1e-6)
+
+
+def test_retrieval_in_several_inference_batches(setup):
+    # _retrieve_ids encodes inference_batch_size queries at a time: each batch its own queries
+    ds, encoder, dense, bm25 = setup
+    topics, qrels = ds.get_topics('train'), ds.get_qrels('train')
+    assert len(topics) > 3
+    small = Coder(dense, encoder, validate_with='retrieve', inference_batch_size=3, verbose=False, device='cpu')
+    assert small._validation_fn(topics, qrels)() == pytest.approx(_retrieval_metric(small, topics, qrels), abs=1e-6)
+    whole = Coder(dense, encoder, inference_batch_size=64, verbose=False, device='cpu')
+    np.testing.assert_array_equal(small._retrieve_ids(topics['query'].tolist(), 5),
+                                  whole._retrieve_ids(topics['query'].tolist(), 5))
+
+
+def test_trainer_retriever_uses_the_requested_backend(setup):
+    pytest.importorskip('faiss')
+    ds, encoder, dense, bm25 = setup
+    hnsw = Coder(dense, encoder, verbose=False, device='cpu').retriever(10, backend='hnsw')
+    assert repr(hnsw).startswith('Coder(') and repr(hnsw).endswith(".retriever(k=10, backend='hnsw')")
+    assert 'FaissRetriever' in repr(hnsw.inner)             # not the exact search
+    topics = ds.get_topics('dev')
+    assert hnsw(topics).groupby('qid').size().tolist() == [10] * len(topics)
 
 
 def test_fit_trains_only_the_query_encoder_and_improves(setup):

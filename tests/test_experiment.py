@@ -250,6 +250,34 @@ def test_set_overrides_parse_and_validate():
             apply_overrides(FULL, parse_overrides(bad))
 
 
+def test_cli_strips_the_component_names(monkeypatch):
+    from pyterrier_coder import cli
+    seen = []
+
+    class RecordingExperiment:
+        def __init__(self, settings):
+            seen.append(settings)
+
+        def run(self):
+            raise ValueError('stop here')
+    monkeypatch.setattr(cli, 'Experiment', RecordingExperiment)
+    assert main(['experiment', '--dataset', 'x', '--components', ' bm25 , dense,,coder ']) == 2
+    assert seen[0].components == ('bm25', 'dense', 'coder')
+
+
+def test_run_key_changes_with_a_shared_budget_entry(tmp_path):
+    # a run is reused only when nothing it depends on changed: here the dev queries the fusion weight is chosen on
+    from pyterrier_coder.experiment import Experiment, ExperimentSettings
+
+    def key(**overrides):
+        experiment = Experiment(ExperimentSettings(dataset='x', out=str(tmp_path), quick=True, overrides=overrides,
+                                                   device='cpu', verbose=False))
+        return experiment._key('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25 top-10 + text', ['q1', 'q2'], [])
+    assert key() == key()
+    assert key(electra_dev_queries=11) != key()
+    assert key(train_queries=150) != key()
+
+
 def test_cross_encoder_bf16_on_cpus_with_bf16_instructions(tmp_path, monkeypatch):
     """On CPU the runner trains and scores MonoELECTRA under bf16 autocast only when the CPU has bf16 instructions
     (emulated bf16 is slower than fp32), unless the user set electra.amp; on CUDA the component's default stays."""

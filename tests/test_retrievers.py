@@ -132,6 +132,10 @@ def test_rank_cutoff_is_fused(tiny_bm25):
     res = pipeline(broad)
     assert len(res) == 2
     pd.testing.assert_frame_equal(res, tiny_bm25(broad).head(2))
+    # the compiled copy retrieves its own number of results through the shared (already opened) handle
+    pd.testing.assert_frame_equal(compiled(broad), res)
+    three = BM25(tiny_bm25.path, num_results=3)
+    assert len(three(broad)) == 3 and len(three.fuse_rank_cutoff(1)(broad)) == 1
     assert tiny_bm25.fuse_rank_cutoff(5000) is tiny_bm25  # never relaxed
 
 
@@ -156,15 +160,16 @@ def test_pickles_after_retrieving(tiny_bm25):
     assert len(pickle.dumps(bm25.text_loader())) < 1000    # the path, not the texts
 
 
-def test_set_parameter_changes_the_scores(tiny_bm25):
+@pytest.mark.parametrize('changes', [dict(k1=3.0), dict(b=1.0), dict(k1=3.0, b=1.0)])
+def test_set_parameter_changes_the_scores(tiny_bm25, changes):
     """pt.GridScan / GridSearch tune k1 and b through set_parameter: it must change the retrieval, not only the
-    repr."""
+    repr (each parameter alone too)."""
     bm25 = BM25(tiny_bm25.path)
     before = bm25(TOPICS)
-    bm25.set_parameter('k1', 3.0)
-    bm25.set_parameter('b', 1.0)
+    for name, value in changes.items():
+        bm25.set_parameter(name, value)
     after = bm25(TOPICS)
-    pd.testing.assert_frame_equal(after, BM25(tiny_bm25.path, k1=3.0, b=1.0)(TOPICS))
+    pd.testing.assert_frame_equal(after, BM25(tiny_bm25.path, **changes)(TOPICS))
     assert not after['score'].equals(before['score'])
     grid = pt.GridScan(bm25, {bm25: {'b': [0.1, 1.0]}}, TOPICS,
                        pd.DataFrame({'qid': list(EXPECTED_TOP), 'docno': list(EXPECTED_TOP.values()), 'label': 1}),
@@ -178,6 +183,8 @@ def test_equal_first_stages_are_shared_by_experiments(tiny_bm25, monkeypatch):
     a, b = BM25(tiny_bm25.path, num_results=5), BM25(str(tiny_bm25.path), num_results=5)
     assert a == b and hash(a) == hash(b) and a.text_loader() == b.text_loader()
     assert a != BM25(tiny_bm25.path, num_results=5, k1=1.2) and a != BM25(tiny_bm25.path, num_results=6)
+    assert a != BM25(tiny_bm25.path, num_results=5, b=0.75)
+    assert a == BM25(tiny_bm25.path, num_results=5, k1=a.k1, b=a.b)
     calls = []
     retrieve = retrievers._IndexHandle.retrieve
     monkeypatch.setattr(retrievers._IndexHandle, 'retrieve',
