@@ -149,6 +149,12 @@ def check_component_dir(path, component: str) -> None:
                          f'load it with {found}.load(...)')
 
 
+def known_length(items) -> Optional[int]:
+    """``len(items)`` when the iterable has one (a list, a dataset's ``get_corpus_iter()``), else None: the total of
+    an indexing progress bar."""
+    return len(items) if hasattr(items, '__len__') else None
+
+
 def atomic_write_text(path, text: str) -> None:
     """Temp file + rename, so an interrupted write never leaves a truncated file behind."""
     path = Path(path)

@@ -26,7 +26,7 @@ import torch
 
 from ._util import (InspectableSettings, atomic_write_text, check_component_dir, check_document, check_faiss_gpu_k,
                     cuda_amp_dtype, explained_model_errors, faiss_gpu_count, faiss_to_gpus, infer_device,
-                    model_max_tokens, tokenize_truncated, validate_columns, write_component_config)
+                    known_length, model_max_tokens, tokenize_truncated, validate_columns, write_component_config)
 
 POOLINGS = ('cls', 'mean')
 
@@ -322,8 +322,7 @@ class DenseIndex:
 
     def _encoded(self, corpus_iter, batch_size, encoders, work: Optional[Path]):
         field = self.encoder.text_field
-        total = len(corpus_iter) if hasattr(corpus_iter, '__len__') else None   # e.g. a dataset's get_corpus_iter()
-        progress = pt.tqdm(desc=f'Encoding corpus ({self.encoder!r})', total=total, unit='doc',
+        progress = pt.tqdm(desc=f'Encoding corpus ({self.encoder!r})', total=known_length(corpus_iter), unit='doc',
                            disable=not self.verbose)
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)

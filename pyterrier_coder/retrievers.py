@@ -29,7 +29,7 @@ import pandas as pd
 import pyterrier as pt
 import pyterrier_alpha as pta
 
-from ._util import check_document, validate_columns
+from ._util import check_document, known_length, validate_columns
 
 __all__ = ['BM25', 'TextLoader', 'terrier_unavailable_reason']
 
@@ -114,10 +114,8 @@ class BM25(pt.Transformer):
         bm25 = cls(path, **kwargs)
         if not bm25.built():
             from .datasets import load_dataset
-            dataset = load_dataset(dataset)
-            total = dataset.num_docs() if hasattr(dataset, 'num_docs') else None
-            # The dataset's own progress bar is off: index() shows the one bar.
-            bm25._build(dataset.get_corpus_iter(verbose=False), total=total, verbose=verbose)
+            # The dataset's own progress bar is off: index() shows the one bar (its total: the iterator's length).
+            bm25.index(load_dataset(dataset).get_corpus_iter(verbose=False), verbose=verbose)
         return bm25
 
     def built(self) -> bool:
@@ -139,8 +137,7 @@ class BM25(pt.Transformer):
         """
         if self.built() and not overwrite:
             return self
-        total = len(it) if hasattr(it, '__len__') else None
-        self._build(it, total=total, verbose=verbose, overwrite=overwrite)
+        self._build(it, total=known_length(it), verbose=verbose, overwrite=overwrite)
         return self
 
     def _build(self, it, *, total=None, verbose=True, overwrite=False):
