@@ -111,9 +111,7 @@ def test_rerank_scores_are_the_inner_products_whatever_the_temperature(setup):
     assert len(out) == len(res) and set(res.columns) <= set(out.columns)
     assert (out.groupby('qid')['rank'].apply(lambda r: list(r) == list(range(len(r))))).all()
     assert (out.groupby('qid')['score'].apply(lambda s: s.is_monotonic_decreasing)).all()
-    q = encoder.encode_queries(out['query'].tolist())
-    d = dense.flex.np_vecs()[EmbeddingStore(dense.flex).ids(out['docno'])]
-    np.testing.assert_allclose(out['score'], (q * d).sum(1), atol=1e-5)
+    np.testing.assert_allclose(out['score'], _inner_products(encoder, dense, out), atol=1e-5)
     single = coder.retriever(1000)(ds.get_topics('dev'))     # the same scale as single-stage retrieval
     both = out.merge(single, on=['qid', 'docno'], suffixes=('', '_single'))
     assert len(both) and np.allclose(both['score'], both['score_single'], atol=1e-5)
