@@ -215,6 +215,19 @@ def test_minilm_dense_on_nfcorpus_near_bm25(nfcorpus_minilm, nfcorpus_bm25):
 
 # --- corpus encoding: resumable, several devices ---------------------------------------------------------------
 
+def _one_chunk_then_interrupted(docs):
+    yield from docs[:16]
+    raise KeyboardInterrupt
+
+
+def _perturbed(encoder):
+    """The encoder with other weights than its checkpoint on disk (as after fine-tuning)."""
+    with torch.no_grad():
+        for p in encoder.model.parameters():
+            p.add_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+    return encoder
+
+
 def _vectors(dense):
     import pyterrier_dr
     flex = pyterrier_dr.FlexIndex(str(dense.flex.index_path), verbose=False)
@@ -256,35 +269,26 @@ def test_interrupted_encoding_resumes_where_it_stopped(tiny_encoder, tiny_collec
 def test_resuming_with_another_corpus_order_fails(tiny_encoder, tiny_collection, tmp_path):
     docs = list(load_dataset(tiny_collection).get_corpus_iter(verbose=False))
     dense = DenseIndex(tiny_encoder, tmp_path / 'x.flex', verbose=False)
-
-    def crash_after_one_chunk():
-        yield from docs[:16]
-        raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        dense.index(crash_after_one_chunk(), batch_size=16)
+        dense.index(_one_chunk_then_interrupted(docs), batch_size=16)
     with pytest.raises(ValueError, match='corpus order changed'):
         dense.index(docs[::-1], batch_size=16)
     dense.index(docs[::-1], batch_size=16, overwrite=True)   # overwrite starts again
     assert dense.built() and len(dense) == len(docs)
 
 
-@pytest.mark.parametrize('other', [dict(pooling='cls', normalize=False), dict(pooling='mean', normalize=True,
-                                                                              perturbed=True)])
-def test_resuming_with_another_encoder_fails(tiny_bert_dir, tiny_encoder, tiny_collection, tmp_path, other):
+@pytest.mark.parametrize('settings, perturbed', [(dict(pooling='cls', normalize=False), False),
+                                                 (dict(pooling='mean', normalize=True), True)])   # other weights
+def test_resuming_with_another_encoder_fails(tiny_bert_dir, tiny_encoder, tiny_collection, tmp_path, settings,
+                                             perturbed):
     # the chunks of an interrupted run were read back whatever encoder wrote them: an index mixing two models
     docs = list(load_dataset(tiny_collection).get_corpus_iter(verbose=False))
-
-    def crash_after_one_chunk():
-        yield from docs[:16]
-        raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        DenseIndex(tiny_encoder, tmp_path / 'x.flex', verbose=False).index(crash_after_one_chunk(), batch_size=16)
-    perturbed = other.pop('perturbed', False)
-    encoder = DenseEncoder(str(tiny_bert_dir), device='cpu', **other)
-    if perturbed:   # the same settings, other weights (e.g. fine-tuned)
-        with torch.no_grad():
-            for p in encoder.model.parameters():
-                p.add_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+        DenseIndex(tiny_encoder, tmp_path / 'x.flex', verbose=False).index(_one_chunk_then_interrupted(docs),
+                                                                          batch_size=16)
+    encoder = DenseEncoder(str(tiny_bert_dir), device='cpu', **settings)
+    if perturbed:
+        _perturbed(encoder)
     with pytest.raises(ValueError, match='another encoder'):
         DenseIndex(encoder, tmp_path / 'x.flex', verbose=False).index(docs, batch_size=16)
     dense = DenseIndex(encoder, tmp_path / 'x.flex', verbose=False).index(docs, batch_size=16, overwrite=True)
@@ -292,7 +296,8 @@ def test_resuming_with_another_encoder_fails(tiny_bert_dir, tiny_encoder, tiny_c
                                atol=1e-5)
     # the same encoder resumes as before (another instance loaded from the same files)
     with pytest.raises(KeyboardInterrupt):
-        DenseIndex(tiny_encoder, tmp_path / 'y.flex', verbose=False).index(crash_after_one_chunk(), batch_size=16)
+        DenseIndex(tiny_encoder, tmp_path / 'y.flex', verbose=False).index(_one_chunk_then_interrupted(docs),
+                                                                          batch_size=16)
     same = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
     assert DenseIndex(same, tmp_path / 'y.flex', verbose=False).index(docs, batch_size=16).built()
 
@@ -315,10 +320,7 @@ def test_queries_in_several_batches_keep_their_order(tiny_bert_dir):
 
 
 def test_apply_attributes_keeps_fine_tuned_weights(tiny_bert_dir):
-    encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
-    with torch.no_grad():   # "fine-tuned": differs from the checkpoint on disk
-        for p in encoder.model.parameters():
-            p.add_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+    encoder = _perturbed(DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu'))
     tuned = encoder.encode_queries(['apple tree'])
     changed = encoder.apply_attributes(batch_size=7)
     assert changed is not encoder and changed.batch_size == 7
