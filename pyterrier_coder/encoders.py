@@ -93,7 +93,10 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         saved = _read_saved_settings(model)
         settings.update(saved)
         self.preset = model if model in PRESETS else None
-        self.model_name = settings.get('model', model)
+        # a saved (fine-tuned) encoder is named by its directory, which holds its weights; ``base_model`` keeps the
+        # pretrained model it started from (written again by ``save``)
+        self.model_name = str(model) if saved else settings.get('model', model)
+        self.base_model = settings.get('model', model)
         self.pooling = pooling or settings.get('pooling', 'cls')
         if self.pooling not in POOLINGS:
             raise ValueError(f'pooling must be one of {POOLINGS}, got {self.pooling!r}')
@@ -174,7 +177,7 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         return self
 
     def settings(self) -> dict:
-        return dict(model=self.model_name, pooling=self.pooling, normalize=self.normalize,
+        return dict(model=self.base_model, pooling=self.pooling, normalize=self.normalize,
                     query_max_length=self.query_max_length, doc_max_length=self.doc_max_length)
 
     #: settings that apply_attributes changes on a clone (a new model is loaded afresh)

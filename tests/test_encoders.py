@@ -70,6 +70,21 @@ def test_save_load_round_trip_and_wrong_type(tiny_encoder, tmp_path):
         DenseEncoder.load(tmp_path / 'other')
 
 
+def test_loaded_encoder_is_named_by_its_directory(tiny_encoder, tmp_path):
+    """A saved fine-tuned encoder is not its base model: its repr (pt.Experiment's row name) and the arguments
+    pt.inspect rebuilds it from name the directory that holds its weights; the base model stays recorded."""
+    _perturbed(tiny_encoder.clone()).save(tmp_path / 'tuned')
+    loaded = DenseEncoder.load(tmp_path / 'tuned', device='cpu')
+    assert str(tmp_path / 'tuned') in repr(loaded) and repr(loaded) != repr(tiny_encoder)
+    assert loaded.base_model == tiny_encoder.model_name == loaded.settings()['model']
+    rebuilt = DenseEncoder(**{**loaded.init_arguments(), 'verbose': False})
+    texts = ['fresh pear', 'plum season']
+    np.testing.assert_allclose(rebuilt.encode_queries(texts), loaded.encode_queries(texts), atol=1e-6)
+    assert not np.allclose(rebuilt.encode_queries(texts), tiny_encoder.encode_queries(texts), atol=1e-3)
+    loaded.save(tmp_path / 'again')          # saving it again keeps the lineage, not the intermediate directory
+    assert DenseEncoder.load(tmp_path / 'again').base_model == tiny_encoder.model_name
+
+
 def test_clone_has_independent_weights(tiny_encoder):
     other = tiny_encoder.clone()
     with torch.no_grad():
