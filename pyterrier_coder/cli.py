@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                                           dev_split=args.dev_split, test_split=args.test_split,
                                           overrides=parse_overrides(args.overrides))
             results = Experiment(settings).run()
-        except (ValueError, FileNotFoundError, KeyError) as e:
+        except (ValueError, OSError, KeyError, ImportError) as e:   # OSError: a model that cannot be found
             print(f'pyterrier-coder: error: {e}', file=sys.stderr)
             return 2
         import pandas as pd

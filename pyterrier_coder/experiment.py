@@ -10,6 +10,7 @@ import ast
 import copy
 import dataclasses
 import hashlib
+import inspect
 import re
 import json
 import shutil
@@ -159,10 +160,47 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
             unknown = set(value) - accepted
             if unknown:
                 raise ValueError(f'--set: {cls.__name__} has no setting {sorted(unknown)}')
+            for name, item in value.items():
+                _check_override_type(f'{key}.{name}', item, [budget[key].get(name), *(
+                    b[key].get(name) for b in (FULL, QUICK)), _setting_default(cls, name)])
             budget[key].update(value)
         else:
+            _check_override_type(key, value, [budget[key], FULL[key], QUICK[key]])
             budget[key] = value
     return budget
+
+
+def _setting_default(component: type, name: str):
+    """The default of a constructor argument or training setting of ``component`` (None when it has none)."""
+    from .training import TrainingConfig
+    for klass in component.__mro__:
+        if '__init__' in vars(klass):
+            param = inspect.signature(klass.__init__).parameters.get(name)
+            if param is not None and param.default is not param.empty:
+                return param.default
+    fields = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
+    return fields.get(name)
+
+
+def _check_override_type(name: str, value, defaults: list) -> None:
+    """A --set value must have the type of the setting's default (the first of ``defaults`` that is not None), so
+    that ``max_steps=ten`` fails here, naming the setting, and not after the indexes were built. None is accepted
+    (it means "the component's default" for several settings); settings without a typed default are not checked."""
+    default = next((d for d in defaults if d is not None), None)
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        expected, ok = 'True or False', isinstance(value, bool)
+    elif isinstance(default, int):
+        expected, ok = 'an integer', isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        expected, ok = 'a number', isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        expected, ok = 'a string', isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise ValueError(f'--set: {name} must be {expected} (its default is {default!r}), got {value!r}')
 
 
 def _log(msg: str) -> None:
@@ -231,6 +269,22 @@ class Experiment:
             self.train_qrels = self.dataset.get_qrels(self.s.train_split)
             self.dev = self._topics(self.s.dev_split, b['dev_queries'])
             self.dev_qrels = self.dataset.get_qrels(self.s.dev_split)
+
+    def _check_models(self) -> None:
+        """Fails before anything is built when a starting model cannot be found (its config is read): a typo in
+        ``--base`` would otherwise surface after the BM25 index was built, one in ``--cross-encoder`` after the
+        bi-encoders were trained."""
+        from transformers import AutoConfig
+        from ._util import explained_model_errors
+        from .electra import PRESETS as CROSS_ENCODERS
+        from .encoders import PRESETS as BI_ENCODERS, resolve_model_path
+        models = {'DenseEncoder': BI_ENCODERS.get(self.s.base, {}).get('model', self.s.base)}
+        if 'electra' in self.s.components:
+            models['MonoElectra'] = CROSS_ENCODERS.get(self.s.cross_encoder, self.s.cross_encoder)
+        for component, model in models.items():
+            path = resolve_model_path(model)
+            with explained_model_errors(component, path):
+                AutoConfig.from_pretrained(path)
 
     def _trains_anything(self) -> bool:
         return bool({'coder', 'adore', 'electra'} & set(self.s.components))
@@ -515,6 +569,7 @@ class Experiment:
     def run(self) -> pd.DataFrame:
         self.out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
+        self._check_models()
         self._load_data()
         self._build_indexes()
         systems = self.pipelines()

@@ -182,6 +182,18 @@ def test_bad_dataset_and_components_exit_with_message(tmp_path, capsys):
     assert 'colbert' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('args, component', [(['--base', 'nope-model-dir'], 'DenseEncoder'),
+                                             (['--cross-encoder', 'nope-model-dir'], 'MonoElectra')])
+def test_a_missing_model_fails_before_anything_is_built(tmp_path, capsys, monkeypatch, args, component):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / 'o'
+    assert main(['experiment', '--dataset', str(_dataset_path()), '--out', str(out), '--quick',
+                 '--components', 'bm25,electra', *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('pyterrier-coder: error: ') and f"{component}: cannot load the model 'nope-model-dir'" in err
+    assert not (out / 'indexes').exists()
+
+
 def test_quickstart_notebook_runs(nfcorpus_quick_run, monkeypatch):
     """Executes examples/quickstart.ipynb on the quick budget, reusing the quick run's indexes."""
     nbformat = pytest.importorskip('nbformat')
@@ -245,9 +257,21 @@ def test_set_overrides_parse_and_validate():
     assert budget['electra']['max_steps'] == 600 and budget['coder']['lr'] == 1e-5 and budget['rerank_depth'] == 50
     assert FULL['electra']['max_steps'] == 800          # the module's budget is not changed
     for bad, match in [(['electra.max_stepz=1'], 'max_stepz'), (['colbert.lr=1'], 'colbert'),
-                       (['electra=3'], 'component'), (['coder.index=x'], 'index'), (['noequals'], 'key=value')]:
+                       (['electra=3'], 'component'), (['coder.index=x'], 'index'), (['noequals'], 'key=value'),
+                       # values of the wrong type fail here too, naming the setting, not after the indexes are built
+                       (['coder.max_steps=ten'], "coder.max_steps must be an integer .* got 'ten'"),
+                       (['rerank_depth=abc'], 'rerank_depth must be an integer'),
+                       (['train_queries=1.5'], 'train_queries must be an integer'),   # default None in FULL
+                       (['electra.group_size=True'], 'electra.group_size must be an integer'),
+                       (['coder.lr=fast'], 'coder.lr must be a number'),
+                       (['electra.lower_labels=3'], 'electra.lower_labels must be a string'),
+                       (['adore.prefetch=1'], 'adore.prefetch must be True or False')]:
         with pytest.raises(ValueError, match=match):
             apply_overrides(FULL, parse_overrides(bad))
+    # an integer where a number is expected, None, and settings without a typed default are accepted
+    budget = apply_overrides(FULL, parse_overrides(['coder.warmup=5', 'coder.lr=1', 'coder.max_steps=None',
+                                                    'electra.amp=True', 'coder.temperature=2.0']))
+    assert (budget['coder']['warmup'], budget['coder']['max_steps'], budget['electra']['amp']) == (5, None, True)
 
 
 def test_cli_strips_the_component_names(monkeypatch):
