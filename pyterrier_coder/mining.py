@@ -463,9 +463,14 @@ def normalise_qrels(qrels: pd.DataFrame, component: str) -> pd.DataFrame:
 
 def unknown_qrels(qrels: pd.DataFrame, qids, component: str) -> int:
     """How many (normalised) qrels belong to queries not in ``qids``; they are ignored, with a warning."""
-    n = int((~qrels['qid'].isin(set(qids))).sum())
+    absent = ~qrels['qid'].isin(set(qids))
+    n = int(absent.sum())
     if n:
-        warnings.warn(f'{component}: ignored {n} qrels of queries absent from the training topics')
+        queries = qrels['qid'][absent].nunique()
+        # in a pipeline's fit, the frame holds only the queries the preceding stage retrieved something for
+        warnings.warn(f'{component}: ignored {n} qrels of {queries} {"query" if queries == 1 else "queries"} absent '
+                      f'from the training frame (not among its topics, or the preceding stage retrieved nothing '
+                      f'for them)')
     return n
 
 

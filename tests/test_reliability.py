@@ -138,6 +138,12 @@ def test_fit_on_an_empty_frame_fails_clearly(env, name):
         quietly(trainer(name, env).fit, env.train.iloc[:0], env.qrels)
 
 
+@pytest.mark.parametrize('name', TRAINERS)
+def test_no_positive_at_min_label_names_the_threshold(env, name):
+    with pytest.raises(ValueError, match=rf'^{name}\.fit: no training query has a judged positive \(label >= 5\)'):
+        quietly(trainer(name, env, min_label=5).fit, env.train, env.qrels)
+
+
 # --- bad input: docnos absent from the index -----------------------------------------------------------------
 
 @pytest.mark.parametrize('name', ['DenseIndex.scorer', 'Coder', 'Adore'])
@@ -157,7 +163,7 @@ def test_docnos_absent_from_the_index(env, name):
 def test_qrels_of_queries_absent_from_the_topics_are_ignored_and_counted(env, name):
     qrels = pd.concat([env.qrels, pd.DataFrame({'qid': ['zz', 'zz'], 'docno': ['d000', 'd001'], 'label': [1, 2]})])
     model = trainer(name, env)
-    with pytest.warns(UserWarning, match=f'{name}: ignored 2 qrels of queries absent from the training topics'):
+    with pytest.warns(UserWarning, match=f'{name}: ignored 2 qrels of 1 query absent from the training frame'):
         model.fit(env.train, qrels)
     data = model.history['training_data']
     assert data['qrels_for_unknown_queries'] == 2 and data['train_queries'] == 10
