@@ -328,6 +328,31 @@ def test_same_seed_same_history_other_seed_other_history(env, name):
     assert first[1] != other[1]                  # another seed: other batches/negatives/dropout
 
 
+@pytest.mark.parametrize('name', TRAINERS)
+def test_a_second_fit_continues_from_the_weights_of_the_first(env, name, monkeypatch):
+    """fit trains the weights the component has now (documented in training.md): the second call's first step
+    starts from the first call's result, not from the base model."""
+    model = trainer(name, env)
+    module = model.model if name == 'MonoElectra' else model.trainable_module()
+
+    def weights():
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    before = weights()
+    quietly(model.fit, env.train, env.qrels)
+    after_first = weights()
+    assert any(not torch.equal(before[k], after_first[k]) for k in before)
+    at_first_step, original = [], model._loss
+
+    def record(batch):
+        if not at_first_step:
+            at_first_step.append(weights())
+        return original(batch)
+    monkeypatch.setattr(model, '_loss', record)
+    quietly(model.fit, env.train, env.qrels)
+    assert all(torch.equal(at_first_step[0][k], after_first[k]) for k in after_first)
+    assert model.history['steps'] == FAST['max_steps']     # history describes the latest call
+
+
 def test_coder_resume_with_random_negatives_matches_an_uninterrupted_run(env, tmp_path, monkeypatch):
     """The random negatives are drawn from the loop's generator, which a checkpoint restores."""
     options = dict(max_steps=6, eval_every=2, batch_size=3, random_negatives=5, checkpoint_every=2)
