@@ -297,6 +297,8 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
     """
 
     COMPONENT = COMPONENT
+    #: the training settings a MonoElectra starts from (as Coder's and Adore's ``DEFAULTS``)
+    DEFAULTS = PAPER_DEFAULTS
 
     def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer=None, query_max_length: int = 50,
                  max_length: int = 256, batch_size: int = 32, device=None, verbose: bool = True,

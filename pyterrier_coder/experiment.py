@@ -10,7 +10,6 @@ import ast
 import copy
 import dataclasses
 import hashlib
-import inspect
 import re
 import json
 import shutil
@@ -146,7 +145,7 @@ def _component_class(component: str):
 
 def apply_overrides(budget: dict, overrides: dict) -> dict:
     """A copy of ``budget`` with ``overrides`` applied; unknown names fail here, before any index is built."""
-    from .training import accepted_settings
+    from .training import setting_defaults
     budget = copy.deepcopy(budget)
     for key, value in overrides.items():
         if key not in budget:
@@ -156,30 +155,19 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
                 raise ValueError(f'--set: {key} is a component; set its settings as {key}.<name>=<value>')
             cls = _component_class(key)
             # the runner passes the index, models, device, seed and texts itself
-            accepted = accepted_settings(cls) - {'index', 'encoder', 'model', 'device', 'seed', 'verbose', 'texts'}
+            defaults = setting_defaults(cls)
+            accepted = set(defaults) - {'index', 'encoder', 'model', 'device', 'seed', 'verbose', 'texts'}
             unknown = set(value) - accepted
             if unknown:
                 raise ValueError(f'--set: {cls.__name__} has no setting {sorted(unknown)}')
             for name, item in value.items():
                 _check_override_type(f'{key}.{name}', item, [budget[key].get(name), *(
-                    b[key].get(name) for b in (FULL, QUICK)), _setting_default(cls, name)])
+                    b[key].get(name) for b in (FULL, QUICK)), defaults[name]])
             budget[key].update(value)
         else:
             _check_override_type(key, value, [budget[key], FULL[key], QUICK[key]])
             budget[key] = value
     return budget
-
-
-def _setting_default(component: type, name: str):
-    """The default of a constructor argument or training setting of ``component`` (None when it has none)."""
-    from .training import TrainingConfig
-    for klass in component.__mro__:
-        if '__init__' in vars(klass):
-            param = inspect.signature(klass.__init__).parameters.get(name)
-            if param is not None and param.default is not param.empty:
-                return param.default
-    fields = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
-    return fields.get(name)
 
 
 def _check_override_type(name: str, value, defaults: list) -> None:

@@ -66,19 +66,29 @@ class TrainingConfig:
                 if name not in exclude and value != getattr(defaults, name)}
 
 
-def accepted_settings(component: type) -> set:
-    """Every keyword the constructor of ``component`` accepts: the named parameters of its own and its base
-    classes' ``__init__`` and, for trainers (whose ``**training`` reaches :func:`split_training_kwargs`), the
-    TrainingConfig fields. Used to check settings before anything is built (the runner's ``--set``, the docs)."""
-    accepted, trainer = set(), False
+def setting_defaults(component: type) -> dict:
+    """Every keyword the constructor of ``component`` accepts, with its default (None where it has none): the named
+    parameters of its own and its base classes' ``__init__`` (the most derived class's default wins) and, for
+    trainers (whose ``**training`` reaches :func:`split_training_kwargs`), the TrainingConfig fields at the
+    component's ``DEFAULTS``. Used to check settings before anything is built (the runner's ``--set``, the docs)."""
+    defaults, trainer = {}, False
     for klass in component.__mro__:
         if '__init__' in vars(klass):
             params = inspect.signature(klass.__init__).parameters
-            accepted |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {'self'}
+            for name, p in params.items():
+                if name != 'self' and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    defaults.setdefault(name, None if p.default is p.empty else p.default)
             trainer |= 'training' in params
     if trainer:
-        accepted |= {f.name for f in dataclasses.fields(TrainingConfig)}
-    return accepted
+        config = getattr(component, 'DEFAULTS', TrainingConfig())
+        for field in dataclasses.fields(TrainingConfig):
+            defaults.setdefault(field.name, getattr(config, field.name))
+    return defaults
+
+
+def accepted_settings(component: type) -> set:
+    """The names of :func:`setting_defaults`: every keyword the constructor of ``component`` accepts."""
+    return set(setting_defaults(component))
 
 
 def split_training_kwargs(defaults: TrainingConfig, kwargs: dict, component: str = 'TrainingConfig') -> TrainingConfig:
