@@ -194,7 +194,8 @@ class Adore(DenseQueryTrainer):
         skipped = len(queries) - len(keep)
         warn_skipped(skipped, len(queries), 'Adore', f'label >= {self.min_label} in the index')
         if not keep:
-            raise ValueError(f'Adore.fit: no training query has a judged positive (label >= {self.min_label}) in the index')
+            raise ValueError(f'Adore.fit: no training query has a judged positive (label >= {self.min_label}) '
+                             f'in the index')
         width = max(len(positives[i][0]) for i in keep)
         self._positives = np.full((len(keep), width), -1, dtype=np.int64)
         self._gains = np.zeros((len(keep), width), dtype=np.float32)

@@ -269,7 +269,8 @@ class Coder(DenseQueryTrainer):
             candidates = CandidateSet.load(candidates)
         candidates.check_index(self.store, 'Coder')
         if not len(candidates):
-            raise ValueError(f'Coder.fit: no training query has a judged positive (label >= {self.min_label}) in the index')
+            raise ValueError(f'Coder.fit: no training query has a judged positive (label >= {self.min_label}) '
+                             f'in the index')
         self._prepare_device()
         self._train = data = candidates
         self._refresh_root = None

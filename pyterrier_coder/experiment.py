@@ -171,24 +171,29 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
 
 
 def _check_override_type(name: str, value, defaults: list) -> None:
-    """A --set value must have the type of the setting's default (the first of ``defaults`` that is not None), so
-    that ``max_steps=ten`` fails here, naming the setting, and not after the indexes were built. None is accepted
-    (it means "the component's default" for several settings); settings without a typed default are not checked."""
-    default = next((d for d in defaults if d is not None), None)
-    if value is None or default is None:
+    """A --set value must have the type of the setting's defaults (the budgets' and the component's), so that
+    ``max_steps=ten`` fails here, naming the setting, and not after the indexes were built. A number is accepted
+    where any default is a float (``warmup`` is 0.1 in one budget, 0 steps in the other). None is accepted (it
+    means "the component's default" for several settings); settings without a typed default are not checked."""
+    typed = [d for d in defaults if d is not None]
+    if value is None or not typed:
         return
-    if isinstance(default, bool):
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)   # bool is a subclass of int
+    if all(isinstance(d, bool) for d in typed):
         expected, ok = 'True or False', isinstance(value, bool)
-    elif isinstance(default, int):
-        expected, ok = 'an integer', isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        expected, ok = 'a number', isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, str):
+    elif all(is_int(d) or isinstance(d, float) for d in typed):
+        if any(isinstance(d, float) for d in typed):
+            expected, ok = 'a number', is_int(value) or isinstance(value, float)
+        else:
+            expected, ok = 'an integer', is_int(value)
+    elif all(isinstance(d, str) for d in typed):
         expected, ok = 'a string', isinstance(value, str)
     else:
         return
     if not ok:
-        raise ValueError(f'--set: {name} must be {expected} (its default is {default!r}), got {value!r}')
+        raise ValueError(f'--set: {name} must be {expected} (its default is {typed[0]!r}), got {value!r}')
 
 
 def _log(msg: str) -> None:

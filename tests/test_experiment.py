@@ -248,7 +248,7 @@ def test_electra_ablations_reuse_the_main_row_and_match_its_pairs(nfcorpus_quick
 
 
 def test_set_overrides_parse_and_validate():
-    from pyterrier_coder.experiment import FULL, apply_overrides, parse_overrides
+    from pyterrier_coder.experiment import FULL, QUICK, apply_overrides, parse_overrides
     overrides = parse_overrides(['electra.max_steps=600', 'coder.lr=1e-5', 'rerank_depth=50',
                                  "electra.loss=ce", 'adore.patience=None'])
     assert overrides == {'electra': {'max_steps': 600, 'loss': 'ce'}, 'coder': {'lr': 1e-5}, 'rerank_depth': 50,
@@ -272,6 +272,8 @@ def test_set_overrides_parse_and_validate():
     budget = apply_overrides(FULL, parse_overrides(['coder.warmup=5', 'coder.lr=1', 'coder.max_steps=None',
                                                     'electra.amp=True', 'coder.temperature=2.0']))
     assert (budget['coder']['warmup'], budget['coder']['max_steps'], budget['electra']['amp']) == (5, None, True)
+    # a fraction where the quick budget's default is 0 steps (an int): the full budget's 0.1 says a number is fine
+    assert apply_overrides(QUICK, parse_overrides(['coder.warmup=0.05']))['coder']['warmup'] == 0.05
 
 
 def test_cli_strips_the_component_names(monkeypatch):
