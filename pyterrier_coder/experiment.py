@@ -165,7 +165,10 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
                     b[key].get(name) for b in (FULL, QUICK)), defaults[name]])
             budget[key].update(value)
         else:
-            _check_override_type(key, value, [budget[key], FULL[key], QUICK[key]])
+            defaults = [budget[key], FULL[key], QUICK[key]]
+            if value is None and None not in defaults:   # the runner's own entries: None only where a budget has it
+                raise ValueError(f'--set: {key} cannot be None (its default is {FULL[key]!r})')
+            _check_override_type(key, value, defaults)
             budget[key] = value
     return budget
 
@@ -173,8 +176,9 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
 def _check_override_type(name: str, value, defaults: list) -> None:
     """A --set value must have the type of the setting's defaults (the budgets' and the component's), so that
     ``max_steps=ten`` fails here, naming the setting, and not after the indexes were built. A number is accepted
-    where any default is a float (``warmup`` is 0.1 in one budget, 0 steps in the other). None is accepted (it
-    means "the component's default" for several settings); settings without a typed default are not checked."""
+    where any default is a float (``warmup`` is 0.1 in one budget, 0 steps in the other). None is accepted (for a
+    component's setting it can mean "off" or "the default", e.g. ``grad_clip``); settings without a typed default
+    are not checked."""
     typed = [d for d in defaults if d is not None]
     if value is None or not typed:
         return

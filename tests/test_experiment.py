@@ -265,13 +265,15 @@ def test_set_overrides_parse_and_validate():
                        (['electra.group_size=True'], 'electra.group_size must be an integer'),
                        (['coder.lr=fast'], 'coder.lr must be a number'),
                        (['electra.lower_labels=3'], 'electra.lower_labels must be a string'),
-                       (['adore.prefetch=1'], 'adore.prefetch must be True or False')]:
+                       (['adore.prefetch=1'], 'adore.prefetch must be True or False'),
+                       (['rerank_depth=None'], 'rerank_depth cannot be None')]:
         with pytest.raises(ValueError, match=match):
             apply_overrides(FULL, parse_overrides(bad))
     # an integer where a number is expected, None, and settings without a typed default are accepted
     budget = apply_overrides(FULL, parse_overrides(['coder.warmup=5', 'coder.lr=1', 'coder.max_steps=None',
-                                                    'electra.amp=True', 'coder.temperature=2.0']))
+                                                    'electra.amp=True', 'coder.temperature=2.0', 'test_queries=None']))
     assert (budget['coder']['warmup'], budget['coder']['max_steps'], budget['electra']['amp']) == (5, None, True)
+    assert apply_overrides(QUICK, parse_overrides(['test_queries=None']))['test_queries'] is None   # all of them
     # a fraction where the quick budget's default is 0 steps (an int): the full budget's 0.1 says a number is fine
     assert apply_overrides(QUICK, parse_overrides(['coder.warmup=0.05']))['coder']['warmup'] == 0.05
 
