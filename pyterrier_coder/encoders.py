@@ -53,6 +53,12 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def model_path(model: str) -> str:
+    """Where ``DenseEncoder(model)`` loads its weights from: a preset's model (the shipped MiniLM's directory), else
+    the hub id or directory itself. Also what the experiment runner checks before it builds anything."""
+    return resolve_model_path(PRESETS.get(model, {}).get('model', model))
+
+
 def _chunks(iterable, size: int):
     iterator = iter(iterable)
     while True:
@@ -103,7 +109,7 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         self.normalize = normalize if normalize is not None else settings.get('normalize', False)
         self.query_max_length = query_max_length or settings.get('query_max_length', 32)
         self.doc_max_length = doc_max_length or settings.get('doc_max_length', 256)
-        path = model if saved else resolve_model_path(self.model_name)
+        path = model if saved else model_path(model)
         self.device = infer_device(device)
         with explained_model_errors('DenseEncoder', path):
             self.model = AutoModel.from_pretrained(path).to(self.device).eval()

@@ -273,13 +273,12 @@ class Experiment:
         bi-encoders were trained."""
         from transformers import AutoConfig
         from ._util import explained_model_errors
-        from .electra import PRESETS as CROSS_ENCODERS
-        from .encoders import PRESETS as BI_ENCODERS, resolve_model_path
-        models = {'DenseEncoder': BI_ENCODERS.get(self.s.base, {}).get('model', self.s.base)}
+        from .electra import model_path as cross_encoder_path
+        from .encoders import model_path as bi_encoder_path
+        paths = {'DenseEncoder': bi_encoder_path(self.s.base)}
         if 'electra' in self.s.components:
-            models['MonoElectra'] = CROSS_ENCODERS.get(self.s.cross_encoder, self.s.cross_encoder)
-        for component, model in models.items():
-            path = resolve_model_path(model)
+            paths['MonoElectra'] = cross_encoder_path(self.s.cross_encoder)
+        for component, path in paths.items():
             with explained_model_errors(component, path):
                 AutoConfig.from_pretrained(path)
 
