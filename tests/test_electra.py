@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import pyterrier as pt
 import torch
 
 from pyterrier_coder._util import evaluate, write_component_config
@@ -422,6 +423,42 @@ def test_amp_on_a_cpu_without_bf16_instructions_warns(tiny_cross_encoder_dir, tm
         assert not MonoElectra.load(tmp_path / 'saved', verbose=False, device='cpu', amp=False).amp
         monkeypatch.setattr(electra_module, 'cpu_computes_bf16', lambda: True)
         assert MonoElectra.load(tmp_path / 'saved', verbose=False, device='cpu').amp
+
+
+@pytest.mark.parametrize('architecture', ['electra', 'bert-2-logit'])
+def test_amp_keeps_the_head_in_fp32(architecture, tiny_cross_encoder_dir, tmp_path, train_res, one_thread):
+    """Under bf16 autocast the transformer body runs in bf16 but the classification head computes fp32 logits: bf16
+    logits (8 significant bits) made a query's candidates tie in blocks. Copies, pickles and saves keep this, and
+    the state dict is the checkpoint's."""
+    import copy
+    import pickle
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    path = tiny_cross_encoder_dir
+    if architecture != 'electra':   # a plain Linear head called `classifier`, 2 logits
+        path = tmp_path / 'bert'
+        torch.manual_seed(2)
+        BertForSequenceClassification(BertConfig(
+            vocab_size=electra(tiny_cross_encoder_dir).tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, num_labels=2)).save_pretrained(path)
+        copy_tokenizer(tiny_cross_encoder_dir, path)
+    res = train_res.head(60)
+    queries, docs = res['query'].tolist(), res['text'].tolist()
+    amp, full = electra(path, amp=True, device='cpu'), electra(path, amp=False, device='cpu')
+    scores = amp.score_pairs(queries, docs)
+    as_bf16 = torch.from_numpy(scores).bfloat16().float().numpy()
+    assert (as_bf16 != scores).mean() > 0.8                 # not bf16 numbers
+    reference = full.score_pairs(queries, docs)
+    np.testing.assert_allclose(scores, reference, atol=0.1 * np.abs(reference).max())   # bf16 body: close
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        enc = amp.tokenizer(queries[:3], docs[:3], padding=True, truncation=True, return_tensors='pt')
+        assert amp.model(**enc).logits.dtype == torch.float32
+    for other in (pickle.loads(pickle.dumps(amp)), copy.deepcopy(amp)):
+        np.testing.assert_array_equal(other.score_pairs(queries, docs), scores)
+    amp.save(tmp_path / 'saved')
+    np.testing.assert_array_equal(MonoElectra.load(tmp_path / 'saved', verbose=False).score_pairs(queries, docs),
+                                  scores)
+    plain = AutoModelForSequenceClassification.from_pretrained(path)
+    assert amp.model.state_dict().keys() == plain.state_dict().keys()
 
 
 def test_load_wrong_directory(tmp_path, tiny_cross_encoder_dir):
