@@ -261,7 +261,10 @@ class _FullPrecisionHead:
     def __call__(self, *args, **kwargs):
         forward = type(self.head).forward  # the class's, so copies and pickles of the head stay consistent
         device = next((a.device.type for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
-        if device is None or not torch.is_autocast_enabled(device):
+        weights = next(self.head.parameters(), None)
+        # a head whose weights are already half or bf16 (a model loaded or cast that way) cannot compute in fp32
+        if device is None or not torch.is_autocast_enabled(device) or (
+                weights is not None and weights.dtype != torch.float32):
             return forward(self.head, *args, **kwargs)
         with torch.autocast(device, enabled=False):
             return forward(self.head, *map(_fp32, args), **{k: _fp32(v) for k, v in kwargs.items()})
