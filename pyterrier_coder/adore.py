@@ -22,7 +22,7 @@ from ._util import check_faiss_gpu_k, faiss_gpu_count, faiss_to_gpus
 from .encoders import DenseEncoder
 from .mining import CandidateSet, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .query_trainer import DenseQueryTrainer
-from .training import Timers, TrainingConfig
+from .training import Timers, TrainingConfig, at_least
 
 # ADORE paper defaults: AdamW, lr 5e-6, 32 queries per batch, top-200 negatives.
 ADORE_DEFAULTS = TrainingConfig(lr=5e-6, optimizer='adamw', weight_decay=0.01, warmup=0.1, schedule='linear',
@@ -67,14 +67,24 @@ class Adore(DenseQueryTrainer):
     COMPONENT = 'Adore'
     DEFAULTS = ADORE_DEFAULTS
 
+    @staticmethod
+    def _check_values(values: dict, component: str) -> None:
+        """The values of this class's own settings (see training.check_settings)."""
+        parse_delta_metric(values['delta_metric'])
+        search = values['search']
+        if not (search in SEARCH_BACKENDS or isinstance(search, str) and search.startswith('faiss:')):
+            raise ValueError(f"{component}: search must be 'exact', 'faiss' or 'faiss:<factory string>', "
+                             f"got {search!r}")
+        if not at_least(values['k'], 1):
+            raise ValueError(f"{component}: k must be >= 1, got {values['k']!r}")
+
     def __init__(self, index, encoder: DenseEncoder, *, k: int = 200, delta_metric: str = 'MRR@200',
                  lambda_weighting: bool = True, dynamic: bool = True, min_label: int = 1, search: str = 'exact',
                  temperature: Optional[float] = None, **kwargs):
+        Adore._check_values(dict(k=k, delta_metric=delta_metric, search=search), 'Adore')
         kwargs.setdefault('validate_with', 'retrieve')   # ADORE trains a single-stage retriever
         super().__init__(index, encoder, **kwargs)
         self.delta_name, self.delta_k = parse_delta_metric(delta_metric)
-        if not (search in SEARCH_BACKENDS or search.startswith('faiss:')):
-            raise ValueError(f"Adore: search must be 'exact', 'faiss' or 'faiss:<factory string>', got {search!r}")
         self.k = k
         self.delta_metric = delta_metric
         self.lambda_weighting = lambda_weighting

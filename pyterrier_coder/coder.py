@@ -23,7 +23,7 @@ from . import losses
 from .encoders import DenseEncoder
 from .mining import CandidateSet, CandidateSetWriter, check_lower_labels, mine_candidates, mine_candidates_to_disk, normalise_frame
 from .query_trainer import DenseQueryTrainer
-from .training import TrainingConfig
+from .training import TrainingConfig, at_least
 
 # CODER paper, Table 3 (MS MARCO, TAS-B base).
 PAPER_DEFAULTS = TrainingConfig(lr=1.73e-6, optimizer='radam', weight_decay=9.5e-5, warmup=9000, schedule='constant',
@@ -106,15 +106,26 @@ class Coder(DenseQueryTrainer):
     COMPONENT = 'Coder'
     DEFAULTS = PAPER_DEFAULTS
 
+    @staticmethod
+    def _check_values(values: dict, component: str) -> None:
+        """The values of this class's own settings (see training.check_settings)."""
+        if values['loss'] not in LOSSES:
+            raise ValueError(f"{component}: loss must be one of {LOSSES}, got {values['loss']!r}")
+        if values['scorer'] not in SCORERS:
+            raise ValueError(f"{component}: scorer must be one of {SCORERS}, got {values['scorer']!r}")
+        check_lower_labels(values['lower_labels'], component)
+        if not at_least(values['num_candidates'], 1) or not at_least(values['random_negatives'], 0):
+            raise ValueError(f"{component}: need num_candidates >= 1 and random_negatives >= 0, got "
+                             f"{values['num_candidates']!r} and {values['random_negatives']!r}")
+        if values['refresh_every'] is not None and not at_least(values['refresh_every'], 1):
+            raise ValueError(f"{component}: refresh_every must be >= 1 or None, got {values['refresh_every']!r}")
+
     def __init__(self, index, encoder: DenseEncoder, *, num_candidates: int = 1000, loss: str = 'listnet',
                  temperature: Optional[float] = None, min_label: int = 1, label_weights: Optional[dict] = None,
                  lower_labels: str = 'negative', random_negatives: int = 0, scorer: str = 'dot',
                  refresh_every: Optional[int] = None, **kwargs):
-        if loss not in LOSSES:
-            raise ValueError(f'Coder: loss must be one of {LOSSES}, got {loss!r}')
-        if scorer not in SCORERS:
-            raise ValueError(f'Coder: scorer must be one of {SCORERS}, got {scorer!r}')
-        check_lower_labels(lower_labels, 'Coder')
+        Coder._check_values(dict(loss=loss, scorer=scorer, lower_labels=lower_labels, num_candidates=num_candidates,
+                                 random_negatives=random_negatives, refresh_every=refresh_every), 'Coder')
         super().__init__(index, encoder, **kwargs)
         self.num_candidates = num_candidates
         self.loss = loss

@@ -29,7 +29,8 @@ from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, 
                     write_component_config)
 from .encoders import resolve_model_path
 from .mining import check_lower_labels, fingerprint, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
-from .training import TrainingConfig, TrainingLoop, autocast_for, cpu_computes_bf16, split_training_kwargs
+from .training import (TrainingConfig, TrainingLoop, at_least, autocast_for, cpu_computes_bf16,
+                       split_training_kwargs)
 
 COMPONENT = 'MonoElectra'
 DEFAULT_MODEL = 'crystina-z/monoELECTRA_LCE_nneg31'
@@ -350,21 +351,33 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
     #: the training settings a MonoElectra starts from (as Coder's and Adore's ``DEFAULTS``)
     DEFAULTS = PAPER_DEFAULTS
 
+    @staticmethod
+    def _check_values(values: dict, component: str) -> None:
+        """The values of this class's own settings (see training.check_settings)."""
+        loss, group_size = values['loss'], values['group_size']
+        if loss not in LOSSES:
+            raise ValueError(f'{component}: loss must be one of {LOSSES}, got {loss!r}')
+        check_lower_labels(values['lower_labels'], component)
+        if not (at_least(group_size, 1) and at_least(values['negatives_from'], 1)):
+            raise ValueError(f"{component}: group_size and negatives_from must be >= 1, got {group_size!r} and "
+                             f"{values['negatives_from']!r}")
+        if group_size < 2 and loss in ('lce', 'hinge'):
+            raise ValueError(f'{component}: loss={loss!r} needs group_size >= 2, got {group_size}')
+        query_max_length, max_length = values['query_max_length'], values['max_length']
+        if not (at_least(query_max_length, 1) and at_least(max_length, query_max_length + 4)):
+            raise ValueError(f'{component}: need 0 < query_max_length < max_length - 3 '
+                             f'(got {query_max_length}, {max_length})')
+        if values['train_batch_size'] is not None and not at_least(values['train_batch_size'], 1):
+            raise ValueError(f"{component}: train_batch_size must be >= 1, got {values['train_batch_size']!r}")
+
     def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer=None, query_max_length: int = 50,
                  max_length: int = 256, batch_size: int = 32, device=None, verbose: bool = True,
                  text_field: str = 'text', group_size: int = 8, negatives_from: int = 200, min_label: int = 1,
                  lower_labels: str = 'negative', loss: str = 'lce', head_lr: Optional[float] = None,
                  texts: Optional[TextSource] = None, train_batch_size: Optional[int] = None, **training):
-        if loss not in LOSSES:
-            raise ValueError(f'{COMPONENT}: loss must be one of {LOSSES}, got {loss!r}')
-        if group_size < 2 and loss in ('lce', 'hinge'):
-            raise ValueError(f'{COMPONENT}: loss={loss!r} needs group_size >= 2, got {group_size}')
-        check_lower_labels(lower_labels, COMPONENT)
-        if group_size < 1 or negatives_from < 1:
-            raise ValueError(f'{COMPONENT}: group_size and negatives_from must be >= 1')
-        if not 0 < query_max_length < max_length - 3:
-            raise ValueError(f'{COMPONENT}: need 0 < query_max_length < max_length - 3 '
-                             f'(got {query_max_length}, {max_length})')
+        self._check_values(dict(loss=loss, group_size=group_size, lower_labels=lower_labels,
+                                negatives_from=negatives_from, query_max_length=query_max_length,
+                                max_length=max_length, train_batch_size=train_batch_size), COMPONENT)
         if train_batch_size is not None:
             training['batch_size'] = train_batch_size
         # before the model loads: unknown settings fail fast, and the fresh head is initialised from config.seed

@@ -145,7 +145,7 @@ def _component_class(component: str):
 
 def apply_overrides(budget: dict, overrides: dict) -> dict:
     """A copy of ``budget`` with ``overrides`` applied; unknown names fail here, before any index is built."""
-    from .training import setting_defaults
+    from .training import check_settings, setting_defaults
     budget = copy.deepcopy(budget)
     for key, value in overrides.items():
         if key not in budget:
@@ -164,6 +164,10 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
                 _check_override_type(f'{key}.{name}', item, [budget[key].get(name), *(
                     b[key].get(name) for b in (FULL, QUICK)), defaults[name]])
             budget[key].update(value)
+            try:   # the values the constructor would refuse (loss='foo', group_size=None ...), refused now
+                check_settings(cls, budget[key])
+            except ValueError as error:
+                raise ValueError(f'--set: {error}') from None
         else:
             defaults = [budget[key], FULL[key], QUICK[key]]
             if value is None and None not in defaults:   # the runner's own entries: None only where a budget has it

@@ -65,15 +65,21 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
     """Base class of :class:`~pyterrier_coder.Coder` and :class:`~pyterrier_coder.Adore` (not used directly)."""
 
     COMPONENT = 'DenseQueryTrainer'
+
+    @staticmethod
+    def _check_values(values: dict, component: str) -> None:
+        """The values of this class's own settings (see training.check_settings)."""
+        if values['validate_with'] not in VALIDATE_WITH:
+            raise ValueError(f"{component}: validate_with must be one of {VALIDATE_WITH}, "
+                             f"got {values['validate_with']!r}")
+        if values['on_missing'] not in ('error', 'drop'):
+            raise ValueError(f"{component}: on_missing must be 'error' or 'drop', got {values['on_missing']!r}")
     DEFAULTS = TrainingConfig()
 
     def __init__(self, index, encoder: DenseEncoder, *, num_results: int = 1000, validate_with: str = 'rerank',
                  on_missing: str = 'error', inference_batch_size: int = 64, prefetch: bool = True,
                  verbose: bool = True, **training):
-        if validate_with not in VALIDATE_WITH:
-            raise ValueError(f'{self.COMPONENT}: validate_with must be one of {VALIDATE_WITH}, got {validate_with!r}')
-        if on_missing not in ('error', 'drop'):
-            raise ValueError(f"{self.COMPONENT}: on_missing must be 'error' or 'drop', got {on_missing!r}")
+        DenseQueryTrainer._check_values(dict(validate_with=validate_with, on_missing=on_missing), self.COMPONENT)
         if not isinstance(encoder, DenseEncoder):
             raise TypeError(f'{self.COMPONENT}: encoder must be a pyterrier_coder.DenseEncoder, got {type(encoder).__name__}')
         self.flex = as_flex_index(index, self.COMPONENT)

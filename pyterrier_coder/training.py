@@ -26,6 +26,17 @@ from ._util import cuda_amp_dtype, infer_device
 from .distributed import DataParallel
 
 
+OPTIMIZERS = ('adamw', 'radam')
+
+
+def at_least(value, minimum, *, strict: bool = False) -> bool:
+    """Whether ``value`` is a number (not a bool) >= ``minimum`` (> with ``strict``); False for None and strings."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value > minimum if strict else value >= minimum
+SCHEDULES = ('linear', 'constant')
+
+
 @dataclasses.dataclass
 class TrainingConfig:
     """Optimisation settings common to all trainers. Each component sets its own defaults (from its paper)
@@ -59,6 +70,35 @@ class TrainingConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check(self, component: str = 'TrainingConfig') -> 'TrainingConfig':
+        """Refuses values the loop cannot run, naming ``component``: before any model or index is built, not when
+        training starts (an unknown ``schedule`` used to run as linear decay without a word)."""
+        def fail(name, expected):
+            raise ValueError(f'{component}: {name} must be {expected}, got {getattr(self, name)!r}')
+        if self.optimizer not in OPTIMIZERS:
+            fail('optimizer', f'one of {OPTIMIZERS}')
+        if self.schedule not in SCHEDULES:
+            fail('schedule', f'one of {SCHEDULES}')
+        if not at_least(self.epochs, 0, strict=True):
+            fail('epochs', '> 0')
+        for name in ('lr', 'weight_decay', 'warmup'):   # lr=0 freezes what head_lr does not train
+            if not at_least(getattr(self, name), 0):
+                fail(name, '>= 0')
+        for name, optional in (('batch_size', False), ('grad_accumulation', False), ('max_steps', True),
+                               ('eval_every', True), ('patience', True), ('checkpoint_every', True)):
+            value = getattr(self, name)
+            if not (optional and value is None) and not at_least(value, 1):
+                fail(name, '>= 1' + (' or None' if optional else ''))
+        if self.grad_clip is not None and not at_least(self.grad_clip, 0, strict=True):
+            fail('grad_clip', '> 0 or None (no clipping)')
+        import ir_measures
+        try:   # checked here, not after candidates were mined for the first validation
+            ir_measures.parse_measure(self.metric)
+        except (NameError, ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"{component}: metric={self.metric!r} is not an ir_measures measure (e.g. 'nDCG@10', "
+                             f"'RR@10', 'AP', 'R@100'): {error}") from None
+        return self
 
     def changes_from(self, defaults: 'TrainingConfig', exclude: Sequence[str] = ()) -> dict:
         """The fields whose value differs from ``defaults`` (what a user passed), except ``exclude``."""
@@ -99,14 +139,21 @@ def split_training_kwargs(defaults: TrainingConfig, kwargs: dict, component: str
     if kwargs:
         raise TypeError(f'{component}: unexpected arguments {sorted(kwargs)}; besides its own arguments it takes '
                         f'these training settings: {", ".join(names)}')
-    config = defaults.replace(**overrides)
-    import ir_measures
-    try:   # checked here, not after candidates were mined for the first validation
-        ir_measures.parse_measure(config.metric)
-    except (NameError, ValueError, TypeError, AttributeError) as error:
-        raise ValueError(f"{component}: metric={config.metric!r} is not an ir_measures measure (e.g. 'nDCG@10', "
-                         f"'RR@10', 'AP', 'R@100'): {error}") from None
-    return config
+    return defaults.replace(**overrides).check(component)
+
+
+def check_settings(component: type, settings: dict) -> None:
+    """The checks ``component``'s constructor makes on these setting values, made without building anything (the
+    runner calls it for ``--set`` before any index is built). Every class of the component that defines a static
+    ``_check_values`` checks its own settings (the constructor calls the same function); a trainer's training
+    settings are checked by :meth:`TrainingConfig.check`. Names are not checked here (see :func:`accepted_settings`)."""
+    values = {**setting_defaults(component), **settings}
+    for klass in component.__mro__:
+        if '_check_values' in vars(klass):
+            vars(klass)['_check_values'].__func__(values, component.__name__)
+    fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    if fields <= set(values):
+        TrainingConfig(**{name: values[name] for name in fields}).check(component.__name__)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -240,7 +287,7 @@ class TrainingLoop:
                  identity: Optional[Callable[[], dict]] = None):
         self.module = module
         self.identity = identity
-        self.config = config
+        self.config = config.check(name)
         self.sample_batches = sample_batches
         self.loss_fn = loss_fn
         self.validate = validate

@@ -790,3 +790,32 @@ def test_loaded_model_does_not_keep_the_training_device(setup, tmp_path):
     config_path.write_text(json.dumps(config))
     assert Coder.load(tmp_path / 'coder').config.device is None
     assert Coder.load(tmp_path / 'coder', device='cpu').config.device == 'cpu'
+
+
+@pytest.mark.parametrize('component, bad', [
+    ('Coder', dict(loss='hinge')), ('Coder', dict(scorer='bilinear')), ('Coder', dict(lower_labels='drop')),
+    ('Coder', dict(num_candidates=0)), ('Coder', dict(refresh_every=0)), ('Coder', dict(validate_with='both')),
+    ('Coder', dict(on_missing='skip')), ('Coder', dict(schedule='cosine')), ('Coder', dict(batch_size=None)),
+    ('Adore', dict(delta_metric='P@10')), ('Adore', dict(search='annoy')), ('Adore', dict(k=0)),
+    ('Adore', dict(optimizer='sgd')),
+    ('MonoElectra', dict(loss='listnet')), ('MonoElectra', dict(group_size=None)),
+    ('MonoElectra', dict(group_size=1)), ('MonoElectra', dict(negatives_from=0)),
+    ('MonoElectra', dict(query_max_length=61, max_length=64)), ('MonoElectra', dict(train_batch_size=0)),
+    ('MonoElectra', dict(lower_labels='x')), ('MonoElectra', dict(max_steps=0))])
+def test_settings_are_checked_before_anything_is_built_as_the_constructor_checks_them(component, bad, setup,
+                                                                                       tiny_cross_encoder_dir):
+    """training.check_settings (the runner's --set check, made before any index exists) refuses exactly what the
+    constructor refuses, with the same message: both run each class's own _check_values."""
+    import pyterrier_coder
+    from pyterrier_coder.training import check_settings
+    ds, encoder, dense, bm25 = setup
+    cls = getattr(pyterrier_coder, component)
+    with pytest.raises(ValueError) as early:
+        check_settings(cls, bad)
+    with pytest.raises(ValueError) as built:
+        if component == 'MonoElectra':
+            cls(str(tiny_cross_encoder_dir), verbose=False, **bad)
+        else:
+            cls(dense, encoder, verbose=False, device='cpu', **bad)
+    assert str(early.value) == str(built.value) and str(early.value).startswith(f'{component}: ')
+    check_settings(cls, {})                   # the defaults are fine

@@ -266,7 +266,12 @@ def test_set_overrides_parse_and_validate():
                        (['coder.lr=fast'], 'coder.lr must be a number'),
                        (['electra.lower_labels=3'], 'electra.lower_labels must be a string'),
                        (['adore.prefetch=1'], 'adore.prefetch must be True or False'),
-                       (['rerank_depth=None'], 'rerank_depth cannot be None')]:
+                       (['rerank_depth=None'], 'rerank_depth cannot be None'),
+                       # values the component's constructor would refuse, refused before anything is built
+                       (['electra.loss=foo'], "--set: MonoElectra: loss must be one of"),
+                       (['electra.group_size=None'], 'MonoElectra: group_size and negatives_from must be >= 1'),
+                       (['coder.schedule=cosine'], 'Coder: schedule must be one of'),
+                       (['adore.k=0'], 'Adore: k must be >= 1')]:
         with pytest.raises(ValueError, match=match):
             apply_overrides(FULL, parse_overrides(bad))
     # an integer where a number is expected, None, and settings without a typed default are accepted

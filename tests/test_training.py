@@ -339,3 +339,23 @@ def test_phase_timers_wait_for_the_gpu(monkeypatch):
     with Timers.for_device(torch.device('cpu'))('retrieval'):
         pass
     assert len(waits) == 2
+
+
+def test_config_check_refuses_values_the_loop_cannot_run():
+    """Bad values fail when the config is checked (by every component's constructor and by the runner's --set),
+    naming the setting: an unknown schedule used to run as linear decay without a word."""
+    assert TrainingConfig().check() == TrainingConfig()
+    TrainingConfig(lr=0.0, warmup=0, max_steps=None, eval_every=None, patience=None, grad_clip=None).check()
+    for bad, match in [(dict(schedule='cosine'), 'schedule'), (dict(optimizer='sgd'), 'optimizer'),
+                       (dict(lr=-1e-5), 'lr'), (dict(epochs=0), 'epochs'), (dict(warmup=-1), 'warmup'),
+                       (dict(batch_size=0), 'batch_size'), (dict(batch_size=None), 'batch_size'),
+                       (dict(grad_accumulation=0), 'grad_accumulation'), (dict(max_steps=0), 'max_steps'),
+                       (dict(eval_every=0), 'eval_every'), (dict(patience=0), 'patience'),
+                       (dict(grad_clip=0.0), 'grad_clip'), (dict(lr='fast'), 'lr'), (dict(metric='nDCG@'), 'metric')]:
+        with pytest.raises(ValueError, match=f'X: {match}'):
+            TrainingConfig(**bad).check('X')
+        with pytest.raises(ValueError, match=match):
+            split_training_kwargs(TrainingConfig(), dict(bad), 'X')
+        with pytest.raises(ValueError, match=f'loop: {match}'):
+            TrainingLoop(torch.nn.Linear(2, 1), TrainingConfig(**bad), sample_batches=lambda *a: [],
+                         loss_fn=lambda *a: None, name='loop')
