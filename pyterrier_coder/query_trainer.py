@@ -65,6 +65,7 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
     """Base class of :class:`~pyterrier_coder.Coder` and :class:`~pyterrier_coder.Adore` (not used directly)."""
 
     COMPONENT = 'DenseQueryTrainer'
+    DEFAULTS = TrainingConfig()
 
     @staticmethod
     def _check_values(values: dict, component: str) -> None:
@@ -74,7 +75,6 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
                              f"got {values['validate_with']!r}")
         if values['on_missing'] not in ('error', 'drop'):
             raise ValueError(f"{component}: on_missing must be 'error' or 'drop', got {values['on_missing']!r}")
-    DEFAULTS = TrainingConfig()
 
     def __init__(self, index, encoder: DenseEncoder, *, num_results: int = 1000, validate_with: str = 'rerank',
                  on_missing: str = 'error', inference_batch_size: int = 64, prefetch: bool = True,

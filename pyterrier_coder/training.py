@@ -27,6 +27,7 @@ from .distributed import DataParallel
 
 
 OPTIMIZERS = ('adamw', 'radam')
+SCHEDULES = ('linear', 'constant')
 
 
 def at_least(value, minimum, *, strict: bool = False) -> bool:
@@ -34,7 +35,6 @@ def at_least(value, minimum, *, strict: bool = False) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return value > minimum if strict else value >= minimum
-SCHEDULES = ('linear', 'constant')
 
 
 @dataclasses.dataclass
