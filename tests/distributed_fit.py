@@ -1,7 +1,9 @@
 """Trains one component on the fixture collection and writes its weights and history; run by
 tests/test_distributed.py both as a single process and under ``torchrun --nproc_per_node=2`` (gloo), whose
 results must agree. Usage: distributed_fit.py COMPONENT COLLECTION WORKDIR OUT"""
+import atexit
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -21,8 +23,16 @@ OPTIONS = dict(lr=1e-3, warmup=1, schedule='linear', batch_size=5, max_steps=4, 
                verbose=False, seed=7)
 
 
+def _record_exit_state(out: Path) -> None:
+    """Registered before fit, so it runs after whatever fit registers with atexit (last in, first out)."""
+    state = 'left initialized' if torch.distributed.is_initialized() else 'not initialized'
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'exit-rank{os.environ.get("RANK", "0")}.txt').write_text(state)
+
+
 def main(component: str, collection: str, work: str, out: str) -> None:
     torch.set_num_threads(1)
+    atexit.register(_record_exit_state, Path(out))
     warnings.simplefilter('ignore')
     work = Path(work)
     # checkpoints go through the rank-0-only write + barrier path under torchrun

@@ -67,6 +67,9 @@ def test_two_process_gloo_training_matches_one_process(component, workdir, tiny_
     assert (single_history['world_size'], ddp_history['world_size']) == (1, 2)
     assert ddp_history['steps'] == single_history['steps'] == 4
     assert (tmp_path / 'ddp' / 'checkpoints' / 'checkpoint.pt').exists()
+    # the process group the loop created was torn down before the interpreter's own shutdown, on every rank
+    assert [(tmp_path / 'ddp' / f'exit-rank{r}.txt').read_text() for r in (0, 1)] == ['not initialized'] * 2
+    assert (tmp_path / 'single' / 'exit-rank0.txt').read_text() == 'not initialized'
     if component == 'Coder':   # batches were served by the background gather in both runs (and still agree)
         assert single_history['prefetched_batches'] > 0 and ddp_history['prefetched_batches'] > 0
     np.testing.assert_allclose([v for _, v in ddp_history['loss']], [v for _, v in single_history['loss']],
