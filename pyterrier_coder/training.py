@@ -222,7 +222,7 @@ def make_optimizer(params, config: TrainingConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == 'radam':
         return torch.optim.RAdam(params, lr=config.lr, weight_decay=config.weight_decay, decoupled_weight_decay=True)
-    raise ValueError(f"optimizer must be 'adamw' or 'radam', got {config.optimizer!r}")
+    raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}')   # a config built unchecked
 
 
 def cpu_computes_bf16() -> bool:
