@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from datetime import timedelta
 from typing import Iterable, Optional
 
@@ -86,6 +87,10 @@ def init(device: Optional[torch.device] = None) -> bool:
 
 
 def _destroy_at_exit() -> None:
+    # not after an uncaught exception: NCCL's teardown waits for pending collectives, which the other ranks,
+    # still training, would never complete (a hang instead of torchrun stopping the job)
+    if getattr(sys, 'last_value', None) is not None or getattr(sys, 'last_exc', None) is not None:
+        return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

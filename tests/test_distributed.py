@@ -84,6 +84,19 @@ def test_two_process_gloo_training_matches_one_process(component, workdir, tiny_
     assert changed > 0, 'training did not change the weights: the comparison would be vacuous'
 
 
+def test_the_group_is_destroyed_at_exit_unless_an_exception_ends_the_script(monkeypatch):
+    destroyed = []
+    monkeypatch.setattr(distributed.dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(distributed.dist, 'destroy_process_group', lambda: destroyed.append(True))
+    monkeypatch.delattr(sys, 'last_value', raising=False)
+    monkeypatch.delattr(sys, 'last_exc', raising=False)
+    distributed._destroy_at_exit()
+    assert destroyed == [True]
+    monkeypatch.setattr(sys, 'last_value', RuntimeError('uncaught'), raising=False)
+    distributed._destroy_at_exit()
+    assert destroyed == [True]
+
+
 def test_single_process_is_not_distributed(monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     dp = distributed.DataParallel()
