@@ -1,5 +1,9 @@
 """Loading test collections: ir_datasets (``irds:...``) or a local directory.
 
+ir_datasets gives each split of a collection its own id (``beir/nfcorpus/train``, ``.../dev``, ``.../test``), while
+the runner and the examples ask one dataset for ``get_topics('train')``: ``irds:<id>`` of a collection that has such
+sub-datasets is therefore an :class:`IrdsCollection`, whose splits are those sub-datasets.
+
 A local dataset directory has this layout::
 
     corpus.jsonl          one JSON object per line: {"docno": str, "text": str}
@@ -21,7 +25,7 @@ import pandas as pd
 import pyterrier as pt
 from pyterrier.datasets import Dataset
 
-__all__ = ['load_dataset', 'LocalDataset', 'DatasetError']
+__all__ = ['load_dataset', 'LocalDataset', 'IrdsCollection', 'DatasetError']
 
 
 class DatasetError(ValueError):
@@ -32,9 +36,11 @@ def load_dataset(spec: Union[str, Path, Dataset]) -> Dataset:
     """Returns a dataset from a specification.
 
     Args:
-        spec: ``"irds:<id>"`` for an `ir_datasets <https://ir-datasets.com/>`__ dataset (returned by
-            ``pt.get_dataset`` unchanged), a path to a local dataset directory (see :class:`LocalDataset`),
-            or an existing :class:`pyterrier.datasets.Dataset`, which is returned as-is.
+        spec: ``"irds:<id>"`` for an `ir_datasets <https://ir-datasets.com/>`__ dataset: an
+            :class:`IrdsCollection` when ``<id>`` has sub-datasets with queries (its splits, e.g.
+            ``irds:beir/nfcorpus``), else what ``pt.get_dataset`` returns (e.g. ``irds:beir/nfcorpus/test``);
+            a path to a local dataset directory (see :class:`LocalDataset`); or an existing
+            :class:`pyterrier.datasets.Dataset`, which is returned as-is.
 
     Raises:
         FileNotFoundError: ``spec`` is a path that does not exist.
@@ -43,7 +49,8 @@ def load_dataset(spec: Union[str, Path, Dataset]) -> Dataset:
     if isinstance(spec, Dataset):
         return spec
     if isinstance(spec, str) and spec.startswith('irds:'):
-        return pt.get_dataset(spec)
+        irds_id = spec[len('irds:'):]
+        return IrdsCollection(irds_id) if IrdsCollection.split_names(irds_id) else pt.get_dataset(spec)
     if not isinstance(spec, (str, Path)):
         raise ValueError(f'Cannot load a dataset from {spec!r}: expected "irds:<id>" or a directory path')
     path = Path(spec)
@@ -71,6 +78,69 @@ class _SizedIterator:
 
     def __len__(self) -> int:
         return self._count()
+
+
+class IrdsCollection(Dataset):
+    """An ir_datasets collection and its splits, which ir_datasets names as sub-datasets: for
+    ``IrdsCollection('beir/nfcorpus')``, ``get_topics('train')`` and ``get_qrels('train')`` are those of
+    ``irds:beir/nfcorpus/train``, and the corpus is the collection's. Split names may contain ``/``
+    (``msmarco-passage``: ``'dev/small'``, ``'trec-dl-2019/judged'``). Any other argument is handed to the
+    collection's own ``get_topics``/``get_qrels`` (PyTerrier reads it as a query field); so is no argument.
+    Nothing is downloaded until topics, qrels or documents are read."""
+
+    def __init__(self, irds_id: str):
+        self.irds_id = irds_id
+        self._collection = pt.get_dataset(f'irds:{irds_id}')
+        self._splits = None
+
+    def __repr__(self):
+        return f'IrdsCollection({self.irds_id!r})'
+
+    @staticmethod
+    def split_names(irds_id: str) -> List[str]:
+        """The sub-datasets of ``irds_id`` that have queries, as split names, sorted (ir_datasets' registry is
+        part of the package: no network)."""
+        import ir_datasets      # a dependency of pyterrier
+        prefix = irds_id.rstrip('/') + '/'
+        return sorted(name[len(prefix):] for name in ir_datasets.registry
+                      if name.startswith(prefix) and ir_datasets.load(name).has_queries())
+
+    @property
+    def splits(self) -> List[str]:
+        if self._splits is None:
+            self._splits = self.split_names(self.irds_id)
+        return self._splits
+
+    def split(self, name: str) -> Dataset:
+        """The sub-dataset of a split, as ``pt.get_dataset`` returns it."""
+        if name not in self.splits:
+            raise KeyError(f'No split {name!r} in {self!r}; available: {self.splits}')
+        return pt.get_dataset(f'irds:{self.irds_id}/{name}')
+
+    def get_topics(self, variant: Optional[str] = None, **kwargs) -> pd.DataFrame:
+        if variant in self.splits:
+            return self.split(variant).get_topics(**kwargs)
+        return self._collection.get_topics(variant, **kwargs)
+
+    def get_qrels(self, variant: Optional[str] = None) -> pd.DataFrame:
+        if variant in self.splits:
+            return self.split(variant).get_qrels()
+        return self._collection.get_qrels(variant)
+
+    def get_corpus_iter(self, **kwargs):
+        return self._collection.get_corpus_iter(**kwargs)
+
+    def get_corpus_lang(self):
+        return self._collection.get_corpus_lang()
+
+    def get_topics_lang(self):
+        return self._collection.get_topics_lang()
+
+    def text_loader(self, *args, **kwargs) -> pt.Transformer:
+        return self._collection.text_loader(*args, **kwargs)
+
+    def info_url(self):
+        return self._collection.info_url()
 
 
 class LocalDataset(Dataset):

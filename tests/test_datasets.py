@@ -5,7 +5,7 @@ import pandas as pd
 import pyterrier as pt
 import pytest
 
-from pyterrier_coder.datasets import DatasetError, LocalDataset, load_dataset
+from pyterrier_coder.datasets import DatasetError, IrdsCollection, LocalDataset, load_dataset
 
 CORPUS = [
     {'docno': '001', 'text': 'the first document'},
@@ -55,6 +55,46 @@ def test_load_dataset_irds_is_passed_to_pyterrier(monkeypatch):
     monkeypatch.setattr(pt, 'get_dataset', lambda spec: calls.append(spec) or sentinel)
     assert load_dataset('irds:beir/nfcorpus/test') is sentinel
     assert calls == ['irds:beir/nfcorpus/test']
+
+
+class _RecordingIrds:
+    """Stands in for pt.get_dataset's IRDSDataset (no download here): records what is read from which id."""
+
+    def __init__(self, spec, calls):
+        self.spec, self.calls = spec, calls
+
+    def get_topics(self, variant=None):
+        self.calls.append((self.spec, 'topics', variant))
+        return pd.DataFrame({'qid': [self.spec], 'query': ['q']})
+
+    def get_qrels(self, variant=None):
+        self.calls.append((self.spec, 'qrels', variant))
+        return pd.DataFrame({'qid': [self.spec], 'docno': ['d'], 'label': [1]})
+
+    def get_corpus_iter(self, **kwargs):
+        self.calls.append((self.spec, 'corpus', None))
+        return iter([{'docno': 'd', 'text': 't'}])
+
+
+def test_irds_collection_reads_its_splits_from_the_sub_datasets(monkeypatch):
+    """ir_datasets names splits as sub-datasets (beir/nfcorpus/train) while PyTerrier reads get_topics' argument
+    as a query field, so get_topics('train') of pt.get_dataset('irds:beir/nfcorpus') cannot work. ir_datasets'
+    registry is real here (it is part of the package); only the reading of files is stood in for."""
+    calls = []
+    monkeypatch.setattr(pt, 'get_dataset', lambda spec: _RecordingIrds(spec, calls))
+    ds = load_dataset('irds:beir/nfcorpus')
+    assert isinstance(ds, IrdsCollection) and ds.splits == ['dev', 'test', 'train']
+    assert ds.get_topics('train')['qid'].tolist() == ['irds:beir/nfcorpus/train']
+    assert ds.get_qrels('test')['qid'].tolist() == ['irds:beir/nfcorpus/test']
+    assert list(ds.get_corpus_iter()) == [{'docno': 'd', 'text': 't'}]
+    ds.get_topics('text')           # not a split: PyTerrier's query-field variant of the collection's topics
+    assert calls == [('irds:beir/nfcorpus/train', 'topics', None), ('irds:beir/nfcorpus/test', 'qrels', None),
+                     ('irds:beir/nfcorpus', 'corpus', None), ('irds:beir/nfcorpus', 'topics', 'text')]
+    with pytest.raises(KeyError, match="No split 'valid'.*'dev', 'test', 'train'"):
+        ds.split('valid')
+    assert 'dev/small' in IrdsCollection.split_names('msmarco-passage')   # split names may hold a '/'
+    assert load_dataset('irds:beir/nfcorpus/test').spec == 'irds:beir/nfcorpus/test'   # a leaf: unchanged
+    assert load_dataset('irds:vaswani').spec == 'irds:vaswani'
 
 
 def test_topics(tiny):
