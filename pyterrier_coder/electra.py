@@ -192,7 +192,8 @@ def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_fiel
                       f'candidates and not given by texts=)')
     if few:
         warnings.warn(f'{COMPONENT}: {few} training queries have fewer than group_size - 1 = {group_size - 1} '
-                      f'negatives in their top {negatives_from} candidates; their groups are smaller')
+                      f'negatives among their candidates (up to negatives_from = {negatives_from} of them are used); '
+                      f'their groups are smaller')
     return out
 
 

@@ -219,6 +219,12 @@ class CandidateSet:
     def __len__(self):
         return len(self.qids)
 
+    def __repr__(self):
+        # shapes only: the arrays may be memory-mapped and hold 500M entries
+        where = ', memory-mapped' if isinstance(self.docids, np.memmap) else ''
+        index = f", index={self.index['path']!r}" if self.index else ''
+        return f'CandidateSet({len(self)} queries x {self.docids.shape[1]} candidates{where}{index})'
+
     @classmethod
     def from_rows(cls, qids, queries, rows, labels, num_retrieved, stats, index=None) -> 'CandidateSet':
         """Pads variable-length id/label rows into the compact arrays."""

@@ -543,6 +543,10 @@ def test_candidate_set_round_trips_memory_mapped(scale, tmp_path):
         assert loaded.docids.dtype == np.int32 and loaded.labels.dtype == np.float32
         assert loaded.index == {'path': str(dense.flex.index_path.resolve()), 'docs': len(store)}
     assert not isinstance(CandidateSet.load(tmp_path / 'set', mmap=False).docids, np.memmap)
+    width = mined.docids.shape[1]
+    assert repr(saved) == (f'CandidateSet(9 queries x {width} candidates, memory-mapped, '
+                           f'index={str(dense.flex.index_path.resolve())!r})')   # shapes, not the arrays
+    assert repr(mined.select([0, 1])).startswith(f'CandidateSet(2 queries x {width} candidates, index=')
     assert mined.stats == {'queries': 10, 'qrels_for_unknown_queries': 1, 'positives_not_in_index': 0,
                            'skipped_no_positive': 1}
     (tmp_path / 'set' / 'meta.json').unlink()          # written last: without it the set is incomplete
