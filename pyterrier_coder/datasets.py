@@ -49,8 +49,8 @@ def load_dataset(spec: Union[str, Path, Dataset]) -> Dataset:
     if isinstance(spec, Dataset):
         return spec
     if isinstance(spec, str) and spec.startswith('irds:'):
-        irds_id = spec[len('irds:'):]
-        return IrdsCollection(irds_id) if IrdsCollection.split_names(irds_id) else pt.get_dataset(spec)
+        collection = IrdsCollection(spec[len('irds:'):])
+        return collection if collection.splits else collection._collection   # a leaf: pt.get_dataset's own
     if not isinstance(spec, (str, Path)):
         raise ValueError(f'Cannot load a dataset from {spec!r}: expected "irds:<id>" or a directory path')
     path = Path(spec)
