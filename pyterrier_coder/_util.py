@@ -224,10 +224,10 @@ def model_max_tokens(model, tokenizer, configured: int) -> int:
     over-long setting truncates instead of crashing inside the model."""
     limits = [int(configured)]
     positions = getattr(getattr(model, 'config', None), 'max_position_embeddings', None)
-    if positions:
+    if positions and positions > 0:     # XLNet's config says -1: no limit
         limits.append(int(positions))
     tok_max = getattr(tokenizer, 'model_max_length', None)
-    if tok_max and tok_max < 1_000_000:
+    if tok_max and 0 < tok_max < 1_000_000:
         limits.append(int(tok_max))
     return min(limits)
 

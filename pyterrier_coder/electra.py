@@ -272,14 +272,24 @@ class _FullPrecisionHead:
             return forward(self.head, *map(_fp32, args), **{k: _fp32(v) for k, v in kwargs.items()})
 
 
-def _full_precision_head(model: torch.nn.Module) -> torch.nn.Module:
-    """Makes ``model``'s classification head compute its logits in fp32 under autocast (see _FullPrecisionHead). The
-    parameters and state dict are untouched; a model whose head is not found keeps autocast's precision."""
+def _head_module(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The module that computes ``model``'s logits: a known head attribute, else the last top-level module with
+    parameters outside the transformer body (XLNet: ``logits_proj``, XLM: ``sequence_summary``)."""
     for name in _HEAD_ATTRIBUTES:
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Module):
-            head.forward = _FullPrecisionHead(head)
-            break
+            return head
+    body = getattr(model, getattr(model, 'base_model_prefix', '') or '', None)
+    outside = [m for m in model.children() if m is not body and next(m.parameters(), None) is not None]
+    return outside[-1] if outside else None
+
+
+def _full_precision_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Makes ``model``'s classification head compute its logits in fp32 under autocast (see _FullPrecisionHead). The
+    parameters and state dict are untouched; a model without a head outside its body keeps autocast's precision."""
+    head = _head_module(model)
+    if head is not None:
+        head.forward = _FullPrecisionHead(head)
     return model
 
 

@@ -425,21 +425,28 @@ def test_amp_on_a_cpu_without_bf16_instructions_warns(tiny_cross_encoder_dir, tm
         assert MonoElectra.load(tmp_path / 'saved', verbose=False, device='cpu').amp
 
 
-@pytest.mark.parametrize('architecture', ['electra', 'bert-2-logit'])
+@pytest.mark.parametrize('architecture', ['electra', 'bert-2-logit', 'xlnet'])
 def test_amp_keeps_the_head_in_fp32(architecture, tiny_cross_encoder_dir, tmp_path, train_res, one_thread):
     """Under bf16 autocast the transformer body runs in bf16 but the classification head computes fp32 logits: bf16
     logits (8 significant bits) made a query's candidates tie in blocks. Copies, pickles and saves keep this, and
-    the state dict is the checkpoint's."""
+    the state dict is the checkpoint's. XLNet's head has none of the usual names (``logits_proj``)."""
     import copy
     import pickle
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
+                              XLNetConfig, XLNetForSequenceClassification)
     path = tiny_cross_encoder_dir
-    if architecture != 'electra':   # a plain Linear head called `classifier`, 2 logits
+    vocab_size = electra(tiny_cross_encoder_dir).tokenizer.vocab_size
+    torch.manual_seed(2)
+    if architecture == 'bert-2-logit':   # a plain Linear head called `classifier`, 2 logits
         path = tmp_path / 'bert'
-        torch.manual_seed(2)
         BertForSequenceClassification(BertConfig(
-            vocab_size=electra(tiny_cross_encoder_dir).tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=4, intermediate_size=64, num_labels=2)).save_pretrained(path)
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            num_labels=2)).save_pretrained(path)
+    elif architecture == 'xlnet':
+        path = tmp_path / 'xlnet'
+        XLNetForSequenceClassification(XLNetConfig(
+            vocab_size=vocab_size, d_model=32, n_layer=2, n_head=4, d_inner=64, num_labels=1)).save_pretrained(path)
+    if architecture != 'electra':
         copy_tokenizer(tiny_cross_encoder_dir, path)
     res = train_res.head(60)
     queries, docs = res['query'].tolist(), res['text'].tolist()
