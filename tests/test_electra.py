@@ -435,18 +435,18 @@ def test_amp_keeps_the_head_in_fp32(architecture, tiny_cross_encoder_dir, tmp_pa
     from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
                               XLNetConfig, XLNetForSequenceClassification)
     path = tiny_cross_encoder_dir
-    vocab_size = electra(tiny_cross_encoder_dir).tokenizer.vocab_size
-    torch.manual_seed(2)
-    if architecture == 'bert-2-logit':   # a plain Linear head called `classifier`, 2 logits
-        path = tmp_path / 'bert'
-        BertForSequenceClassification(BertConfig(
-            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            num_labels=2)).save_pretrained(path)
-    elif architecture == 'xlnet':
-        path = tmp_path / 'xlnet'
-        XLNetForSequenceClassification(XLNetConfig(
-            vocab_size=vocab_size, d_model=32, n_layer=2, n_head=4, d_inner=64, num_labels=1)).save_pretrained(path)
-    if architecture != 'electra':
+    if architecture != 'electra':   # a model of another architecture, with the tiny model's tokenizer
+        vocab_size = electra(tiny_cross_encoder_dir).tokenizer.vocab_size
+        torch.manual_seed(2)
+        if architecture == 'bert-2-logit':   # a plain Linear head called `classifier`, 2 logits
+            model = BertForSequenceClassification(BertConfig(
+                vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, num_labels=2))
+        else:
+            model = XLNetForSequenceClassification(XLNetConfig(
+                vocab_size=vocab_size, d_model=32, n_layer=2, n_head=4, d_inner=64, num_labels=1))
+        path = tmp_path / architecture
+        model.save_pretrained(path)
         copy_tokenizer(tiny_cross_encoder_dir, path)
     res = train_res.head(60)
     queries, docs = res['query'].tolist(), res['text'].tolist()
