@@ -279,12 +279,17 @@ def test_nfcorpus_counts(nfcorpus_dataset):
 
 def test_vaswani_counts(vaswani_dataset):
     ds = vaswani_dataset
-    assert ds.splits == ['all']
+    assert ds.splits == ['all', 'dev', 'test', 'train']
     assert ds.num_docs() == 11429
-    topics, qrels = ds.get_topics(), ds.get_qrels()
+    topics, qrels = ds.get_topics('all'), ds.get_qrels('all')
     assert len(topics) == 93
     assert len(qrels) == 2083
     assert topics['qid'].map(type).eq(str).all() and qrels['docno'].map(type).eq(str).all()
+    assert set(qrels['label']) == {1}    # binary labels
+    # train / dev / test partition 'all' by position (55 / 14 / 24 topics)
+    parts = {split: set(ds.get_topics(split)['qid']) for split in ('train', 'dev', 'test')}
+    assert [len(parts[s]) for s in ('train', 'dev', 'test')] == [55, 14, 24]
+    assert set().union(*parts.values()) == set(topics['qid']) and sum(map(len, parts.values())) == 93
 
 
 def test_local_dataset_text_loader(tmp_path):
