@@ -19,7 +19,7 @@ setup(
         'pyterrier-alpha',
         'pyterrier-dr>=0.8',
         'pyterrier-pisa',
-        'torch',
+        'torch>=2.6',            # weights_only loading is safe from 2.6 on (checkpoints are loaded that way)
         'transformers',
         'pandas',
         'numpy',

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import losses
+from .artifacts import load_tensors
 from .encoders import DenseEncoder
 from .mining import CandidateSet, CandidateSetWriter, check_lower_labels, mine_candidates, mine_candidates_to_disk, normalise_frame
 from .query_trainer import DenseQueryTrainer
@@ -323,7 +324,7 @@ class Coder(DenseQueryTrainer):
 
     def _load_extra(self, path: Path) -> None:
         if self.head is not None:
-            state = torch.load(path / 'head.pt', map_location=self.encoder.device)
+            state = load_tensors(path / 'head.pt', 'Coder', map_location=self.encoder.device)
             self.head.load_state_dict(state['state_dict'])
 
     def _repr_args(self) -> str:

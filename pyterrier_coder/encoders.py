@@ -7,6 +7,7 @@ normalisation used for the documents, save/load of a fine-tuned copy, and preset
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -24,6 +25,7 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
+from .artifacts import CorpusFingerprint, build_lock, describe_corpus, read_json, staging_directory
 from ._util import (InspectableSettings, atomic_write_text, check_component_dir, check_document, check_faiss_gpu_k,
                     cuda_amp_dtype, explained_model_errors, faiss_gpu_count, faiss_to_gpus, infer_device,
                     known_length, model_max_tokens, tokenize_truncated, validate_columns, write_component_config)
@@ -162,7 +164,10 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
                                    for i in range(0, len(texts), bs)])
 
     def _eval_mode(self):
-        return _EvalMode(self.model)
+        """Inference in eval mode (no dropout), left so: the model is in eval mode whenever no training step runs,
+        and switching it back afterwards would race with inference in other threads."""
+        self.model.eval()
+        return contextlib.nullcontext()
 
     @property
     def dim(self) -> int:
@@ -251,20 +256,6 @@ def _read_saved_settings(model) -> dict:
     return {}
 
 
-class _EvalMode:
-    """Temporarily puts a module in eval mode (no dropout) and restores its previous mode."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __enter__(self):
-        self.was_training = self.module.training
-        self.module.eval()
-
-    def __exit__(self, *exc):
-        self.module.train(self.was_training)
-
-
 def _autocast(device):
     if device.type == 'cuda':
         return torch.autocast('cuda', dtype=cuda_amp_dtype())
@@ -308,17 +299,48 @@ class DenseIndex:
             devices: encode on these devices in parallel, one model replica each (e.g. ``['cuda:0', 'cuda:1']``);
                 default: every GPU when there is more than one, else the encoder's device.
         """
-        if self.built() and not overwrite:
-            return self
-        work = Path(str(self.flex.index_path) + '.encoding') if resumable else None
-        if work is not None and overwrite and work.exists():
-            shutil.rmtree(work)
-        encoders = self._replicas(devices)
-        indexer = self.flex.indexer(mode='overwrite')
-        indexer.index(self._encoded(corpus_iter, batch_size, encoders, work))
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
+        with build_lock(self.flex.index_path):     # another process building the same path waits here
+            if self.built() and not overwrite:
+                self._check_built_from(corpus_iter)
+                return self
+            work = Path(str(self.flex.index_path) + '.encoding') if resumable else None
+            if work is not None and overwrite and work.exists():
+                shutil.rmtree(work)
+            encoders = self._replicas(devices)
+            corpus, encoder = CorpusFingerprint(), encoder_record(self.encoder)
+            _remove_stale_builds(self.flex.index_path)
+            with staging_directory(self.flex.index_path) as tmp:
+                staged = pyterrier_dr.FlexIndex(str(tmp), verbose=False)
+                staged.indexer(mode='overwrite').index(self._encoded(corpus_iter, batch_size, encoders, work, corpus,
+                                                                     encoder))
+                atomic_write_text(tmp / INDEX_RECORD, json.dumps({'corpus': corpus.as_dict(), 'encoder': encoder},
+                                                                 indent=2))
+            _forget_cached_payload(self.flex)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
         return self
+
+    def record(self) -> Optional[dict]:
+        """What built this index (``{'corpus': {'documents', 'sha256'}, 'encoder': ...}``), or None for an index
+        that was not built by :meth:`index` (e.g. by pyterrier-dr directly)."""
+        return index_record(self.flex)
+
+    def _check_built_from(self, corpus_iter) -> None:
+        """Refuses to reuse a built index for another encoder or another corpus (read once, without encoding),
+        naming what differs; an index without a record (built elsewhere) cannot be checked."""
+        record = self.record()
+        if record is None:
+            return
+        path = str(self.flex.index_path)
+        if not same_encoder(record['encoder'], encoder_record(self.encoder)):
+            raise ValueError(f'DenseIndex.index: {path!r} was built by another encoder ({record["encoder"]["model"]!r}, '
+                             f'{record["encoder"]["settings"]}) than {self.encoder!r}; its vectors do not match this '
+                             f'encoder\'s queries. Use another path, or index(..., overwrite=True) to rebuild it')
+        given = CorpusFingerprint.of(corpus_iter, self.encoder.text_field)
+        if given != record['corpus']:
+            raise ValueError(f'DenseIndex.index: {path!r} was built from {describe_corpus(record["corpus"])}, not from '
+                             f'the one given ({describe_corpus(given)}). Use another path, or index(..., '
+                             f'overwrite=True) to rebuild it')
 
     def _replicas(self, devices: Optional[Sequence]) -> list:
         if devices is None:
@@ -329,18 +351,21 @@ class DenseIndex:
         own = next((i for i, d in enumerate(devices) if _same_device(d, self.encoder.device)), None)
         return [self.encoder if i == own else self.encoder.clone().to(d) for i, d in enumerate(devices)]
 
-    def _encoded(self, corpus_iter, batch_size, encoders, work: Optional[Path]):
+    def _encoded(self, corpus_iter, batch_size, encoders, work: Optional[Path], corpus: CorpusFingerprint,
+                 encoder: dict):
         field = self.encoder.text_field
         progress = pt.tqdm(desc=f'Encoding corpus ({self.encoder!r})', total=known_length(corpus_iter), unit='doc',
                            disable=not self.verbose)
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
-            self._check_work_encoder(work)
+            self._check_work_encoder(work, encoder)
         executor = ThreadPoolExecutor(len(encoders)) if len(encoders) > 1 else None
         resumed, seen = 0, set()
         try:
             for number, chunk in enumerate(_chunks(corpus_iter, batch_size)):
                 chunk = [check_document(doc, len(seen) + 1, seen, text_field=field) for doc in chunk]
+                for doc in chunk:
+                    corpus.add(doc['docno'], doc[field])
                 docnos = [d['docno'] for d in chunk]
                 saved = work / f'chunk{number:07d}.npz' if work is not None else None
                 if saved is not None and saved.exists():
@@ -369,25 +394,15 @@ class DenseIndex:
         if resumed and self.verbose:
             print(f'DenseIndex.index: {resumed} documents were read back from {work} (resumed)')
 
-    #: encoded by every run that writes chunks, so a resumed run can tell whether the same encoder wrote them
-    _PROBE_TEXT = 'pyterrier-coder: which encoder wrote these chunks?'
-
-    def _check_work_encoder(self, work: Path) -> None:
-        """Refuses to resume chunks that another encoder wrote (other weights, pooling, normalisation or length):
-        the finished index would mix the vectors of two models. The encoder is recognised by its settings and its
-        embedding of a probe text (compared loosely: a resumed run may use another device or precision)."""
-        settings = {k: v for k, v in self.encoder.settings().items() if k != 'model'}   # a path or a hub id alike
-        probe = self.encoder.encode_docs([self._PROBE_TEXT])[0].astype(np.float64)
+    def _check_work_encoder(self, work: Path, current: dict) -> None:
+        """Refuses to resume chunks that another encoder (``current`` is this one's :func:`encoder_record`) wrote
+        (other weights, pooling, normalisation or length): the finished index would mix the vectors of two models."""
         stamp = work / 'encoder.json'
         if not stamp.exists():
-            atomic_write_text(stamp, json.dumps({'settings': settings, 'probe': probe.tolist()}))
+            atomic_write_text(stamp, json.dumps(current))
             return
-        saved = json.loads(stamp.read_text())
-        old = np.asarray(saved['probe'])
-        same = saved['settings'] == settings and old.shape == probe.shape and \
-            float(old @ probe) / (np.linalg.norm(old) * np.linalg.norm(probe) + 1e-12) > 0.999 and \
-            abs(np.linalg.norm(old) / (np.linalg.norm(probe) + 1e-12) - 1) < 0.01
-        if not same:
+        saved = read_json(stamp, 'DenseIndex.index', 'record of the encoder that wrote these chunks')
+        if not same_encoder(saved, current):
             raise ValueError(f'DenseIndex.index: {work} holds chunks that another encoder encoded (settings '
                              f'{saved["settings"]}, or other weights) than {self.encoder!r}; call '
                              f'index(..., overwrite=True) to start again')
@@ -448,8 +463,73 @@ class DenseIndex:
 
 
 def flex_built(flex) -> bool:
-    """Whether a FlexIndex has been written (pyterrier-dr writes its metadata file last)."""
-    return (Path(flex.index_path) / 'pt_meta.json').exists()
+    """Whether a FlexIndex is complete: its metadata (which pyterrier-dr writes last) and files that agree with it."""
+    return flex_problem(flex) is None
+
+
+def flex_problem(flex) -> Optional[str]:
+    """None for a complete FlexIndex, else what is wrong with it: not built, or files that disagree with
+    ``pt_meta.json`` (a copy cut short, or two writers at once), which must never be read as an index."""
+    path = Path(flex.index_path)
+    meta_file = path / 'pt_meta.json'
+    if not meta_file.exists():
+        return 'not built'
+    try:
+        meta = json.loads(meta_file.read_text())
+        rows, dim = int(meta['doc_count']), int(meta['vec_size'])
+    except (ValueError, KeyError, TypeError):
+        return 'its pt_meta.json is not readable'
+    vecs = path / 'vecs.f4'
+    size = vecs.stat().st_size if vecs.exists() else None
+    if size != rows * dim * 4:
+        found = 'no vecs.f4' if size is None else f'vecs.f4 holds {size / (4 * dim):,.0f} rows'
+        return f'pt_meta.json says {rows:,} documents of {dim} dimensions, but {found}'
+    if not (path / 'docnos.npids').exists():
+        return 'it has no docnos.npids'
+    return None
+
+
+#: written into each FlexIndex that DenseIndex builds: the corpus and encoder that built it
+INDEX_RECORD = 'pyterrier_coder_index.json'
+#: encoded by every build, so that an encoder can be recognised by what it computes, not only by its settings
+_PROBE_TEXT = 'pyterrier-coder: which encoder wrote these vectors?'
+
+
+def encoder_record(encoder: 'DenseEncoder') -> dict:
+    """What identifies an encoder's vectors: its model name, its settings and its embedding of a probe text."""
+    settings = {k: v for k, v in encoder.settings().items() if k != 'model'}   # a path or a hub id alike
+    return {'model': str(encoder.base_model), 'settings': settings,
+            'probe': encoder.encode_docs([_PROBE_TEXT])[0].astype(np.float64).tolist()}
+
+
+def same_encoder(saved: dict, current: dict) -> bool:
+    """Whether two :func:`encoder_record` describe the same encoder. The probe embeddings are compared loosely: the
+    same weights on another device or precision give nearly, not exactly, the same vector."""
+    old, new = np.asarray(saved.get('probe', ())), np.asarray(current['probe'])
+    if saved.get('settings') != current['settings'] or old.shape != new.shape:
+        return False
+    cosine = float(old @ new) / (np.linalg.norm(old) * np.linalg.norm(new) + 1e-12)
+    return cosine > 0.999 and abs(np.linalg.norm(old) / (np.linalg.norm(new) + 1e-12) - 1) < 0.01
+
+
+def index_record(flex) -> Optional[dict]:
+    """The record :meth:`DenseIndex.index` wrote into a FlexIndex, or None."""
+    path = Path(flex.index_path) / INDEX_RECORD
+    return read_json(path, 'DenseIndex', 'index record') if path.exists() else None
+
+
+def _forget_cached_payload(flex) -> None:
+    """A FlexIndex object keeps its metadata and memory maps once read: after its directory was replaced they
+    describe the old files."""
+    flex._meta = flex._docnos = flex._dvecs = None
+    flex._cache = {}
+
+
+def _remove_stale_builds(path: Path) -> None:
+    """Private build directories of processes that died while building ``path`` (only the holder of the build lock
+    builds, so any other one is stale)."""
+    for stale in Path(path).parent.glob(f'.{Path(path).name}.building-*'):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -547,9 +627,13 @@ class _CheckedStage(pt.Transformer):
             if self.mode == 'retrieve':
                 inp = inp.assign(docno=pd.Series(dtype=str))
             return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
-        if not flex_built(self.flex):
+        problem = flex_problem(self.flex)
+        if problem == 'not built':
             raise RuntimeError(f'{self.component}: the index {str(self.flex.index_path)!r} is not built yet; call '
                                f'DenseIndex.index(corpus_iter) first')
+        if problem is not None:
+            raise RuntimeError(f'{self.component}: the index {str(self.flex.index_path)!r} cannot be used: {problem}; '
+                               f'rebuild it with DenseIndex.index(corpus_iter, overwrite=True)')
         frame = normalise_frame(inp, self.component)
         if self.mode == 'rerank':
             if self._store is None:

@@ -23,7 +23,8 @@ from torch import nn
 
 from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, infer_device, read_component_config,
                     validate_columns, validation_data, write_component_config)
-from .encoders import DenseEncoder, DenseIndex, check_dimensions, flex_built
+from .artifacts import describe_corpus
+from .encoders import DenseEncoder, DenseIndex, check_dimensions, flex_problem, index_record, same_encoder
 from .mining import (EmbeddingStore, GatherPrefetcher, fingerprint, group_order, normalise_frame, normalise_qrels,
                      normalised, pad_groups)
 from .training import TrainingConfig, TrainingLoop, split_training_kwargs
@@ -39,9 +40,13 @@ def as_flex_index(index, component: str) -> pyterrier_dr.FlexIndex:
         flex = index
     else:
         flex = pyterrier_dr.FlexIndex(str(index), verbose=False)
-    if not flex_built(flex):
+    problem = flex_problem(flex)
+    if problem == 'not built':
         raise FileNotFoundError(f'{component}: no dense index at {str(flex.index_path)!r}; build it first with '
                                 f'DenseIndex(encoder, path).index(corpus_iter)')
+    if problem is not None:
+        raise ValueError(f'{component}: the dense index at {str(flex.index_path)!r} cannot be used: {problem}; rebuild '
+                         f'it with DenseIndex(encoder, path).index(corpus_iter, overwrite=True)')
     return flex
 
 
@@ -140,14 +145,12 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
 
     @contextmanager
     def _inference(self):
-        module = self.trainable_module()
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.inference_mode():
-                yield
-        finally:
-            module.train(was_training)
+        """Inference runs in eval mode (no dropout). The models are in eval mode whenever no training step runs (the
+        training loop leaves them so), and the mode is never switched back afterwards: transforms running in several
+        threads at once must not see each other's mode changes."""
+        self.trainable_module().eval()
+        with torch.inference_mode():
+            yield
 
     def _rerank_arrays(self, queries, ids: np.ndarray) -> np.ndarray:
         """Inference scores for padded id rows, in chunks of queries."""
@@ -307,7 +310,8 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
         self.encoder.save(path / 'encoder')
         self._save_extra(path)
         write_component_config(path, self.COMPONENT, self.settings(), training=self.config.as_dict(),
-                               index=str(Path(self.flex.index_path).resolve()), fitted=self.fitted)
+                               index=str(Path(self.flex.index_path).resolve()), index_record=index_record(self.flex),
+                               fitted=self.fitted)
         if self.history is not None:
             atomic_write_text(path / 'history.json', json.dumps(self.history, default=str))
 
@@ -321,6 +325,8 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
                                     f'({conf["index"]!r}) is not here; pass the same index: '
                                     f'{cls.COMPONENT}.load(path, index=...) / from_pretrained(..., index=...)')
         encoder = DenseEncoder.load(path / 'encoder', device=device)
+        if index is not None:
+            cls._check_same_index(path, conf.get('index_record'), as_flex_index(index, cls.COMPONENT))
         training = dict(conf.get('training', {}))
         training.pop('device', None)   # the machine it was trained on may have other devices: choose afresh
         if device is not None:
@@ -332,6 +338,25 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
         if (path / 'history.json').exists():
             model.history = json.loads((path / 'history.json').read_text())
         return model
+
+    @classmethod
+    def _check_same_index(cls, path: Path, saved: Optional[dict], flex) -> None:
+        """Refuses an index other than the one the model was trained over (another corpus, or vectors of another
+        encoder): its scores would be meaningless. A copy of the same index elsewhere is fine; an index without a
+        record (built outside :class:`DenseIndex`) cannot be checked."""
+        given = index_record(flex)
+        if saved is None or given is None:
+            return
+        where = f'{cls.COMPONENT}.load: {str(path)!r} was trained over'
+        if saved['corpus'] != given['corpus']:
+            raise ValueError(f'{where} an index of another corpus ({describe_corpus(saved["corpus"])}) than '
+                             f'{str(flex.index_path)!r} ({describe_corpus(given["corpus"])}); pass the index it was '
+                             f'trained over')
+        if not same_encoder(saved['encoder'], given['encoder']):
+            raise ValueError(f'{where} an index built by another encoder ({saved["encoder"]["model"]!r}, '
+                             f'{saved["encoder"]["settings"]}) than {str(flex.index_path)!r} '
+                             f'({given["encoder"]["model"]!r}, {given["encoder"]["settings"]}); pass the index it '
+                             f'was trained over')
 
     def _repr_args(self) -> str:
         return ''

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import pyterrier as pt
 import pyterrier_alpha as pta
 
 from ._util import check_document, known_length, validate_columns
+from .artifacts import CorpusFingerprint, build_lock, describe_corpus, staging_directory
 
 __all__ = ['BM25', 'TextLoader', 'terrier_unavailable_reason']
 
@@ -103,7 +105,8 @@ class BM25(pt.Transformer):
 
     @classmethod
     def from_dataset(cls, dataset, path: Union[str, Path], *, verbose: bool = True, **kwargs) -> 'BM25':
-        """Opens the index at ``path``, first building it from ``dataset``'s corpus if it is not built yet.
+        """Opens the index at ``path``, first building it from ``dataset``'s corpus if it is not built yet; an index
+        built from another corpus is refused (see :meth:`index`).
 
         Args:
             dataset: A dataset or a spec accepted by :func:`pyterrier_coder.datasets.load_dataset`.
@@ -111,83 +114,101 @@ class BM25(pt.Transformer):
             verbose: Show a progress bar while indexing.
             **kwargs: Passed to :class:`BM25`.
         """
+        from .datasets import load_dataset
         bm25 = cls(path, **kwargs)
-        if not bm25.built():
-            from .datasets import load_dataset
-            # The dataset's own progress bar is off: index() shows the one bar (its total: the iterator's length).
-            bm25.index(load_dataset(dataset).get_corpus_iter(verbose=False), verbose=verbose)
-        return bm25
+        # The dataset's own progress bar is off: index() shows the one bar (its total: the iterator's length).
+        return bm25.index(load_dataset(dataset).get_corpus_iter(verbose=False), verbose=verbose)
 
     def built(self) -> bool:
         """Returns True if a complete index (of the current format) exists at ``path``."""
         return _read_meta(self.path) is not None
 
+    def record(self) -> Optional[dict]:
+        """The corpus this index was built from (``{'documents', 'sha256'}``), or None when not built (or built by
+        an older version, which did not record it)."""
+        meta = _read_meta(self.path)
+        return meta.get('corpus') if meta else None
+
     def index(self, it: Iterable[Dict[str, Any]], *, overwrite: bool = False, verbose: bool = True) -> 'BM25':
         """Builds the index (and the docstore) from an iterable of ``{'docno': str, 'text': str}`` dicts.
 
-        If the index is already built, nothing is read and ``self`` is returned, unless ``overwrite=True``.
-        Pass a dataset's ``get_corpus_iter(verbose=False)`` to see only this method's progress bar.
+        The index is built in a private directory beside ``path`` and moved into place when complete; another
+        process building the same ``path`` waits for this one. If the index is already built, the corpus is read
+        once (nothing is indexed) to check it is the one the index was built from: the same corpus returns ``self``,
+        another one raises a ValueError (``overwrite=True`` rebuilds it). Pass a dataset's
+        ``get_corpus_iter(verbose=False)`` to see only this method's progress bar.
 
         Raises:
             ValueError: The corpus is empty or has no indexable term, or a document lacks a string
                 ``docno``/``text``, has whitespace or NUL in its docno (PISA separates the docno from the text
-                by whitespace) or repeats a docno. Errors raised by the corpus iterator itself propagate too.
-                On any error, nothing is left in ``path``.
+                by whitespace) or repeats a docno; or the index was built from another corpus. Errors raised by the
+                corpus iterator itself propagate too. On any error, ``path`` is left as it was.
             FileExistsError: ``path`` is a non-empty directory that is not a complete BM25 index.
         """
-        if self.built() and not overwrite:
-            return self
-        self._build(it, total=known_length(it), verbose=verbose, overwrite=overwrite)
+        with build_lock(self.path):
+            if self.built() and not overwrite:
+                self._check_built_from(it)
+                return self
+            self._build(it, total=known_length(it), verbose=verbose, overwrite=overwrite)
         return self
+
+    def _check_built_from(self, it) -> None:
+        recorded = self.record()
+        if recorded is None:      # built by an older version: nothing to compare with
+            return
+        given = CorpusFingerprint.of(it)
+        if given != recorded:
+            raise ValueError(f'BM25.index: {str(self.path)!r} was built from {describe_corpus(recorded)}, not from '
+                             f'the one given ({describe_corpus(given)}). Use another path, or index(..., '
+                             f'overwrite=True) to rebuild it')
 
     def _build(self, it, *, total=None, verbose=True, overwrite=False):
         if self.backend == 'terrier':
             _require_terrier()  # before anything is written
-        created = not self.path.exists()
-        self._prepare_directory(overwrite)
-        if self.backend == 'pisa':
-            import pyterrier_pisa
-            docs = _CheckedDocs(it, self.path / 'docstore',
-                                tokenize=functools.partial(pyterrier_pisa.tokenize, stemmer=self.stemmer))
-        else:
-            docs = _CheckedDocs(it, self.path / 'docstore', max_docno_bytes=_TERRIER_DOCNO_BYTES)
-        try:
+        self._check_directory(overwrite)
+        with staging_directory(self.path) as root:
             if self.backend == 'pisa':
-                self._build_pisa(docs, total, verbose)
+                import pyterrier_pisa
+                docs = _CheckedDocs(it, root / 'docstore',
+                                    tokenize=functools.partial(pyterrier_pisa.tokenize, stemmer=self.stemmer))
             else:
-                self._build_terrier(docs, total, verbose)
-            docs.raise_if_failed()  # an error raised inside the indexer's reader thread surfaces here
-            docs.close()
-        except BaseException as ex:
-            docs.close()
-            # A half-built index would be mistaken for a complete one later, so remove what was written.
-            self._remove_own_entries()
-            if created and not any(self.path.iterdir()):
-                self.path.rmdir()
-            if docs.error is not None and docs.error is not ex:
-                raise docs.error  # a bad document made the indexer fail: report the cause
-            raise
-        meta = {'version': _FORMAT_VERSION, 'backend': self.backend, 'stemmer': self.stemmer, 'num_docs': docs.count}
-        (self.path / _META_FILE).write_text(json.dumps(meta))
+                docs = _CheckedDocs(it, root / 'docstore', max_docno_bytes=_TERRIER_DOCNO_BYTES)
+            try:
+                if self.backend == 'pisa':
+                    self._build_pisa(root, docs, total, verbose)
+                else:
+                    self._build_terrier(root, docs, total, verbose)
+                docs.raise_if_failed()  # an error raised inside the indexer's reader thread surfaces here
+            except BaseException as ex:
+                if docs.error is not None and docs.error is not ex:
+                    raise docs.error from None  # a bad document made the indexer fail: report the cause
+                raise
+            finally:
+                docs.close()
+            meta = {'version': _FORMAT_VERSION, 'backend': self.backend, 'stemmer': self.stemmer,
+                    'num_docs': docs.count, 'corpus': docs.fingerprint.as_dict()}
+            (root / _META_FILE).write_text(json.dumps(meta))
+            self._handle.reset()      # before the directory it may have opened is replaced
         self._handle.reset()
 
-    def _build_pisa(self, docs, total, verbose):
+    def _build_pisa(self, root, docs, total, verbose):
         import pyterrier_pisa
-        index = pyterrier_pisa.PisaIndex(str(self.path / 'pisa'), stemmer=self.stemmer, threads=self.threads)
+        index = pyterrier_pisa.PisaIndex(str(root / 'pisa'), stemmer=self.stemmer, threads=self.threads)
         with _native_output_silenced() as stderr:
             bar = docs.progress(total, verbose, file=stderr, desc=f'BM25 indexing ({self.backend})')
             index.indexer('text').index(bar)
             bar.close()
 
-    def _build_terrier(self, docs, total, verbose):
-        indexer = pt.terrier.IterDictIndexer(str(self.path / 'terrier'), meta={'docno': _TERRIER_DOCNO_BYTES},
+    def _build_terrier(self, root, docs, total, verbose):
+        indexer = pt.terrier.IterDictIndexer(str(root / 'terrier'), meta={'docno': _TERRIER_DOCNO_BYTES},
                                              text_attrs=['text'],
                                              stemmer=self.stemmer, threads=self.threads, overwrite=True)
         bar = docs.progress(total, verbose, file=None, desc=f'BM25 indexing ({self.backend})')
         indexer.index(bar)
         bar.close()
 
-    def _prepare_directory(self, overwrite):
+    def _check_directory(self, overwrite):
+        """Refuses to replace what BM25 did not build, and, without ``overwrite``, an incomplete index."""
         if self.path.exists():
             if not self.path.is_dir():
                 raise FileExistsError(f'{str(self.path)!r} exists and is not a directory')
@@ -198,17 +219,6 @@ class BM25(pt.Transformer):
             if entries - _OWN_ENTRIES:
                 raise FileExistsError(f'Refusing to overwrite {str(self.path)!r}: it holds files BM25 did not '
                                       f'create: {sorted(entries - _OWN_ENTRIES)[:5]}')
-            self._remove_own_entries()
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    def _remove_own_entries(self):
-        self._handle.reset()
-        for name in _OWN_ENTRIES:
-            p = self.path / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
 
     # -- retrieval ---------------------------------------------------------------------------------
 
@@ -223,8 +233,11 @@ class BM25(pt.Transformer):
                                  for c in out_columns}).astype({'score': float, 'rank': int})
         inp = inp.drop(columns=[c for c in added if c in inp.columns])
         inp = inp.assign(qid=inp['qid'].astype(str), query=inp['query'].fillna('').astype(str))
-        res = self._handle.retrieve(inp, self.num_results, k1=self.k1, b=self.b, threads=self.threads,
-                                    verbose=self.verbose)
+        queries = inp['query']
+        res = self._handle.retrieve(inp.assign(query=queries.map(_without_nul)), self.num_results, k1=self.k1,
+                                    b=self.b, threads=self.threads, verbose=self.verbose)
+        if queries.str.contains('\x00', regex=False).any():      # the results carry the query as it was given
+            res['query'] = res['qid'].map(dict(zip(inp['qid'], queries)))
         # Keep the input's query order (multi-threaded retrieval may interleave queries).
         order = {qid: i for i, qid in reversed(list(enumerate(inp['qid'])))}
         res = res.assign(_order=res['qid'].map(order)).sort_values(['_order', 'rank'], kind='stable')
@@ -467,6 +480,12 @@ class _DocStore:
         return [bytes(self.text[s:e]).decode('utf-8') for s, e in zip(starts, ends)]
 
 
+def _without_nul(text: str) -> str:
+    """NUL characters as spaces: the backends' tokenisers pass text to C/Java strings, which a NUL ends or breaks
+    (PISA: 'embedded null character'); a NUL is never part of a term."""
+    return text.replace('\x00', ' ') if '\x00' in text else text
+
+
 class _CheckedDocs:
     """Wraps a corpus iterator: validates each document and writes it to the docstore as it passes.
 
@@ -491,6 +510,7 @@ class _CheckedDocs:
         self.tokenize = tokenize
         self.error = None
         self.count = 0
+        self.fingerprint = CorpusFingerprint()
         self._seen = set()
         self._writer = None
 
@@ -505,7 +525,7 @@ class _CheckedDocs:
                 raise ValueError('Cannot index an empty corpus' if not head else
                                  f'None of the {len(head)} documents contains an indexable term')
             head.append(self._check(doc))
-            if self.tokenize is None or self.tokenize(head[-1]['text']):
+            if self.tokenize is None or self.tokenize(_without_nul(head[-1]['text'])):
                 break
         self._writer = _DocStoreWriter(self.docstore_path)
         kwargs = {'file': file} if file is not None else {}
@@ -519,17 +539,14 @@ class _CheckedDocs:
             raise ValueError(f'Document {n}: docno {docno[:40]!r}... is longer than the {self.max_docno_bytes} '
                              'bytes the terrier backend stores')
         self.count += 1
+        self.fingerprint.add(docno, doc['text'])
         return doc
 
     def _generate(self, head):
         try:
-            for doc in head:
-                self._writer.add(doc['docno'], doc['text'])
-                yield doc
-            for doc in self.it:
-                doc = self._check(doc)
-                self._writer.add(doc['docno'], doc['text'])
-                yield doc
+            for doc in itertools.chain(head, map(self._check, self.it)):
+                self._writer.add(doc['docno'], doc['text'])      # the docstore keeps the text as it is
+                yield {'docno': doc['docno'], 'text': _without_nul(doc['text'])}
         except Exception as ex:  # noqa: BLE001 -- re-raised on the caller's thread by raise_if_failed()
             self.error = ex
 

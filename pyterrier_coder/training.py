@@ -23,6 +23,7 @@ import pyterrier as pt
 import torch
 
 from ._util import cuda_amp_dtype, infer_device
+from .artifacts import load_tensors
 from .distributed import DataParallel
 
 
@@ -385,26 +386,55 @@ class TrainingLoop:
         from pathlib import Path
         return Path(self.config.checkpoint_dir) / 'checkpoint.pt' if self.config.checkpoint_dir else None
 
+    #: bumped when the checkpoint's layout changes
+    CHECKPOINT_FORMAT = 2
+    #: entries of the loop's state that are tensors (saved as such); the rest is saved as JSON text, so that the
+    #: file holds tensors and plain values only and is loaded with ``weights_only=True`` (see :meth:`_load_checkpoint`)
+    _TENSOR_STATE = ('best_state',)
+
     def _save_checkpoint(self, state: dict, optimizer, scheduler, scaler) -> None:
         """Everything needed to continue exactly: weights, optimiser, schedule, scaler, RNG states, the batch
         cursor, history and the best weights so far; written to a temp file then renamed (atomic)."""
         import os
         path = self._checkpoint_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {**state, 'model': self.module.state_dict(), 'optimizer': optimizer.state_dict(),
+        plain = {k: v for k, v in state.items() if k not in self._TENSOR_STATE}
+        numpy_state = np.random.get_state()
+        plain['rng'] = {'python': random.getstate(),
+                        'numpy': [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}
+        payload = {'format': self.CHECKPOINT_FORMAT, 'state': json.dumps(plain),
+                   **{k: state[k] for k in self._TENSOR_STATE},
+                   'model': self.module.state_dict(), 'optimizer': optimizer.state_dict(),
                    'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
-                   'rng': {'python': random.getstate(), 'numpy': np.random.get_state(),
-                           'torch': torch.get_rng_state(),
-                           'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}}
+                   'torch_rng': torch.get_rng_state(),
+                   'cuda_rng': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}
         tmp = path.with_name(path.name + '.tmp')
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except OSError as error:     # e.g. a full disk: the previous checkpoint stays as it was
+            tmp.unlink(missing_ok=True)
+            raise OSError(error.errno, f'{self.name}: could not write the checkpoint {str(path)!r} '
+                                       f'({error.strerror or error}); the previous checkpoint, if any, is unchanged. '
+                                       f'Free space or choose another checkpoint_dir, then resume=True') from error
 
-    def _load_checkpoint(self, optimizer, scheduler, scaler, identity: Optional[dict]) -> Optional[dict]:
+    def _read_checkpoint(self) -> Optional[dict]:
+        """The checkpoint's contents (the loop's state with its tensors), or None when there is none. Only tensors
+        and plain values are loaded: a file that holds anything else is refused, never executed."""
         path = self._checkpoint_path()
         if path is None or not path.exists():
             return None
-        payload = torch.load(path, map_location='cpu', weights_only=False)
+        payload = load_tensors(path, self.name, what='checkpoint')
+        if not isinstance(payload, dict) or payload.get('format') != self.CHECKPOINT_FORMAT:
+            raise ValueError(f'{self.name}: {str(path)!r} is not a checkpoint of this version of pyterrier-coder; '
+                             f'delete it to start afresh')
+        state = json.loads(payload.pop('state'))
+        return {**payload, **state}
+
+    def _load_checkpoint(self, optimizer, scheduler, scaler, identity: Optional[dict]) -> Optional[dict]:
+        payload = self._read_checkpoint()
+        if payload is None:
+            return None
         self._check_same_run(payload.get('identity'), identity)    # before anything is restored
         self.module.load_state_dict(payload.pop('model'))
         optimizer.load_state_dict(payload.pop('optimizer'))
@@ -413,11 +443,30 @@ class TrainingLoop:
         if scaler_state and scaler.is_enabled():   # a scaler that was off (CPU, bf16) saved nothing: start fresh
             scaler.load_state_dict(scaler_state)
         rng = payload.pop('rng')
-        random.setstate(rng['python'])
-        np.random.set_state(rng['numpy'])
-        torch.set_rng_state(rng['torch'])
-        restore_cuda_rng(rng['cuda'], self.device)
+        version, internal, gauss = rng['python']
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, *rest = rng['numpy']
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(payload.pop('torch_rng'))
+        restore_cuda_rng(payload.pop('cuda_rng'), self.device)
+        payload.pop('format')
         return payload
+
+    def _refuse_to_overwrite_a_checkpoint(self) -> None:
+        """A new run (``resume=False``) would overwrite the checkpoint an earlier run left in ``checkpoint_dir``: its
+        saved progress is never dropped silently."""
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return
+        try:
+            saved = self._read_checkpoint()
+            step, total = saved['step'], saved['history'].get('total_steps')
+            what = (f'of a finished run ({step} steps)' if step == total else
+                    f'of an interrupted run (step {step} of {total})')
+        except ValueError as error:
+            what = f'that cannot be read ({error})'
+        raise ValueError(f'{self.name}: {str(path)!r} holds the checkpoint {what}; fit(..., resume=True) continues '
+                         f'it. To start afresh, delete that file or set another checkpoint_dir')
 
     #: config fields that may change between an interrupted run and its resumption (where and how it runs, not what)
     RESUMABLE_CHANGES = ('verbose', 'device', 'amp', 'checkpoint_dir', 'checkpoint_every')
@@ -446,6 +495,8 @@ class TrainingLoop:
         config = self.config
         if resume and not config.checkpoint_dir:
             raise ValueError(f'{self.name}: resume=True needs checkpoint_dir to be set')
+        if not resume:
+            self._refuse_to_overwrite_a_checkpoint()
         rng = seed_everything(config.seed)
         self.module.to(self.device)
         total = self._total_steps(rng)

@@ -31,11 +31,6 @@ def tiny_bm25(tmp_path_factory):
     return BM25(tmp_path_factory.mktemp('tiny') / 'index').index(DOCS, verbose=False)
 
 
-def _never_iterated():
-    raise AssertionError('the corpus was read although the index is built')
-    yield  # noqa: unreachable -- makes this a generator
-
-
 # -- tiny corpus ---------------------------------------------------------------------------------------
 
 def test_index_and_retrieve(tiny_bm25):
@@ -199,7 +194,9 @@ def test_equal_first_stages_are_shared_by_experiments(tiny_bm25, monkeypatch):
 def test_reopen_without_reindexing(tiny_bm25):
     reopened = BM25(str(tiny_bm25.path))
     assert reopened.built() and reopened.backend == 'pisa' and reopened.stemmer == 'porter2'
-    assert reopened.index(_never_iterated()) is reopened
+    stamps = sorted((str(f), f.stat().st_mtime_ns) for f in tiny_bm25.path.rglob('*'))
+    assert reopened.index(DOCS) is reopened             # the corpus is read to check it, nothing is re-indexed
+    assert sorted((str(f), f.stat().st_mtime_ns) for f in tiny_bm25.path.rglob('*')) == stamps
     pd.testing.assert_frame_equal(reopened(TOPICS), tiny_bm25(TOPICS))
 
 
@@ -219,7 +216,9 @@ def test_from_dataset(tmp_path):
     (root / 'topics' / 'test.tsv').write_text('qid\tquery\n1\tcat\n')
     bm25 = BM25.from_dataset(str(root), tmp_path / 'idx', num_results=5, verbose=False)
     assert bm25.num_results == 5 and bm25.num_docs() == len(DOCS)
-    assert BM25.from_dataset(str(tmp_path / 'does-not-matter'), tmp_path / 'idx').built()  # reopened, not rebuilt
+    stamps = sorted((str(f), f.stat().st_mtime_ns) for f in (tmp_path / 'idx').rglob('*'))
+    assert BM25.from_dataset(str(root), tmp_path / 'idx').built()           # reopened (corpus checked), not rebuilt
+    assert sorted((str(f), f.stat().st_mtime_ns) for f in (tmp_path / 'idx').rglob('*')) == stamps
 
 
 def test_corpus_error_from_dataset(tmp_path):

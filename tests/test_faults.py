@@ -1,0 +1,300 @@
+"""Faults a user meets with real files and processes: concurrent builders of one index, an index reused with
+another corpus or encoder, inference in several threads, a crafted checkpoint, a training run that fails half-way,
+files cut short or undecodable. Each case fails on a package that silently does the wrong thing."""
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pyterrier_coder.adore import Adore
+from pyterrier_coder.coder import Coder
+from pyterrier_coder.datasets import DatasetError, load_dataset
+from pyterrier_coder.electra import MonoElectra
+from pyterrier_coder.encoders import DenseEncoder, DenseIndex, flex_problem
+from pyterrier_coder.fusion import Interpolate
+from pyterrier_coder.retrievers import BM25
+
+FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=None, max_steps=2, device='cpu',
+            verbose=False)
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.fixture(scope='module')
+def env(tiny_bert_dir, tiny_cross_encoder_dir, tiny_collection, tmp_path_factory):
+    ds = load_dataset(tiny_collection)
+    root = tmp_path_factory.mktemp('faults')
+    encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
+    dense = DenseIndex(encoder, root / 'dense.flex', verbose=False).index(ds.get_corpus_iter(verbose=False))
+    bm25 = BM25(root / 'bm25', text=True).index(ds.get_corpus_iter(verbose=False), verbose=False)
+    return SimpleNamespace(ds=ds, root=root, encoder=encoder, dense=dense, bm25=bm25, bert_dir=tiny_bert_dir,
+                           electra_dir=tiny_cross_encoder_dir, corpus=list(ds.get_corpus_iter(verbose=False)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# indexes: concurrent builders, identity of what built them
+
+def _index_in_child(bert_dir, corpus_file, path, start_file):
+    """Builds a DenseIndex at ``path`` once ``start_file`` exists (so two children start together)."""
+    import time
+    import torch
+    from pyterrier_coder.encoders import DenseEncoder, DenseIndex
+    torch.set_num_threads(1)
+    corpus = json.loads(Path(corpus_file).read_text())
+    encoder = DenseEncoder(bert_dir, pooling='mean', normalize=True, device='cpu')
+    while not Path(start_file).exists():
+        time.sleep(0.01)
+    DenseIndex(encoder, path, verbose=False).index(corpus, batch_size=16)
+
+
+def test_two_processes_indexing_one_path_leave_one_complete_index(env, tmp_path):
+    corpus = [{'docno': f'x{i:04d}', 'text': env.corpus[i % len(env.corpus)]['text'] + f' number{i}'}
+              for i in range(600)]
+    corpus_file = tmp_path / 'corpus.json'
+    corpus_file.write_text(json.dumps(corpus))
+    path, start = tmp_path / 'shared.flex', tmp_path / 'start'
+    context = multiprocessing.get_context('spawn')
+    children = [context.Process(target=_index_in_child, args=(str(env.bert_dir), str(corpus_file), str(path),
+                                                               str(start))) for _ in range(2)]
+    for child in children:
+        child.start()
+    start.touch()
+    for child in children:
+        child.join(300)
+        assert child.exitcode == 0
+    dense = DenseIndex(env.encoder, path, verbose=False)
+    assert flex_problem(dense.flex) is None
+    assert len(dense.flex) == 600
+    assert dense.record()['corpus']['documents'] == 600
+    vecs = dense.flex.payload(return_docnos=False)[0]
+    np.testing.assert_allclose(vecs[:5], env.encoder.encode_docs([d['text'] for d in corpus[:5]]), atol=1e-5)
+    assert not list(tmp_path.glob('.shared.flex.building-*'))     # no private build directory left behind
+
+
+def test_an_inconsistent_index_is_never_taken_as_built(env, tmp_path):
+    path = tmp_path / 'cut.flex'
+    shutil.copytree(env.dense.flex.index_path, path)
+    with open(path / 'vecs.f4', 'r+b') as f:        # a copy cut short, as a second writer left it
+        f.truncate(os.path.getsize(path / 'vecs.f4') // 2)
+    dense = DenseIndex(env.encoder, path, verbose=False)
+    assert not dense.built() and 'vecs.f4 holds' in flex_problem(dense.flex)
+    with pytest.raises(RuntimeError, match=r'cannot be used: pt_meta.json says 96 documents .* vecs.f4 holds 48 rows'):
+        dense.retriever(5)(env.ds.get_topics('test'))
+    with pytest.raises(ValueError, match='cannot be used: pt_meta.json says'):
+        Coder(path, env.encoder, verbose=False)
+    dense.index(env.corpus)                           # rebuilt, not skipped
+    assert dense.built() and len(dense.retriever(5)(env.ds.get_topics('test'))) > 0
+
+
+def test_a_dense_index_refuses_another_corpus_or_encoder(env, tmp_path):
+    dense = DenseIndex(env.encoder, env.dense.flex.index_path, verbose=False)
+    assert dense.index(env.corpus) is dense                       # the same corpus and encoder: reused
+    other_corpus = env.corpus[:-1]
+    with pytest.raises(ValueError, match=r'was built from a corpus of 96 documents .* not from the one given '
+                                         r'\(a corpus of 95 documents'):
+        dense.index(other_corpus)
+    changed = [dict(d) for d in env.corpus]
+    changed[40]['text'] += ' changed'
+    with pytest.raises(ValueError, match='was built from a corpus of 96 documents'):
+        dense.index(changed)
+    other = DenseEncoder(str(env.bert_dir), pooling='cls', normalize=True, device='cpu')   # same size, other vectors
+    with pytest.raises(ValueError, match='was built by another encoder'):
+        DenseIndex(other, env.dense.flex.index_path, verbose=False).index(env.corpus)
+    fine_tuned = env.encoder.clone()
+    with torch.no_grad():
+        for p in fine_tuned.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with pytest.raises(ValueError, match='was built by another encoder'):
+        DenseIndex(fine_tuned, env.dense.flex.index_path, verbose=False).index(env.corpus)
+    copy = tmp_path / 'copy.flex'
+    shutil.copytree(env.dense.flex.index_path, copy)
+    DenseIndex(other, copy, verbose=False).index(env.corpus, overwrite=True)    # what overwrite is for
+    assert DenseIndex(other, copy, verbose=False).index(env.corpus).built()
+
+
+def test_bm25_refuses_another_corpus(env, tmp_path):
+    path = tmp_path / 'bm25'
+    BM25(path).index(env.corpus, verbose=False)
+    assert BM25(path).index(env.corpus, verbose=False).built()
+    with pytest.raises(ValueError, match=r'was built from a corpus of 96 documents .* \(a corpus of 95 documents'):
+        BM25(path).index(env.corpus[1:], verbose=False)
+    other = tmp_path / 'other'
+    shutil.copytree(env.ds.path, other)
+    lines = (other / 'corpus.jsonl').read_text().splitlines()
+    (other / 'corpus.jsonl').write_text('\n'.join(lines[:-3]) + '\n')
+    with pytest.raises(ValueError, match='was built from a corpus of 96 documents'):
+        BM25.from_dataset(load_dataset(other), path, verbose=False)
+    assert BM25.from_dataset(env.ds, path, verbose=False).num_docs() == 96
+    BM25(path).index(env.corpus[1:], overwrite=True, verbose=False)
+    assert BM25(path).num_docs() == 95
+
+
+def test_a_failed_rebuild_leaves_the_old_index(env, tmp_path):
+    for build in (lambda p, c, **k: BM25(p).index(c, verbose=False, **k),
+                  lambda p, c, **k: DenseIndex(env.encoder, p, verbose=False).index(c, **k)):
+        path = tmp_path / f'index{build.__code__.co_firstlineno}'
+        build(path, env.corpus)
+        before = sorted((f.name, f.stat().st_size) for f in path.rglob('*'))
+
+        def broken():
+            yield from env.corpus[:50]
+            raise OSError('disk went away')
+        with pytest.raises(OSError, match='disk went away'):
+            build(path, broken(), overwrite=True)
+        assert sorted((f.name, f.stat().st_size) for f in path.rglob('*')) == before
+        assert not list(tmp_path.glob(f'.{path.name}.building-*'))
+
+
+def test_coder_load_refuses_an_index_built_by_another_encoder(env, tmp_path):
+    coder = Coder(env.dense, env.encoder, num_candidates=10, **FAST)
+    coder.save(tmp_path / 'coder')
+    other = DenseEncoder(str(env.bert_dir), pooling='cls', normalize=True, device='cpu')
+    other_index = DenseIndex(other, tmp_path / 'other.flex', verbose=False).index(env.corpus)
+    with pytest.raises(ValueError, match=r'Coder.load: .* was trained over an index built by another encoder'):
+        Coder.load(tmp_path / 'coder', index=other_index)
+    reduced = DenseIndex(env.encoder, tmp_path / 'reduced.flex', verbose=False).index(env.corpus[:-1])
+    with pytest.raises(ValueError, match=r'Coder.load: .* was trained over an index of another corpus'):
+        Coder.load(tmp_path / 'coder', index=reduced)
+    copy = tmp_path / 'copy.flex'                     # a copy of its own index (moved, another machine): fine
+    shutil.copytree(env.dense.flex.index_path, copy)
+    assert Coder.load(tmp_path / 'coder', index=copy).flex.index_path == copy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inference: never changes a model's mode, the same results from several threads
+
+def _components(env):
+    coder = Coder(env.dense, env.encoder, num_results=5, verbose=False, device='cpu')
+    adore = Adore(env.dense, env.encoder, num_results=5, verbose=False, device='cpu')
+    electra = MonoElectra(str(env.electra_dir), verbose=False, max_length=64)
+    text = env.bm25 % 8
+    return {'BM25': (env.bm25 % 8, None), 'DenseIndex.retriever': (env.dense.retriever(8), None),
+            'DenseIndex.scorer': (text >> env.dense.scorer(), env.encoder.model),
+            'Coder': (text >> coder, coder.encoder.model), 'Coder.retriever': (coder.retriever(8), coder.encoder.model),
+            'Adore': (text >> adore, adore.encoder.model), 'MonoElectra': (text >> electra, electra.model),
+            'Interpolate': (text >> Interpolate(electra, alpha=0.5), electra.model)}
+
+
+def test_transform_in_several_threads_gives_identical_results_and_leaves_eval_mode(env):
+    topics = env.ds.get_topics('train')
+    for name, (pipeline, model) in _components(env).items():
+        expected = pipeline(topics)
+        if model is not None:
+            assert not model.training, name
+        results, errors = [], []
+
+        def run():
+            try:
+                for _ in range(3):
+                    results.append(pipeline(topics))
+            except Exception as error:      # noqa: BLE001 -- reported below
+                errors.append(error)
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, (name, errors)
+        for result in results:
+            pd.testing.assert_frame_equal(result, expected, check_exact=True, obj=name)
+        if model is not None:
+            assert not model.training, name
+
+
+def test_reranking_with_coder_keeps_the_encoder_deterministic(env):
+    coder = Coder(env.dense, env.encoder, verbose=False, device='cpu', scorer='transformer')
+    (env.bm25 % 8 >> coder)(env.ds.get_topics('dev'))
+    assert not coder.encoder.model.training and not coder.head.training
+    queries = ['apple juice', 'ripe pear']
+    with torch.no_grad():
+        first = coder.encoder.encode_queries_torch(queries)
+        second = coder.encoder.encode_queries_torch(queries)
+    assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints: never executed, never overwritten silently
+
+class _RunsCode:
+    """Pickled, it calls ``Path.touch`` on a marker file when unpickled: what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _train_data(env):
+    res = (env.bm25 % 10)(env.ds.get_topics('train'))
+    return res, env.ds.get_qrels('train')
+
+
+def test_a_checkpoint_carrying_code_is_refused_not_run(env, tmp_path):
+    res, qrels = _train_data(env)
+    options = dict(FAST, max_steps=4, checkpoint_every=2)
+    Coder(env.dense, env.encoder, num_candidates=10, checkpoint_dir=str(tmp_path / 'c'), **options).fit(res, qrels)
+    checkpoint = tmp_path / 'c' / 'checkpoint.pt'
+    payload = torch.load(checkpoint, weights_only=True)    # what the package writes loads with weights_only
+    assert payload['format'] == 2
+    marker = tmp_path / 'ran'
+    payload['trap'] = _RunsCode(marker)
+    torch.save(payload, checkpoint)
+    with pytest.raises(ValueError, match=r'refused to load .*checkpoint.pt.*which loading would execute'):
+        Coder(env.dense, env.encoder, num_candidates=10, checkpoint_dir=str(tmp_path / 'c'), **options).fit(
+            res, qrels, resume=True)
+    assert not marker.exists()
+    coder = Coder(env.dense, env.encoder, scorer='transformer', **FAST)      # the optional head's weights file
+    coder.save(tmp_path / 'model')
+    head = torch.load(tmp_path / 'model' / 'head.pt', weights_only=True)
+    torch.save({**head, 'trap': _RunsCode(marker)}, tmp_path / 'model' / 'head.pt')
+    with pytest.raises(ValueError, match=r'refused to load .*head.pt'):
+        Coder.load(tmp_path / 'model', index=env.dense)
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_names_the_file(env, tmp_path):
+    res, qrels = _train_data(env)
+    options = dict(FAST, max_steps=2, checkpoint_every=2)
+    Coder(env.dense, env.encoder, num_candidates=10, checkpoint_dir=str(tmp_path), **options).fit(res, qrels)
+    checkpoint = tmp_path / 'checkpoint.pt'
+    with open(checkpoint, 'r+b') as f:
+        f.truncate(checkpoint.stat().st_size // 3)
+    with pytest.raises(ValueError, match=r'checkpoint.pt.* is not a readable checkpoint .*delete it'):
+        Coder(env.dense, env.encoder, num_candidates=10, checkpoint_dir=str(tmp_path), **options).fit(
+            res, qrels, resume=True)
+
+
+def test_fit_without_resume_never_overwrites_a_checkpoint(env, tmp_path):
+    res, qrels = _train_data(env)
+    options = dict(FAST, max_steps=6, checkpoint_every=2)
+    crashing = Coder(env.dense, env.encoder, num_candidates=10, checkpoint_dir=str(tmp_path), **options)
+    original, calls = crashing._loss, {'n': 0}
+
+    def crash(batch):
+        calls['n'] += 1
+        if calls['n'] == 4:
+            raise KeyboardInterrupt
+        return original(batch)
+    crashing._loss = crash
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit(res, qrels)
+    saved = (tmp_path / 'checkpoint.pt').read_bytes()
+    again = Coder(env.dense, env.encoder, num_candidates=10, checkpoint_dir=str(tmp_path), **options)
+    with pytest.raises(ValueError, match=r'holds the checkpoint of an interrupted run \(step 2 of 6\); '
+                                         r'fit\(..., resume=True\) continues it. To start afresh, delete'):
+        again.fit(res, qrels)
+    assert (tmp_path / 'checkpoint.pt').read_bytes() == saved
+    again.fit(res, qrels, resume=True)
+    with pytest.raises(ValueError, match=r'holds the checkpoint of a finished run \(6 steps\)'):
+        Coder(env.dense, env.encoder, num_candidates=10, checkpoint_dir=str(tmp_path), **options).fit(res, qrels)
