@@ -18,7 +18,7 @@ try:
 except ImportError:  # older pyterrier: pyterrier-alpha's own
     from pyterrier_alpha.validate import InputValidationError
 
-CONFIG_FILE = 'pyterrier_coder.json'
+from .artifacts import CONFIG_FILE, read_json
 
 
 def infer_device(device=None) -> 'torch.device':
@@ -112,6 +112,74 @@ def explained_model_errors(component: str, model: str):
                       f'model directory or a hub id. ({type(error).__name__}: {str(error)[:200]})') from error
 
 
+#: files one of which every tokenizer directory has
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'vocab.json', 'spiece.model',
+                   'sentencepiece.bpe.model', 'tokenizer.model')
+
+
+def load_tokenizer(source, component: str, *, hint: str = ''):
+    """The tokenizer at ``source`` (a directory or hub id; a tokenizer object is returned as it is). A directory
+    without tokenizer files, or a tokenizer without a vocabulary, is an error naming ``source`` (followed by
+    ``hint``): recent transformers would otherwise build a tokenizer of special tokens only, which maps every word
+    to [UNK], and every text would get the same vector or score."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+    if isinstance(source, PreTrainedTokenizerBase):
+        return source
+    if Path(str(source)).is_dir() and not any((Path(str(source)) / f).exists() for f in TOKENIZER_FILES):
+        raise OSError(f'{component}: no tokenizer files in {str(source)!r}.{hint}')
+    with explained_model_errors(component, source):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (ValueError, TypeError) as error:
+            raise OSError(f'{component}: could not load a tokenizer from {str(source)!r}: {error}.{hint}') from error
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise OSError(f'{component}: the tokenizer loaded from {str(source)!r} has no vocabulary.{hint}')
+    return tokenizer
+
+
+#: weights of pre-training heads (masked language modelling, next sentence, ELECTRA's discriminator, DistilBERT's
+#: vocabulary projection...) and the pooler, which a checkpoint may have and a bi-encoder never uses
+UNUSED_HEAD_PREFIXES = ('cls.', 'lm_head.', 'pooler.', 'generator_', 'discriminator_predictions.', 'predictions.',
+                        'vocab_transform.', 'vocab_layer_norm.', 'vocab_projector.', 'qa_outputs.', 'classifier.',
+                        'pre_classifier.', 'sop_classifier.')
+
+
+def load_model_checked(load, path, component: str, *, fresh=lambda model, name: name.startswith('pooler.'),
+                       allowed_unexpected=UNUSED_HEAD_PREFIXES, hint: str = '', **kwargs):
+    """``load(path, output_loading_info=True, **kwargs)`` (a transformers ``from_pretrained``) that refuses a
+    checkpoint whose weights do not fit the architecture: weights the model needs that the checkpoint lacks
+    (transformers would initialise them at random), except those for which ``fresh(model, name)`` says a fresh
+    initialisation is meant (by default the pooler, which no pooling here uses), and weights the checkpoint has that
+    the model would drop, except names starting with ``allowed_unexpected``. The error names them. transformers' own
+    report of them is not printed (this error replaces it). Returns the model and transformers' loading info."""
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with explained_model_errors(component, path):
+            model, info = load(path, output_loading_info=True, **kwargs)
+    except Exception as error:      # noqa: BLE001 -- safetensors, torch and json each raise their own
+        if not Path(str(path)).is_dir():
+            raise
+        raise OSError(f'{component}: could not read the model in {str(path)!r} ({type(error).__name__}: '
+                      f'{str(error)[:300]}); a file of it may be cut short (a full disk, an interrupted copy): '
+                      f'restore it, or save the model again') from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(k for k in info.get('missing_keys') or () if not fresh(model, str(k)))
+    unexpected = sorted(k for k in info.get('unexpected_keys') or () if not str(k).startswith(tuple(allowed_unexpected)))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get('mismatched_keys') or ())
+    if missing or unexpected or mismatched:
+        parts = [f'{len(names)} {what} (e.g. {names[:4]})' for names, what in (
+            (missing, "weights the model needs are not in the checkpoint"),
+            (unexpected, "weights of the checkpoint do not belong to this architecture"),
+            (mismatched, "weights have another shape")) if names]
+        raise ValueError(f'{component}: the checkpoint {str(path)!r} does not fit its architecture '
+                         f'({type(model).__name__}): {"; ".join(parts)}. Loading it anyway would compute with '
+                         f'randomly initialised or missing layers.{hint}')
+    return model, info
+
+
 def validation_data(valid, valid_qrels, component: str) -> bool:
     """Whether ``fit`` was given validation data; one of the two without the other is a mistake, not a request to
     train without validation (which would silently keep the last weights instead of the best)."""
@@ -130,8 +198,7 @@ def write_component_config(path, component: str, settings: dict, **extra) -> Non
 
 def read_component_config(path, component: str) -> dict:
     check_component_dir(path, component)
-    with open(Path(path) / CONFIG_FILE) as f:
-        return json.load(f)
+    return read_json(Path(path) / CONFIG_FILE, component, 'saved model\'s settings file')
 
 
 def check_component_dir(path, component: str) -> None:
@@ -142,8 +209,7 @@ def check_component_dir(path, component: str) -> None:
     conf_path = path / CONFIG_FILE
     if not conf_path.is_file():
         raise ValueError(f'{component}: {str(path)!r} was not written by pyterrier-coder (no {CONFIG_FILE})')
-    with open(conf_path) as f:
-        found = json.load(f).get('component')
+    found = read_json(conf_path, component, 'saved model\'s settings file').get('component')
     if found != component:
         raise ValueError(f'{component}: {str(path)!r} holds a saved {found}, not a {component}; '
                          f'load it with {found}.load(...)')

@@ -26,7 +26,7 @@ from .training import Timers, TrainingConfig, at_least
 
 # ADORE paper defaults: AdamW, lr 5e-6, 32 queries per batch, top-200 negatives.
 ADORE_DEFAULTS = TrainingConfig(lr=5e-6, optimizer='adamw', weight_decay=0.01, warmup=0.1, schedule='linear',
-                                batch_size=32, grad_clip=1.0, epochs=1, eval_every=200, metric='nDCG@10')
+                                batch_size=32, grad_clip=1.0, eval_every=200, metric='nDCG@10')
 
 SEARCH_BACKENDS = ('exact', 'faiss')
 

@@ -19,6 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional
 
+#: the file that says which component a saved directory holds, and its settings
+CONFIG_FILE = 'pyterrier_coder.json'
+
 try:
     import fcntl
 except ImportError:     # not on Windows: builds there are not serialised across processes
@@ -143,3 +146,25 @@ def load_tensors(path, component: str, *, map_location='cpu', what: str = 'weigh
         raise ValueError(f'{component}: {str(path)!r} is not a readable {what} (cut short by a full disk or an '
                          f'interrupted copy?); delete it, or restore it. ({type(error).__name__}: '
                          f'{str(error)[:200]})') from None
+
+
+@contextmanager
+def saving(path, component: str):
+    """Yields a private directory to write a model into; when the block completes it replaces ``path``, so a save
+    that fails (a full disk, an interrupt) leaves what was at ``path`` unchanged. ``path`` must be new, empty, or a
+    directory this package saved (it has a ``pyterrier_coder.json``): replacing any other directory would delete
+    files the package did not write."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f'{component}.save: {str(path)!r} exists and is not a directory')
+        if any(path.iterdir()) and not (path / CONFIG_FILE).exists():
+            raise FileExistsError(f'{component}.save: {str(path)!r} is a directory that holds other files than a '
+                                  f'saved model; save into a new or empty directory')
+    try:
+        with staging_directory(path) as tmp:
+            yield tmp
+    except OSError as error:
+        raise OSError(error.errno, f'{component}.save: could not write {str(path)!r} ({error.strerror or error}); '
+                                   f'what was there is unchanged. Free space, or choose another directory, and save '
+                                   f'again') from error

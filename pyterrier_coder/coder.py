@@ -8,6 +8,7 @@ score distribution towards the relevance labels. Only the query encoder receives
 """
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,7 +29,7 @@ from .training import TrainingConfig, at_least
 
 # CODER paper, Table 3 (MS MARCO, TAS-B base).
 PAPER_DEFAULTS = TrainingConfig(lr=1.73e-6, optimizer='radam', weight_decay=9.5e-5, warmup=9000, schedule='constant',
-                                batch_size=32, grad_clip=1.0, epochs=1, eval_every=1000, patience=None,
+                                batch_size=32, grad_clip=1.0, eval_every=1000, patience=None,
                                 metric='nDCG@10')
 LOSSES = ('listnet', 'margin')
 #: queries re-retrieved and written per chunk when ``refresh_every`` rebuilds a candidate set stored on disk
@@ -118,6 +119,12 @@ class Coder(DenseQueryTrainer):
         if not at_least(values['num_candidates'], 1) or not at_least(values['random_negatives'], 0):
             raise ValueError(f"{component}: need num_candidates >= 1 and random_negatives >= 0, got "
                              f"{values['num_candidates']!r} and {values['random_negatives']!r}")
+        weights = values['label_weights']
+        if weights is not None and not (isinstance(weights, dict) and all(
+                isinstance(k, (int, np.integer)) and not isinstance(k, bool) and at_least(v, 0) and math.isfinite(v)
+                for k, v in weights.items())):
+            raise ValueError(f"{component}: label_weights must be a dict {{label (int): weight (a finite number >= 0)}}, "
+                             f"got {weights!r}")
         if values['refresh_every'] is not None and not at_least(values['refresh_every'], 1):
             raise ValueError(f"{component}: refresh_every must be >= 1 or None, got {values['refresh_every']!r}")
 
@@ -126,7 +133,8 @@ class Coder(DenseQueryTrainer):
                  lower_labels: str = 'negative', random_negatives: int = 0, scorer: str = 'dot',
                  refresh_every: Optional[int] = None, **kwargs):
         Coder._check_values(dict(loss=loss, scorer=scorer, lower_labels=lower_labels, num_candidates=num_candidates,
-                                 random_negatives=random_negatives, refresh_every=refresh_every), 'Coder')
+                                 random_negatives=random_negatives, refresh_every=refresh_every,
+                                 label_weights=label_weights), 'Coder')
         super().__init__(index, encoder, **kwargs)
         self.num_candidates = num_candidates
         self.loss = loss

@@ -15,6 +15,7 @@ Example::
     dataset = load_dataset('../shared/datasets/nfcorpus')
     topics, qrels = dataset.get_topics('test'), dataset.get_qrels('test')
 """
+import contextlib
 import itertools
 import json
 import warnings
@@ -60,6 +61,21 @@ def load_dataset(spec: Union[str, Path, Dataset]) -> Dataset:
     if not path.is_dir():
         raise ValueError(f'Dataset path is not a directory: {str(path)!r}')
     return LocalDataset(path)
+
+
+@contextlib.contextmanager
+def _decoded_lines(file: Path):
+    """``(line number, text)`` of each line of a UTF-8 file; a line that is not valid UTF-8 is a DatasetError
+    naming the file, the line and the byte (decoding line by line, so that the line is known exactly)."""
+    def lines(fin):
+        for lineno, raw in enumerate(fin, start=1):
+            try:
+                yield lineno, raw.decode('utf-8')
+            except UnicodeDecodeError as error:
+                raise DatasetError(f'{file}:{lineno}: not valid UTF-8 (byte {raw[error.start]:#04x} at column '
+                                   f'{error.start + 1}); dataset files must be UTF-8 encoded') from None
+    with file.open('rb') as fin:
+        yield lines(fin)
 
 
 class _SizedIterator:
@@ -203,8 +219,7 @@ class LocalDataset(Dataset):
 
     def _read_corpus(self, verbose: bool) -> Iterator[dict]:
         file = self._corpus_file
-        with file.open('rt', encoding='utf-8') as fin:
-            lines = enumerate(fin, start=1)
+        with _decoded_lines(file) as lines:
             if verbose:
                 lines = pt.tqdm(lines, total=self.num_docs(), desc=f'{self.path.name} corpus', unit='doc')
             for lineno, line in lines:
@@ -271,11 +286,11 @@ class LocalDataset(Dataset):
         """
         file = self._split_file('topics', variant, '.tsv')
         qids, queries, first_line = [], [], {}
-        with file.open('rt', encoding='utf-8', newline='') as fin:
-            header = fin.readline().rstrip('\r\n')
+        with _decoded_lines(file) as lines:
+            header = next(lines, (1, ''))[1].rstrip('\r\n')
             if header.split('\t') != ['qid', 'query']:
                 raise DatasetError(f'{file}:1: expected the header "qid<TAB>query", found {header[:80]!r}')
-            for lineno, line in enumerate(fin, start=2):
+            for lineno, line in lines:
                 line = line.rstrip('\r\n')
                 if not line.strip():
                     continue
@@ -309,8 +324,8 @@ class LocalDataset(Dataset):
         """
         file = self._split_file('qrels', variant, '.txt')
         qids, docnos, labels, first_line = [], [], [], {}
-        with file.open('rt', encoding='utf-8') as fin:
-            for lineno, line in enumerate(fin, start=1):
+        with _decoded_lines(file) as lines:
+            for lineno, line in lines:
                 fields = line.split()
                 if not fields:
                     continue

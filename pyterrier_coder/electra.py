@@ -24,9 +24,10 @@ import pyterrier as pt
 import torch
 
 from . import losses
+from .artifacts import saving
 from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, explained_model_errors, infer_device,
-                    model_max_tokens, read_component_config, tokenize_truncated, validate_columns, validation_data,
-                    write_component_config)
+                    load_model_checked, load_tokenizer, model_max_tokens, read_component_config, tokenize_truncated,
+                    validate_columns, validation_data, write_component_config)
 from .encoders import resolve_model_path
 from .mining import check_lower_labels, fingerprint, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .training import (TrainingConfig, TrainingLoop, at_least, autocast_for, cpu_computes_bf16,
@@ -50,7 +51,7 @@ def model_path(model: str) -> str:
 # LCE paper: AdamW, lr 1e-5, 10% linear warm-up then linear decay. 8 queries per optimiser step (x group_size
 # pairs each) is this package's default; raise grad_accumulation when 8 x group_size pairs do not fit in memory.
 PAPER_DEFAULTS = TrainingConfig(lr=1e-5, optimizer='adamw', weight_decay=0.01, warmup=0.1, schedule='linear',
-                                batch_size=8, grad_clip=1.0, epochs=1, eval_every=500, patience=None,
+                                batch_size=8, grad_clip=1.0, eval_every=500, patience=None,
                                 metric='nDCG@10')
 
 TextSource = Union[Callable[[str], str], Mapping, pt.Transformer]
@@ -223,22 +224,33 @@ def _load_model(model: str, seed: int):
         return _load_model_unseeded(model)
 
 
+def _outside_body(net, name: str) -> bool:
+    """Whether a parameter name is not in the transformer body (a classification head, a pooler): such weights may
+    be freshly initialised; missing body weights may not."""
+    body = getattr(net, 'base_model_prefix', '') or ''
+    return not name.startswith(body + '.') or '.pooler.' in name
+
+
 def _load_model_unseeded(model: str):
     from transformers import AutoConfig, AutoModelForSequenceClassification
     with explained_model_errors(COMPONENT, model):
         config = AutoConfig.from_pretrained(model)
     archs = config.architectures or []
-    if any(a.endswith('ForSequenceClassification') for a in archs):
-        net, info = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
+
+    def load(**kwargs):
+        net, info = load_model_checked(AutoModelForSequenceClassification.from_pretrained, model, COMPONENT,
+                                       fresh=_outside_body, **kwargs)
         return net, set(info.get('missing_keys') or ())
+    if any(a.endswith('ForSequenceClassification') for a in archs):
+        return load()
     if not archs:  # untagged checkpoint: keep a head of whatever width it has, if it has one
-        net, info = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
-        if not info.get('missing_keys'):
+        net, missing = load()
+        if not missing:
             return net, set()
-    net, info = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, output_loading_info=True)
+    net, missing = load(num_labels=1)
     warnings.warn(f'{COMPONENT}: {model!r} has no sequence-classification head (architectures={archs}); a freshly '
                   f'initialised 1-logit head was added: its scores are meaningless until trained with fit()')
-    return net, set(info.get('missing_keys') or ())
+    return net, missing
 
 
 #: where transformers' sequence-classification models keep their head (BERT, ELECTRA, RoBERTa, DeBERTa, DistilBERT:
@@ -293,28 +305,11 @@ def _full_precision_head(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'vocab.json', 'spiece.model',
-                    'sentencepiece.bpe.model', 'tokenizer.model')
-
-
 def _load_tokenizer(tokenizer, model: str):
-    from transformers import AutoTokenizer, PreTrainedTokenizerBase
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer
-    source = tokenizer if tokenizer is not None else model
     hint = '' if tokenizer is not None else (
         f" The checkpoint {model!r} may ship without tokenizer files: pass tokenizer=... (e.g. "
         f"tokenizer='google/electra-base-discriminator' for monoELECTRA checkpoints).")
-    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
-        raise OSError(f'{COMPONENT}: no tokenizer files in {source!r}.{hint}')
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as e:
-        raise OSError(f'{COMPONENT}: could not load a tokenizer from {source!r}: {e}.{hint}') from e
-    # recent transformers build an empty tokenizer (special tokens only) when no vocabulary is found
-    if len(tok) <= len(set(tok.all_special_ids)):
-        raise OSError(f'{COMPONENT}: the tokenizer loaded from {source!r} has no vocabulary.{hint}')
-    return tok
+    return load_tokenizer(tokenizer if tokenizer is not None else model, COMPONENT, hint=hint)
 
 
 class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
@@ -649,14 +644,13 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
 
     def save(self, path) -> None:
         """Writes the model and tokenizer (Hugging Face files), the settings and the training history."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        write_component_config(path, COMPONENT, self.settings(), training=self.config.as_dict(),
-                               base_model=self.model_name, fitted=self.fitted)
-        if self.history is not None:
-            atomic_write_text(path / 'history.json', json.dumps(self.history, default=str))
+        with saving(path, COMPONENT) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_component_config(tmp, COMPONENT, self.settings(), training=self.config.as_dict(),
+                                   base_model=self.model_name, fitted=self.fitted)
+            if self.history is not None:
+                atomic_write_text(tmp / 'history.json', json.dumps(self.history, default=str))
 
     @classmethod
     def load(cls, path, *, device=None, **overrides) -> 'MonoElectra':

@@ -25,10 +25,11 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from .artifacts import CorpusFingerprint, build_lock, describe_corpus, read_json, staging_directory
+from .artifacts import (CONFIG_FILE, CorpusFingerprint, build_lock, describe_corpus, read_json, saving,
+                        staging_directory)
 from ._util import (InspectableSettings, atomic_write_text, check_component_dir, check_document, check_faiss_gpu_k,
-                    cuda_amp_dtype, explained_model_errors, faiss_gpu_count, faiss_to_gpus, infer_device,
-                    known_length, model_max_tokens, tokenize_truncated, validate_columns, write_component_config)
+                    cuda_amp_dtype, faiss_gpu_count, faiss_to_gpus, infer_device,
+                    known_length, load_model_checked, load_tokenizer, model_max_tokens, tokenize_truncated, validate_columns, write_component_config)
 
 POOLINGS = ('cls', 'mean')
 
@@ -113,8 +114,7 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         self.doc_max_length = doc_max_length or settings.get('doc_max_length', 256)
         path = model if saved else model_path(model)
         self.device = infer_device(device)
-        with explained_model_errors('DenseEncoder', path):
-            self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.model = load_model_checked(AutoModel.from_pretrained, path, 'DenseEncoder')[0].to(self.device).eval()
         self.tokenizer_name = tokenizer
         self.tokenizer = _load_tokenizer(tokenizer, path)
         #: the most tokens the model can embed; longer settings truncate to it instead of crashing in the model
@@ -220,11 +220,10 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
 
     def save(self, path) -> None:
         """Writes HF model + tokenizer files and the pooling/normalisation settings to ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        write_component_config(path, 'DenseEncoder', self.settings())
+        with saving(path, 'DenseEncoder') as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_component_config(tmp, 'DenseEncoder', self.settings())
 
     @classmethod
     def load(cls, path, **kwargs) -> 'DenseEncoder':
@@ -240,17 +239,15 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
 
 def _load_tokenizer(tokenizer: Optional[str], model_path: str):
     """The tokenizer named by ``tokenizer`` (a directory or hub id), else the model's own at ``model_path``."""
-    from transformers import AutoTokenizer
-    source = resolve_model_path(tokenizer) if tokenizer else model_path
-    with explained_model_errors('DenseEncoder', source):
-        return AutoTokenizer.from_pretrained(source)
+    hint = '' if tokenizer else (f' The checkpoint {model_path!r} may ship without tokenizer files: pass tokenizer=... '
+                                 f'(the directory or hub id of the tokenizer it was trained with).')
+    return load_tokenizer(resolve_model_path(tokenizer) if tokenizer else model_path, 'DenseEncoder', hint=hint)
 
 
 def _read_saved_settings(model) -> dict:
-    path = Path(str(model)) / 'pyterrier_coder.json'
+    path = Path(str(model)) / CONFIG_FILE
     if path.is_file():
-        with open(path) as f:
-            conf = json.load(f)
+        conf = read_json(path, 'DenseEncoder', 'saved model\'s settings file')
         if conf.get('component') == 'DenseEncoder':
             return conf['settings']
     return {}

@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import re
 import json
+import math
+import os
 import shutil
 import time
 import warnings
@@ -23,7 +25,9 @@ import pandas as pd
 import pyterrier as pt
 
 from ._util import atomic_write_text, infer_device
+from .artifacts import private_directory, replace_directory
 from .datasets import load_dataset
+from .labels import choose_label_scale
 
 COMPONENTS = ('bm25', 'dense', 'coder', 'adore', 'electra')
 SPEC_FILE = 'experiment_spec.json'   # beside each trained model: the settings it was trained with
@@ -44,32 +48,40 @@ COMPARISONS = (
 #: the reranker rows that are also reported fused with BM25's score (``fusion.Interpolate``, weight chosen on dev)
 FUSED_SUFFIX = ' (+ BM25 score)'
 
-# Budgets that work on nfcorpus with the MiniLM base on a 2-core CPU (see docs/results.md for how they were
-# chosen); --quick shrinks everything to a smoke run whose figures mean nothing.
+# The budgets. The positive threshold (min_label, lower_labels) is not here: it is read from each collection's
+# training qrels (labels.choose_label_scale). The full budget trains each query encoder for at most `epochs` passes
+# over the training queries that have a positive (capped at max_steps), validating every eval_every steps (fewer on a
+# small collection, see Experiment._fit_budgets) and stopping after `patience` validations without improvement of the
+# mean of the last `smoothing` ones. They were chosen on NFCorpus with the MiniLM base on a 2-core CPU
+# (docs/results.md); --quick shrinks everything to a smoke run whose figures mean nothing.
 FULL = dict(
-    coder=dict(num_candidates=1000, min_label=2, lower_labels='ignore', lr=2e-5, optimizer='adamw', warmup=0.1,
-               schedule='constant', max_steps=400, eval_every=50, batch_size=32),
-    adore=dict(k=200, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0.1, max_steps=200, eval_every=50,
-               batch_size=32),
-    # a MiniLM backbone with a fresh head (no ELECTRA offline); 800 steps x 32 pairs, passages cut to 128 tokens;
-    # label-2 positives with label-1 documents kept out of the negatives, and the fresh head at a higher lr
-    # (docs/electra.md#measured-results). On a CPU with bf16 instructions the runner adds amp=True (bf16 autocast:
-    # the same test figures as fp32, in about two thirds of the training time and half the scoring time)
-    electra=dict(group_size=8, negatives_from=100, min_label=2, lower_labels='ignore', loss='lce', lr=5e-5,
-                 head_lr=2e-3, warmup=0.1, max_steps=800, eval_every=100, train_batch_size=4, max_length=128),
+    coder=dict(num_candidates=1000, lr=2e-5, optimizer='adamw', warmup=0.1, schedule='constant', epochs=30.0,
+               max_steps=1000, eval_every=50, patience=4, smoothing=2, batch_size=32),
+    adore=dict(k=200, delta_metric='MRR@200', lr=2e-5, warmup=0.1, epochs=20.0, max_steps=500, eval_every=50,
+               patience=4, smoothing=2, batch_size=32),
+    # a MiniLM backbone with a fresh head (no ELECTRA offline); 800 steps x 32 pairs at most, passages cut to 128
+    # tokens, the fresh head at a higher lr (docs/electra.md). On a CPU with bf16 instructions the runner adds
+    # amp=True (bf16 autocast: the same test figures as fp32, in about two thirds of the training time and half the
+    # scoring time)
+    electra=dict(group_size=8, negatives_from=100, loss='lce', lr=5e-5, head_lr=2e-3, warmup=0.1, epochs=4.0,
+                 max_steps=800, eval_every=100, patience=3, smoothing=2, train_batch_size=4, max_length=128),
     rerank_depth=100, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=60,
     electra_dev_depth=30,
 )
 QUICK = dict(
-    coder=dict(num_candidates=100, min_label=2, lower_labels='ignore', lr=2e-5, optimizer='adamw', warmup=0,
-               schedule='constant', max_steps=10, eval_every=5, batch_size=16),
-    adore=dict(k=50, delta_metric='MRR@200', min_label=2, lr=2e-5, warmup=0, max_steps=10, eval_every=5,
-               batch_size=16),
-    electra=dict(group_size=4, negatives_from=20, min_label=1, loss='lce', lr=1e-4, head_lr=1e-3, max_steps=4,
+    coder=dict(num_candidates=100, lr=2e-5, optimizer='adamw', warmup=0, schedule='constant', max_steps=10,
+               eval_every=5, batch_size=16),
+    adore=dict(k=50, delta_metric='MRR@200', lr=2e-5, warmup=0, max_steps=10, eval_every=5, batch_size=16),
+    electra=dict(group_size=4, negatives_from=20, loss='lce', lr=1e-4, head_lr=1e-3, max_steps=4,
                  eval_every=2, train_batch_size=2, max_length=128),
     rerank_depth=10, train_queries=200, dev_queries=30, test_queries=60, electra_dev_queries=10,
     electra_dev_depth=10,
 )
+#: a run validates at least about this many times: eval_every is lowered on a collection with few training queries
+MIN_VALIDATIONS = 8
+#: per trainer, its settings bounded by the number of documents, and its batch-size setting
+DOCUMENT_BOUNDED = {'coder': ('num_candidates',), 'adore': ('k',), 'electra': ('negatives_from', 'group_size')}
+BATCH_SETTING = {'coder': 'batch_size', 'adore': 'batch_size', 'electra': 'train_batch_size'}
 
 
 def paired_comparisons(perquery: pd.DataFrame, names: List[str]) -> pd.DataFrame:
@@ -145,7 +157,7 @@ def _component_class(component: str):
 
 def apply_overrides(budget: dict, overrides: dict) -> dict:
     """A copy of ``budget`` with ``overrides`` applied; unknown names fail here, before any index is built."""
-    from .training import check_settings, setting_defaults
+    from .training import at_least, check_settings, setting_defaults
     budget = copy.deepcopy(budget)
     for key, value in overrides.items():
         if key not in budget:
@@ -173,6 +185,9 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
             if value is None and None not in defaults:   # the runner's own entries: None only where a budget has it
                 raise ValueError(f'--set: {key} cannot be None (its default is {FULL[key]!r})')
             _check_override_type(key, value, defaults)
+            if value is not None and not at_least(value, 1):     # depths and query counts
+                raise ValueError(f'--set: {key} must be >= 1' + (' or None' if None in defaults else '') +
+                                 f', got {value!r}')
             budget[key] = value
     return budget
 
@@ -241,12 +256,17 @@ class Experiment:
         self._models_by_init = {'adore': self._adore}   # trained models another one can start from
 
     # --- data ------------------------------------------------------------------------------------------------
-    def _topics(self, split: str, limit: Optional[int], only: Optional[set] = None) -> pd.DataFrame:
+    def _topics(self, split: str, limit: Optional[int], only: Optional[set] = None, *,
+                what: Optional[str] = None) -> pd.DataFrame:
+        """The topics of ``split`` (those in ``only``), a sample of ``limit`` of them when there are more; fewer is
+        logged once (as ``what``) when ``what`` is given."""
         topics = self.dataset.get_topics(split)
         if only is not None:
             topics = topics[topics['qid'].isin(only)]
         if limit is not None and len(topics) > limit:
             topics = topics.sample(n=limit, random_state=self.s.seed).sort_values('qid')
+        elif limit is not None and len(topics) < limit and what is not None:
+            _log(f'{what}: {split} has {len(topics)} topics, fewer than the {limit} asked for: using all of them')
         return topics.reset_index(drop=True)
 
     def _load_data(self):
@@ -264,12 +284,66 @@ class Experiment:
         judged = test['qid'].isin(set(self.test_qrels['qid']))
         if not judged.all():
             _log(f'{int((~judged).sum())} {self.s.test_split} topics have no qrels: evaluating the {int(judged.sum())} judged ones')
-        self.test = self._topics(self.s.test_split, b['test_queries'], only=set(test.loc[judged, 'qid']))
+        self.test = self._topics(self.s.test_split, b['test_queries'], only=set(test.loc[judged, 'qid']),
+                                 what='test_queries')
         if self._trains_anything():
-            self.train = self._topics(self.s.train_split, b['train_queries'])
+            self.train = self._topics(self.s.train_split, b['train_queries'], what='train_queries')
             self.train_qrels = self.dataset.get_qrels(self.s.train_split)
-            self.dev = self._topics(self.s.dev_split, b['dev_queries'])
+            self.dev = self._topics(self.s.dev_split, b['dev_queries'], what='dev_queries')
             self.dev_qrels = self.dataset.get_qrels(self.s.dev_split)
+            self.label_scale = choose_label_scale(self.train_qrels, self.train)
+            _log(f'positives: label >= {self.label_scale.min_label} ({self.label_scale.reason})')
+
+    def _fit_budgets(self) -> None:
+        """Fits the budget to the collection (each change logged, the result in report.md): the label threshold chosen
+        from the training qrels unless ``--set``; depths and candidate counts no larger than the corpus; batches no
+        larger than the training queries with a positive; ``epochs`` resolved into steps, with ``eval_every`` lowered
+        so that a run validates about :data:`MIN_VALIDATIONS` times."""
+        b, docs = self.budget, len(self.dense)
+        self.budget_notes: List[str] = []
+
+        def note(message):
+            self.budget_notes.append(message)
+            _log(message)
+        for key in ('rerank_depth', 'electra_dev_depth'):
+            if b[key] > docs:
+                note(f'{key}: {b[key]} is more than the {docs} documents of the collection: {docs}')
+                b[key] = docs
+        if not self._trains_anything():
+            return
+        scale = self.label_scale
+        positive_qids = set(self.train_qrels.loc[self.train_qrels['label'] >= scale.min_label, 'qid'].astype(str))
+        for component in ('coder', 'adore', 'electra'):
+            settings, given = b[component], self.s.overrides.get(component, {})
+            for name, value in scale.settings().items():
+                if name not in given and (name != 'lower_labels' or component != 'adore'):
+                    settings[name] = value
+            threshold = settings.get('min_label', scale.min_label)
+            n_train = int(self.train['qid'].astype(str).isin(
+                positive_qids if threshold == scale.min_label else set(self.train_qrels.loc[
+                    self.train_qrels['label'] >= threshold, 'qid'].astype(str))).sum())
+            for name in DOCUMENT_BOUNDED[component]:
+                if settings.get(name) is not None and settings[name] > docs:
+                    note(f'{component}.{name}: {settings[name]} is more than the {docs} documents: {docs}')
+                    settings[name] = docs
+            batch = BATCH_SETTING[component]
+            if n_train and settings.get(batch, 0) > n_train:
+                note(f'{component}.{batch}: {settings[batch]} is more than the {n_train} training queries with a '
+                     f'positive: {n_train}')
+                settings[batch] = n_train
+            epochs, cap = settings.get('epochs'), settings.get('max_steps')
+            if epochs is None or not n_train:
+                continue
+            per_epoch = math.ceil(n_train / settings[batch])
+            steps = math.ceil(epochs * per_epoch) if cap is None else min(cap, math.ceil(epochs * per_epoch))
+            every = settings.get('eval_every')
+            if every is not None and every > max(1, steps // MIN_VALIDATIONS):
+                settings['eval_every'] = max(1, steps // MIN_VALIDATIONS)
+            note(f'{component}: {n_train} training queries with a positive, {per_epoch} steps per epoch: at most '
+                 f'{steps} steps ({epochs:g} epochs' + (f', at most {cap} steps' if cap is not None else '') +
+                 f'), validating every {settings.get("eval_every")} steps' +
+                 (f', stopping after {settings["patience"]} validations without improvement'
+                  if settings.get('patience') else ''))
 
     def _check_models(self) -> None:
         """Fails before anything is built when a starting model cannot be found (its config is read): a typo in
@@ -291,17 +365,37 @@ class Experiment:
 
     # --- indexes -------------------------------------------------------------------------------------------
     def _build_indexes(self):
+        """Builds the BM25 and dense indexes under ``--out``, or reuses them when they were built from this
+        collection's corpus (and, for the dense index, by this ``--base`` encoder); an index built from another
+        corpus or encoder (the same ``--out`` used with another ``--dataset`` or ``--base``) is rebuilt."""
+        from .artifacts import CorpusFingerprint, describe_corpus
+        from .encoders import DenseEncoder, DenseIndex, encoder_record, same_encoder
         from .retrievers import BM25
-        from .encoders import DenseEncoder, DenseIndex
+        corpus = lambda: self.dataset.get_corpus_iter(verbose=False)     # noqa: E731 -- read again by each index
+        self.corpus_record = CorpusFingerprint.of(corpus())
         start = time.perf_counter()
-        self.bm25 = BM25.from_dataset(self.dataset, self.out / 'indexes' / 'bm25', verbose=self.s.verbose)
+        self.bm25 = BM25(self.out / 'indexes' / 'bm25')
+        stale = self.bm25.built() and self.bm25.record() != self.corpus_record
+        if stale:
+            _log(f'rebuilding the BM25 index: it was built from {describe_corpus(self.bm25.record())}, not from '
+                 f'{self.s.dataset} ({describe_corpus(self.corpus_record)})')
+        self.bm25.index(corpus(), overwrite=stale, verbose=self.s.verbose)
         self.timings['index: BM25'] = time.perf_counter() - start
         self.encoder = DenseEncoder(self.s.base, device=self.s.device, batch_size=64)
         start = time.perf_counter()
         self.dense = DenseIndex(self.encoder, self.out / 'indexes' / 'dense.flex', verbose=self.s.verbose)
-        if not self.dense.built():
-            self.dense.index(self.dataset.get_corpus_iter(verbose=False))
+        record = self.dense.record() if self.dense.built() else None
+        self.encoder_record = encoder_record(self.encoder)
+        stale = self.dense.built() and (record is None or record['corpus'] != self.corpus_record
+                                        or not same_encoder(record['encoder'], self.encoder_record))
+        if stale:
+            _log(f'rebuilding the dense index: it was built from another corpus or by another encoder than '
+                 f'{self.s.dataset} and --base {self.s.base}')
+        self.dense.index(corpus(), overwrite=stale)
         self.timings['index: Dense'] = time.perf_counter() - start
+        #: what the trained models depend on in the indexes (part of their spec: a rebuilt index retrains them)
+        self.index_identity = {'corpus': self.corpus_record, 'dense': hashlib.sha256(
+            json.dumps(self.dense.record()['encoder'], sort_keys=True).encode()).hexdigest()}
 
     # --- components ------------------------------------------------------------------------------------------
     def _model_dir(self, name: str) -> Path:
@@ -311,7 +405,8 @@ class Experiment:
         """What a trained model depends on besides the data files: its settings, the starting models, the seed, the
         training splits and their budgets. Stored beside the model; a model is reused only when it matches."""
         spec = dict(name=name, settings=settings, base=self.s.base, seed=self.s.seed, train_split=self.s.train_split,
-                    dev_split=self.s.dev_split, budget=self._shared_budget('rerank_depth', 'test_queries'), **extra)
+                    dev_split=self.s.dev_split, budget=self._shared_budget('rerank_depth', 'test_queries'),
+                    indexes=self.index_identity, **extra)
         return json.loads(json.dumps(spec, sort_keys=True, default=str))
 
     def _shared_budget(self, *leave_out: str) -> dict:
@@ -337,19 +432,25 @@ class Experiment:
             model = cls.load(path, **index, device=self.s.device)
             self.timings[f'train: {name}'] = (model.history or {}).get('seconds', float('nan'))
         else:
-            if path.exists():
-                if not self.s.retrain:
-                    changed = sorted(k for k in set(spec) | set(saved or {}) if (saved or {}).get(k) != spec.get(k))
-                    _log(f'retraining {name}: ' + (f'its settings changed ({", ".join(changed)})' if saved else
-                                                    f'{path} has no {SPEC_FILE} to compare settings with'))
-                shutil.rmtree(path)
+            if path.exists() and not self.s.retrain:
+                changed = sorted(k for k in set(spec) | set(saved or {}) if (saved or {}).get(k) != spec.get(k))
+                _log(f'retraining {name}: ' + (f'its settings changed ({", ".join(changed)})' if saved else
+                                                f'{path} has no {SPEC_FILE} to compare settings with'))
             model = make()
             _log(f'training {name}: {model!r}')
             start = time.perf_counter()
             fit(model)
             self.timings[f'train: {name}'] = time.perf_counter() - start
-            model.save(path)
-            atomic_write_text(path / SPEC_FILE, json.dumps(spec, indent=2, sort_keys=True))
+            # saved beside the old model and swapped in whole: a run that fails before this point (a bad setting, a
+            # NaN loss, Ctrl-C, a full disk) leaves the model trained before
+            staged = private_directory(path)
+            try:
+                model.save(staged)
+                atomic_write_text(staged / SPEC_FILE, json.dumps(spec, indent=2, sort_keys=True))
+                replace_directory(staged, path)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
         if model.history is not None:
             self.histories[name] = model.history
         self._models[name] = model
@@ -389,7 +490,7 @@ class Experiment:
         # validation reranks a shallower list than the test (it runs several times during training)
         first = self.bm25 % self.budget['electra_dev_depth'] >> self.bm25.text_loader()
         negatives_from = kwargs.get('negatives_from', 200)
-        dev = self._topics(self.s.dev_split, self.budget['electra_dev_queries'])
+        dev = self._topics(self.s.dev_split, self.budget['electra_dev_queries'], what='electra_dev_queries')
         return self._train_or_load(
             name, MonoElectra, self._spec(name, kwargs, cross_encoder=self.s.cross_encoder),
             lambda: MonoElectra(self.s.cross_encoder, seed=self.s.seed, device=self.s.device,
@@ -552,7 +653,9 @@ class Experiment:
                 self.latency[name] = elapsed + (self.latency[f'first stage: {first}'] if first else 0.0)
                 if first is not None:
                     self.latency[f'{name} (reranking only)'] = elapsed
-                pt.io.write_results(res, str(path), format='trec', run_name=slug)
+                tmp = path.with_name(f'.{path.name}.tmp.gz')     # a run file is complete or absent
+                pt.io.write_results(res, str(tmp), format='trec', run_name=slug)
+                os.replace(tmp, path)
                 entry = {'key': key, 'latency': {k: v for k, v in self.latency.items()
                                                  if k in (name, f'{name} (reranking only)', f'first stage: {first}')}}
             # keyed by the files as they are after the run: some are written on first use (PISA's BM25 data)
@@ -572,6 +675,7 @@ class Experiment:
         self._check_models()
         self._load_data()
         self._build_indexes()
+        self._fit_budgets()
         systems = self.pipelines()
         names = list(systems)
         _log(f'{len(names)} pipelines, each trained or loaded and then run on {len(self.test)} {self.s.test_split} '
@@ -656,6 +760,13 @@ class Experiment:
         if self.cached_runs:
             lines += [f'Test runs reused from a previous invocation (unchanged indexes and models): '
                       f'{", ".join(self.cached_runs)}.', '']
+        if self._trains_anything():
+            scale = self.label_scale
+            lines += ['## Training data and budgets', '',
+                      f'- Positives: label >= {scale.min_label}, lower grades '
+                      f'{"kept out of the negatives" if scale.lower_labels == "ignore" else "train as negatives"} '
+                      f'({scale.reason}; `--set <component>.min_label=...` overrides).']
+            lines += [f'- {note}' for note in getattr(self, 'budget_notes', [])] + ['']
         lines += ['## Settings', '', '```json',
                  json.dumps({**dataclasses.asdict(self.s), 'device': self.device,
                              'budget': self.budget}, indent=2, default=str), '```', '',
@@ -669,6 +780,14 @@ class Experiment:
             lines.append(f'- **{name}**: {h.get("steps")} steps in {h.get("seconds", 0):.0f} s; best validation '
                          f'{h.get("metric")} {h.get("best_metric")} at step {h.get("best_step")} '
                          f'(start {h["eval"][0][1] if h.get("eval") else "n/a"}){extra}')
+        curves = {name: h['eval'] for name, h in self.histories.items() if h.get('eval')}
+        if curves:
+            lines += ['', '## Validation curves', '',
+                      f'The validation metric at each validation (step: value); **bold**: the step kept.', '']
+            for name, curve in curves.items():
+                best = self.histories[name].get('best_step')
+                lines.append(f'- **{name}** ({self.histories[name].get("metric")}): ' + ', '.join(
+                    (f'**{step}: {value:.4f}**' if step == best else f'{step}: {value:.4f}') for step, value in curve))
         if self.fusion_weights:
             lines += ['', '## Interpolation weights', '',
                       'Each `(+ BM25 score)` row is `fusion.Interpolate`: weight × the reranker\'s score + (1 − weight) '
@@ -679,7 +798,7 @@ class Experiment:
                 lines.append(f'- **{name}**: weight {h["alpha"]:g} ({h["validation_queries"]} dev queries; dev '
                              f'{h["metric"]} by weight: {curve})')
         lines += ['', '## Plots', ''] + [f'![{p}]({p})' for p in plots] + ['']
-        (self.out / 'report.md').write_text('\n'.join(lines))
+        atomic_write_text(self.out / 'report.md', '\n'.join(lines))
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

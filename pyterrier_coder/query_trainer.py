@@ -23,7 +23,7 @@ from torch import nn
 
 from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, infer_device, read_component_config,
                     validate_columns, validation_data, write_component_config)
-from .artifacts import describe_corpus
+from .artifacts import describe_corpus, saving
 from .encoders import DenseEncoder, DenseIndex, check_dimensions, flex_problem, index_record, same_encoder
 from .mining import (EmbeddingStore, GatherPrefetcher, fingerprint, group_order, normalise_frame, normalise_qrels,
                      normalised, pad_groups)
@@ -305,15 +305,14 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
 
     def save(self, path) -> None:
         """Writes the fine-tuned encoder (Hugging Face files), settings, training history (+ subclass extras)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.encoder.save(path / 'encoder')
-        self._save_extra(path)
-        write_component_config(path, self.COMPONENT, self.settings(), training=self.config.as_dict(),
-                               index=str(Path(self.flex.index_path).resolve()), index_record=index_record(self.flex),
-                               fitted=self.fitted)
-        if self.history is not None:
-            atomic_write_text(path / 'history.json', json.dumps(self.history, default=str))
+        with saving(path, self.COMPONENT) as tmp:
+            self.encoder.save(tmp / 'encoder')
+            self._save_extra(tmp)
+            write_component_config(tmp, self.COMPONENT, self.settings(), training=self.config.as_dict(),
+                                   index=str(Path(self.flex.index_path).resolve()),
+                                   index_record=index_record(self.flex), fitted=self.fitted)
+            if self.history is not None:
+                atomic_write_text(tmp / 'history.json', json.dumps(self.history, default=str))
 
     @classmethod
     def load(cls, path, index=None, *, device=None, **overrides):

@@ -47,13 +47,19 @@ class TrainingConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1                 #: warm-up steps (int >= 1) or a fraction of all steps (float < 1)
     schedule: str = 'linear'            #: after warm-up: 'linear' decay to 0 or 'constant'
-    epochs: float = 1                   #: passes over the training queries (ignored when max_steps is set)
-    max_steps: Optional[int] = None     #: optimiser steps; overrides epochs
+    #: passes over the training queries; with ``max_steps`` too, training stops at whichever comes first
+    #: (None: one pass, or ``max_steps`` when that is set)
+    epochs: Optional[float] = None
+    max_steps: Optional[int] = None     #: optimiser steps at most (with ``epochs``: a cap)
     batch_size: int = 32                #: queries per optimiser step
     grad_accumulation: int = 1          #: micro-batches per optimiser step (batch_size is split across them)
     grad_clip: Optional[float] = 1.0
     eval_every: Optional[int] = 100     #: validate every k steps (and before training and at the end)
     patience: Optional[int] = None      #: stop after this many validations without improvement
+    #: validation values are averaged over this many consecutive validations before the best step is chosen and
+    #: patience is counted, so that one lucky evaluation of a small dev set is not what is kept
+    smoothing: int = 1
+    min_improvement: float = 0.0        #: a validation improves on the best only by more than this
     metric: str = 'nDCG@10'             #: validation metric (ir_measures name)
     amp: Optional[bool] = None          #: mixed precision; default: on when training on CUDA (CPU: bf16, opt-in)
     device: Optional[str] = None        #: default: CUDA when present, else CPU
@@ -81,17 +87,23 @@ class TrainingConfig:
             fail('optimizer', f'one of {OPTIMIZERS}')
         if self.schedule not in SCHEDULES:
             fail('schedule', f'one of {SCHEDULES}')
-        if not at_least(self.epochs, 0, strict=True):
-            fail('epochs', '> 0')
+        if self.epochs is not None and not (at_least(self.epochs, 0, strict=True) and math.isfinite(self.epochs)):
+            fail('epochs', '> 0 or None')
+        if not (at_least(self.min_improvement, 0) and math.isfinite(self.min_improvement)):
+            fail('min_improvement', 'a finite number >= 0')
         for name in ('lr', 'weight_decay', 'warmup'):   # lr=0 freezes what head_lr does not train
-            if not at_least(getattr(self, name), 0):
-                fail(name, '>= 0')
+            if not at_least(getattr(self, name), 0) or not math.isfinite(getattr(self, name)):
+                fail(name, 'a finite number >= 0')
+        if self.lr > 1:     # a learning rate above 1 (e.g. a typo for 1e-5) diverges at once with these optimisers
+            fail('lr', '<= 1')
         for name, optional in (('batch_size', False), ('grad_accumulation', False), ('max_steps', True),
-                               ('eval_every', True), ('patience', True), ('checkpoint_every', True)):
+                               ('eval_every', True), ('patience', True), ('checkpoint_every', True),
+                               ('smoothing', False)):
             value = getattr(self, name)
             if not (optional and value is None) and not at_least(value, 1):
                 fail(name, '>= 1' + (' or None' if optional else ''))
-        if self.grad_clip is not None and not at_least(self.grad_clip, 0, strict=True):
+        if self.grad_clip is not None and not (at_least(self.grad_clip, 0, strict=True)
+                                               and math.isfinite(self.grad_clip)):
             fail('grad_clip', '> 0 or None (no clipping)')
         import ir_measures
         try:   # checked here, not after candidates were mined for the first validation
@@ -321,11 +333,13 @@ class TrainingLoop:
             cursor.update(epoch=cursor['epoch'] + 1, position=0, rng_state=None)
 
     def _total_steps(self, rng) -> int:
-        if self.config.max_steps is not None:
-            return int(self.config.max_steps)
+        epochs, cap = self.config.epochs, self.config.max_steps
+        if epochs is None and cap is not None:
+            return int(cap)
         # sampling one epoch is cheap (index arrays); use a throw-away generator so the real sequence is unchanged
         per_epoch = len(self.sample_batches(0, np.random.default_rng(0)))
-        return max(1, int(math.ceil(per_epoch * self.config.epochs)))
+        steps = max(1, int(math.ceil(per_epoch * (epochs if epochs is not None else 1))))
+        return min(steps, int(cap)) if cap is not None else steps
 
     def _micro_batches(self, batch):
         n = self.config.grad_accumulation
@@ -527,10 +541,14 @@ class TrainingLoop:
         every = config.checkpoint_every or config.eval_every or 100
 
         def consider(step, value):
-            if value > state['best_value']:
-                state['best_value'], state['bad_evals'] = value, 0
+            # the mean of the last `smoothing` validations (this one included) decides; the raw value is recorded
+            recent = [v for _, v in history['eval'][-config.smoothing:]]
+            smoothed = sum(recent) / len(recent)
+            if smoothed > state['best_value'] + (config.min_improvement if state['best_state'] is not None else 0):
+                state['best_value'], state['bad_evals'] = smoothed, 0
                 state['best_state'] = {k: v.detach().to('cpu', copy=True) for k, v in self.module.state_dict().items()}
                 history['best_step'], history['best_metric'] = step, value
+                history['best_smoothed'] = smoothed
             else:
                 state['bad_evals'] += 1
 

@@ -393,3 +393,50 @@ def test_a_stopped_job_keeps_the_runs_it_finished(nfcorpus_quick_run, tmp_path, 
     log = stdout.getvalue()
     assert all(f'reusing the test run of {name!r}' in log for name in finished)
     assert 'training electra' in log
+
+
+def test_vaswani_binary_labels_end_to_end(vaswani_dataset, tiny_bert_dir, tiny_cross_encoder_dir, tmp_path):
+    """A collection with binary qrels (labels 1 only) and its own train/dev/test splits: the runner chooses every
+    judged document as a positive, trains every component and writes every output (tiny models: the figures mean
+    nothing, the run must complete)."""
+    out = tmp_path / 'vaswani'
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(['experiment', '--dataset', str(vaswani_dataset.path), '--quick', '--out', str(out),
+                     '--device', 'cpu', '--base', str(tiny_bert_dir), '--cross-encoder', str(tiny_cross_encoder_dir)])
+    assert code == 0, stdout.getvalue()[-3000:]
+    log = stdout.getvalue()
+    assert 'positives: label >= 1 (one positive grade (1): every judged positive counts)' in log
+    assert 'dev_queries: dev has 14 topics, fewer than the 30 asked for' in log
+    results = pd.read_csv(out / 'results.csv')
+    assert results['name'].tolist() == EXPECTED
+    assert pd.read_csv(out / 'perquery.csv', dtype={'qid': str})['qid'].nunique() == 24
+    report = (out / 'report.md').read_text()
+    assert '- Positives: label >= 1, lower grades train as negatives' in report and '## Validation curves' in report
+    for model in ('coder', 'coder_single_stage', 'adore', 'electra'):
+        spec = json.loads((out / 'models' / model / 'experiment_spec.json').read_text())
+        assert spec['settings']['min_label'] == 1, model
+
+
+def test_a_small_collection_clips_the_full_budget(tiny_collection, tiny_bert_dir, tiny_cross_encoder_dir, tmp_path):
+    """The full budget on a collection of 96 documents and 10 training queries: depths, candidate counts and batch
+    sizes are clipped to what the collection has, each with a log line, and the run completes."""
+    out = tmp_path / 'tiny'
+    stdout = io.StringIO()
+    sets = ['coder.max_steps=4', 'adore.max_steps=4', 'electra.max_steps=2', 'electra.eval_every=1']
+    with contextlib.redirect_stdout(stdout):
+        code = main(['experiment', '--dataset', str(tiny_collection), '--out', str(out), '--device', 'cpu',
+                     '--base', str(tiny_bert_dir), '--cross-encoder', str(tiny_cross_encoder_dir),
+                     *[arg for s in sets for arg in ('--set', s)]])
+    assert code == 0, stdout.getvalue()[-3000:]
+    log = stdout.getvalue()
+    for line in ('rerank_depth: 100 is more than the 96 documents of the collection: 96',
+                 'coder.num_candidates: 1000 is more than the 96 documents: 96', 'adore.k: 200 is more than the 96',
+                 'electra.negatives_from: 100 is more than the 96', 'coder.batch_size: 32 is more than the 10 training',
+                 'electra_dev_queries: dev has 3 topics, fewer than the 60 asked for',
+                 'positives: label >= 2'):
+        assert line in log, line
+    assert 'coder: 10 training queries with a positive, 1 steps per epoch: at most 4 steps' in log
+    assert len(pd.read_csv(out / 'results.csv')) == len(EXPECTED)
+    report = (out / 'report.md').read_text()
+    assert 'rerank_depth: 100 is more than the 96 documents' in report

@@ -298,3 +298,202 @@ def test_fit_without_resume_never_overwrites_a_checkpoint(env, tmp_path):
     again.fit(res, qrels, resume=True)
     with pytest.raises(ValueError, match=r'holds the checkpoint of a finished run \(6 steps\)'):
         Coder(env.dense, env.encoder, num_candidates=10, checkpoint_dir=str(tmp_path), **options).fit(res, qrels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files: what cannot be read is named, with what to do
+
+def test_a_model_directory_without_tokenizer_files_is_refused(env, tmp_path):
+    weights_only = tmp_path / 'weights'
+    shutil.copytree(env.bert_dir, weights_only)
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'special_tokens_map.json'):
+        (weights_only / name).unlink(missing_ok=True)
+    with pytest.raises(OSError, match=r'DenseEncoder: no tokenizer files in .*weights.*pass tokenizer='):
+        DenseEncoder(str(weights_only), device='cpu')
+    encoder = DenseEncoder(str(weights_only), tokenizer=str(env.bert_dir), pooling='mean', normalize=True,
+                           device='cpu')
+    np.testing.assert_allclose(encoder.encode_docs(['apple juice']), env.encoder.encode_docs(['apple juice']))
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(env, tmp_path):
+    """A DRhard-style checkpoint (body under roberta.*, a projection head beside it) and a BERT checkpoint under a
+    RoBERTa config: loading either would compute with random or missing layers."""
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+    config = RobertaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=130)
+    body = RobertaModel(config, add_pooling_layer=False)
+    weights = {f'roberta.{k}': v for k, v in body.state_dict().items()}
+    weights.update({'embeddingHead.weight': torch.randn(32, 32), 'embeddingHead.bias': torch.zeros(32),
+                    'norm.weight': torch.ones(32), 'norm.bias': torch.zeros(32)})
+    drhard = tmp_path / 'drhard'
+    drhard.mkdir()
+    config.save_pretrained(drhard)
+    torch.save(weights, drhard / 'pytorch_model.bin')
+    with pytest.raises(ValueError, match=r"does not fit its architecture \(RobertaModel\): 4 weights of the "
+                                         r"checkpoint do not belong .*embeddingHead.bias"):
+        DenseEncoder(str(drhard), tokenizer=str(env.bert_dir), device='cpu')
+    wrong = tmp_path / 'wrong'
+    wrong.mkdir()
+    config.save_pretrained(wrong)
+    bert = BertModel(BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64))
+    torch.save({f'bert.{k}': v for k, v in bert.state_dict().items()}, wrong / 'pytorch_model.bin')
+    with pytest.raises(ValueError, match=r'weights the model needs are not in the checkpoint'):
+        DenseEncoder(str(wrong), tokenizer=str(env.bert_dir), device='cpu')
+    with pytest.raises(ValueError, match=r'MonoElectra: the checkpoint .*wrong.* does not fit'):
+        MonoElectra(str(wrong), tokenizer=str(env.bert_dir), verbose=False)
+
+
+def test_unreadable_saved_files_name_the_file(env, tmp_path):
+    env.encoder.save(tmp_path / 'enc')
+    config = tmp_path / 'enc' / 'pyterrier_coder.json'
+    config.write_text(config.read_text()[:20])
+    with pytest.raises(ValueError, match=r"pyterrier_coder.json' is not a readable saved model's settings file"):
+        DenseEncoder(str(tmp_path / 'enc'))
+    with pytest.raises(ValueError, match=r"pyterrier_coder.json' is not a readable"):
+        DenseEncoder.load(tmp_path / 'enc')
+    env.encoder.save(tmp_path / 'enc2')
+    weights = tmp_path / 'enc2' / 'model.safetensors'
+    with open(weights, 'r+b') as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(OSError, match=r'DenseEncoder: could not read the model in .*enc2.*cut short'):
+        DenseEncoder(str(tmp_path / 'enc2'))
+
+
+def test_a_failed_save_leaves_the_saved_model(env, tmp_path, monkeypatch):
+    coder = Coder(env.dense, env.encoder, **FAST)
+    coder.save(tmp_path / 'model')
+    before = sorted((str(f.relative_to(tmp_path)), f.read_bytes()) for f in (tmp_path / 'model').rglob('*')
+                    if f.is_file())
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(type(env.encoder.model), 'save_pretrained', full_disk)
+    with pytest.raises(OSError, match=r"Coder.save: could not write .*model.* \(No space left on device\); what was "
+                                      r"there is unchanged"):
+        coder.save(tmp_path / 'model')
+    after = sorted((str(f.relative_to(tmp_path)), f.read_bytes()) for f in (tmp_path / 'model').rglob('*')
+                   if f.is_file())
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ['model']
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('my own file')
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match='holds other files than a saved model'):
+        coder.save(tmp_path / 'mine')
+    assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'my own file'
+
+
+def test_a_non_utf8_byte_names_the_file_and_line(env, tmp_path):
+    root = tmp_path / 'ds'
+    shutil.copytree(env.ds.path, root)
+    for relative, line in (('corpus.jsonl', 7), ('topics/train.tsv', 3), ('qrels/train.txt', 5)):
+        file = root / relative
+        original = file.read_bytes()
+        lines = original.split(b'\n')
+        lines[line - 1] = lines[line - 1][:4] + b'\xff' + lines[line - 1][4:]
+        file.write_bytes(b'\n'.join(lines))
+        ds = load_dataset(root)
+        read = {'corpus.jsonl': lambda: list(ds.get_corpus_iter(verbose=False)),
+                'topics/train.tsv': lambda: ds.get_topics('train'), 'qrels/train.txt': lambda: ds.get_qrels('train')}
+        with pytest.raises(DatasetError, match=rf'{relative}:{line}: not valid UTF-8 \(byte 0xff at column 5\)'):
+            read[relative]()
+        file.write_bytes(original)
+
+
+def test_nul_characters_in_bm25_queries_and_documents(env, tmp_path):
+    corpus = [dict(d) for d in env.corpus]
+    corpus[3]['text'] = 'apple\x00juice ' + corpus[3]['text']
+    bm25 = BM25(tmp_path / 'bm25', text=True).index(corpus, verbose=False)
+    assert bm25.text_loader()(pd.DataFrame({'docno': [corpus[3]['docno']]}))['text'][0] == corpus[3]['text']
+    topics = pd.DataFrame({'qid': ['1', '2'], 'query': ['apple\x00juice', 'apple juice']})
+    res = bm25(topics)
+    first, second = (res[res['qid'] == q] for q in ('1', '2'))
+    assert first['docno'].tolist() == second['docno'].tolist() and len(first) > 0
+    assert (first['query'] == 'apple\x00juice').all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the runner: never loses a trained model, never reuses an index or model of another collection
+
+def test_runner_refuses_bad_values_before_anything_runs():
+    from pyterrier_coder.experiment import FULL, apply_overrides, parse_overrides
+    for bad, match in [(["coder.label_weights={2: 'x'}"], 'label_weights must be a dict'),
+                       (['coder.label_weights={2: -1}'], 'label_weights must be a dict'),
+                       (['coder.lr=1e308'], 'lr must be <= 1'), (['coder.lr=nan'], 'coder.lr must be a number'),
+                       (['adore.lr=inf'], 'lr must be a number'), (['rerank_depth=0'], 'rerank_depth must be >= 1'),
+                       (['rerank_depth=-1'], 'rerank_depth must be >= 1'),
+                       (['electra_dev_depth=0'], 'electra_dev_depth must be >= 1'),
+                       (['train_queries=0'], 'train_queries must be >= 1 or None'),
+                       (['coder.grad_clip=inf'], 'grad_clip must be')]:
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(FULL, parse_overrides(bad))
+    with pytest.raises(ValueError, match='lr must be a finite number'):
+        Coder.__init__.__globals__['TrainingConfig'](lr=float('inf')).check()
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tiny_collection, tiny_bert_dir, tiny_cross_encoder_dir, tmp_path_factory):
+    """The runner with --quick on the tiny collection and models: (output directory, its arguments)."""
+    import contextlib
+    import io
+    from pyterrier_coder.cli import main
+    out = tmp_path_factory.mktemp('tiny_run') / 'out'
+    args = ['experiment', '--dataset', str(tiny_collection), '--quick', '--device', 'cpu', '--base',
+            str(tiny_bert_dir), '--cross-encoder', str(tiny_cross_encoder_dir), '--components', 'bm25,dense,coder']
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert main(args + ['--out', str(out)]) == 0, stdout.getvalue()[-3000:]
+    return out, args
+
+
+def _run(args, out):
+    import contextlib
+    import io
+    from pyterrier_coder.cli import main
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        code = main(args + ['--out', str(out)])
+    return code, stdout.getvalue()
+
+
+def test_a_failed_retraining_keeps_the_trained_model(tiny_run, tmp_path, monkeypatch):
+    out, args = tiny_run
+    copy = tmp_path / 'out'
+    shutil.copytree(out, copy)
+    model = copy / 'models' / 'coder'
+    before = sorted((str(f.relative_to(model)), f.read_bytes()) for f in model.rglob('*') if f.is_file())
+
+    def nan_loss(self, *args, **kwargs):
+        raise FloatingPointError('loss became nan')
+    monkeypatch.setattr(Coder, 'fit', nan_loss)
+    with pytest.raises(FloatingPointError):
+        _run(args + ['--retrain'], copy)
+    after = sorted((str(f.relative_to(model)), f.read_bytes()) for f in model.rglob('*') if f.is_file())
+    assert after == before
+    assert not [p for p in (copy / 'models').iterdir() if p.name.startswith('.')]
+    monkeypatch.undo()
+    code, log = _run(args + ['--set', 'coder.max_steps=3'], copy)      # a retraining that succeeds replaces it
+    assert code == 0 and 'retraining coder: its settings changed (settings)' in log
+    assert json.loads((model / 'experiment_spec.json').read_text())['settings']['max_steps'] == 3
+
+
+def test_runner_rebuilds_indexes_and_retrains_for_another_collection(tiny_run, tiny_collection, tmp_path):
+    """The same --out with another --dataset: the indexes are rebuilt and the models retrained, never reused."""
+    out, args = tiny_run
+    copy = tmp_path / 'out'
+    shutil.copytree(out, copy)
+    other = tmp_path / 'other'
+    shutil.copytree(tiny_collection, other)
+    lines = (other / 'corpus.jsonl').read_text().splitlines()
+    (other / 'corpus.jsonl').write_text('\n'.join(lines[:-5]) + '\n')     # five documents fewer
+    dataset_arg = args.index('--dataset') + 1
+    code, log = _run(args[:dataset_arg] + [str(other)] + args[dataset_arg + 1:], copy)
+    assert code == 0, log[-3000:]
+    assert 'rebuilding the BM25 index' in log and 'rebuilding the dense index' in log
+    assert 'reusing trained' not in log and 'reusing the test run' not in log
+    assert BM25(copy / 'indexes' / 'bm25').num_docs() == len(lines) - 5
+    assert len(DenseIndex(env_encoder_for(args), copy / 'indexes' / 'dense.flex')) == len(lines) - 5
+    code, log = _run(args, copy)                     # and back: the original collection rebuilds them again
+    assert code == 0 and 'rebuilding the BM25 index' in log and 'reusing trained' not in log
+
+
+def env_encoder_for(args):
+    return DenseEncoder(args[args.index('--base') + 1], device='cpu')

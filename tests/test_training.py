@@ -359,3 +359,42 @@ def test_config_check_refuses_values_the_loop_cannot_run():
         with pytest.raises(ValueError, match=f'loop: {match}'):
             TrainingLoop(torch.nn.Linear(2, 1), TrainingConfig(**bad), sample_batches=lambda *a: [],
                          loss_fn=lambda *a: None, name='loop')
+
+
+def test_epochs_with_max_steps_stop_at_whichever_comes_first():
+    def steps(**settings):
+        config = TrainingConfig(lr=0.01, warmup=0, verbose=False, device='cpu', **settings)
+        return _loop(torch.nn.Linear(4, 1), config).run()['steps']
+    assert steps() == 4                                  # one epoch of 4 batches
+    assert steps(epochs=2.5) == 10
+    assert steps(max_steps=7) == 7                       # max_steps alone: that many steps
+    assert steps(epochs=10, max_steps=7) == 7            # a cap
+    assert steps(epochs=1.5, max_steps=100) == 6         # the epochs come first
+
+
+def test_smoothing_keeps_the_step_of_the_best_mean_not_a_lone_spike():
+    module = torch.nn.Linear(4, 1)
+    #          start  5    10   15   20   25   30   35   40: a spike at 25, a plateau at 35-40
+    values = iter([0.30, 0.31, 0.32, 0.33, 0.30, 0.40, 0.30, 0.36, 0.37])
+    history = _loop(module, TrainingConfig(lr=0.05, max_steps=40, eval_every=5, warmup=0, smoothing=2, verbose=False,
+                                           device='cpu'), lambda: next(values)).run()
+    assert history['best_step'] == 40 and history['best_metric'] == 0.37
+    assert history['best_smoothed'] == pytest.approx(0.365)
+    values = iter([0.30, 0.31, 0.32, 0.33, 0.30, 0.40, 0.30, 0.36, 0.37])
+    unsmoothed = _loop(torch.nn.Linear(4, 1), TrainingConfig(lr=0.05, max_steps=40, eval_every=5, warmup=0,
+                                                             verbose=False, device='cpu'), lambda: next(values)).run()
+    assert unsmoothed['best_step'] == 25
+
+
+def test_patience_counts_smoothed_validations_and_min_improvement():
+    values = iter([0.30, 0.35, 0.351, 0.352, 0.353, 0.2, 0.2])
+    history = _loop(torch.nn.Linear(4, 1), TrainingConfig(lr=0.05, max_steps=30, eval_every=5, warmup=0, patience=3,
+                                                          min_improvement=0.005, verbose=False, device='cpu'),
+                    lambda: next(values)).run()
+    assert history['best_step'] == 5 and history['stopped_early'] and history['steps'] == 20
+    with pytest.raises(ValueError, match='smoothing must be >= 1'):
+        TrainingConfig(smoothing=0).check()
+    with pytest.raises(ValueError, match='min_improvement must be a finite number >= 0'):
+        TrainingConfig(min_improvement=-1).check()
+    with pytest.raises(ValueError, match='epochs must be > 0 or None'):
+        TrainingConfig(epochs=0).check()
