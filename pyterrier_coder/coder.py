@@ -37,6 +37,13 @@ REFRESH_CHUNK = 4096
 SCORERS = ('dot', 'transformer')
 
 
+def _is_label(key) -> bool:
+    """An integer label, also as the string a JSON round trip makes of it (saved settings)."""
+    if isinstance(key, str):
+        return key.lstrip('-').isdigit()
+    return isinstance(key, (int, np.integer)) and not isinstance(key, bool)
+
+
 class CandidateTransformer(nn.Module):
     """The paper's optional scoring module (Appendix A.3): self-attention over the query and its N candidate
     embeddings with no positional encodings, so the scores do not depend on the candidates' order. The output
@@ -121,7 +128,7 @@ class Coder(DenseQueryTrainer):
                              f"{values['num_candidates']!r} and {values['random_negatives']!r}")
         weights = values['label_weights']
         if weights is not None and not (isinstance(weights, dict) and all(
-                isinstance(k, (int, np.integer)) and not isinstance(k, bool) and at_least(v, 0) and math.isfinite(v)
+                _is_label(k) and at_least(v, 0) and math.isfinite(v)
                 for k, v in weights.items())):
             raise ValueError(f"{component}: label_weights must be a dict {{label (int): weight (a finite number >= 0)}}, "
                              f"got {weights!r}")

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -697,8 +698,24 @@ class Experiment:
         self.timings['total'] = time.perf_counter() - started
         plots = self._plots(perquery, names)
         self._report(results, plots, comparisons)
+        self._write_run_info()
         _log(f'wrote {self.out / "report.md"}')
         return results
+
+    def _write_run_info(self) -> None:
+        """``run_info.json``: what produced these outputs (settings, command line, the package's commit, the machine)
+        and how it went (wall time, training summaries, the label choice and budget changes), for reports made from
+        the outputs (e.g. the docs' results tables)."""
+        info = {'settings': json.loads(json.dumps(dataclasses.asdict(self.s), default=str)), 'argv': sys.argv,
+                'commit': source_commit(), 'machine': machine_description(self.device),
+                'wall_seconds': self.timings['total'], 'timings': self.timings, 'budget': self.budget,
+                'budget_notes': getattr(self, 'budget_notes', []),
+                'label_scale': dataclasses.asdict(self.label_scale) if self._trains_anything() else None,
+                'test_queries': len(self.test), 'reused_runs': self.cached_runs,
+                'training': {name: {key: h.get(key) for key in ('steps', 'seconds', 'best_step', 'best_metric',
+                                                                 'stopped_early', 'metric', 'eval')}
+                             for name, h in self.histories.items()}}
+        atomic_write_text(self.out / 'run_info.json', json.dumps(info, indent=2, default=str))
 
     def _plots(self, perquery: pd.DataFrame, names: List[str]) -> List[str]:
         import matplotlib
@@ -799,6 +816,47 @@ class Experiment:
                              f'{h["metric"]} by weight: {curve})')
         lines += ['', '## Plots', ''] + [f'![{p}]({p})' for p in plots] + ['']
         atomic_write_text(self.out / 'report.md', '\n'.join(lines))
+
+
+def source_commit() -> Optional[dict]:
+    """The git commit of the package's source tree (and whether it had uncommitted changes), when it is a git
+    checkout; None otherwise (an installed wheel)."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    if not (root / '.git').exists():
+        return None
+    try:
+        commit = subprocess.run(['git', '-C', str(root), 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(['git', '-C', str(root), 'status', '--porcelain', '--untracked-files=no'],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {'commit': commit, 'uncommitted_changes': bool(dirty)}
+
+
+def machine_description(device: str) -> dict:
+    """Cores, CPU model and the instruction sets that change the figures or the speed (bf16, AMX), torch, GPU."""
+    import os
+    import platform
+    import torch
+    from .training import cpu_computes_bf16
+    flags, model = set(), platform.processor()
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('flags') and not flags:
+                flags = set(line.split(':', 1)[1].split())
+            elif line.startswith('model name') and ':' in line:
+                model = line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return {'cpu': model, 'cores': os.cpu_count(), 'usable_cores': usable,
+            'cpu_flags': sorted(flags & {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'}),
+            'cpu_computes_bf16': cpu_computes_bf16(), 'torch': torch.__version__, 'device': device,
+            'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            'memory_gib': round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1)
+            if hasattr(os, 'sysconf') else None}
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

@@ -416,6 +416,11 @@ def test_vaswani_binary_labels_end_to_end(vaswani_dataset, tiny_bert_dir, tiny_c
     for model in ('coder', 'coder_single_stage', 'adore', 'electra'):
         spec = json.loads((out / 'models' / model / 'experiment_spec.json').read_text())
         assert spec['settings']['min_label'] == 1, model
+    info = json.loads((out / 'run_info.json').read_text())
+    assert info['label_scale']['min_label'] == 1 and info['test_queries'] == 24 and info['wall_seconds'] > 0
+    assert info['machine']['cores'] >= 1 and set(info['training']) == {'coder', 'coder_single_stage', 'adore',
+                                                                          'electra'}
+    assert info['training']['coder']['eval'][0][0] == 0
 
 
 def test_a_small_collection_clips_the_full_budget(tiny_collection, tiny_bert_dir, tiny_cross_encoder_dir, tmp_path):
