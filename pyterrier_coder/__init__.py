@@ -18,7 +18,7 @@ _EXPORTS = {
     'MonoElectra': 'electra',
     'Interpolate': 'fusion',
     'TrainingConfig': 'training',
-    'infer_device': '_util',
+    'infer_device': 'devices',
 }
 
 __all__ = ['__version__', *_EXPORTS]

@@ -18,11 +18,13 @@ import pandas as pd
 import torch
 
 from . import losses
-from ._util import check_faiss_gpu_k, faiss_gpu_count, faiss_to_gpus
+from .candidates import CandidateSet
+from .devices import check_faiss_gpu_k, faiss_gpu_count, faiss_to_gpus
 from .encoders import DenseEncoder
-from .mining import CandidateSet, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
+from .frames import normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .query_trainer import DenseQueryTrainer
-from .training import Timers, TrainingConfig, at_least
+from .training import Timers, TrainingConfig, is_number_at_least
+
 
 # ADORE paper defaults: AdamW, lr 5e-6, 32 queries per batch, top-200 negatives.
 ADORE_DEFAULTS = TrainingConfig(lr=5e-6, optimizer='adamw', weight_decay=0.01, warmup=0.1, schedule='linear',
@@ -75,7 +77,7 @@ class Adore(DenseQueryTrainer):
         if not (search in SEARCH_BACKENDS or isinstance(search, str) and search.startswith('faiss:')):
             raise ValueError(f"{component}: search must be 'exact', 'faiss' or 'faiss:<factory string>', "
                              f"got {search!r}")
-        if not at_least(values['k'], 1):
+        if not is_number_at_least(values['k'], 1):
             raise ValueError(f"{component}: k must be >= 1, got {values['k']!r}")
 
     def __init__(self, index, encoder: DenseEncoder, *, k: int = 200, delta_metric: str = 'MRR@200',

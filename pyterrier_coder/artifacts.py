@@ -1,23 +1,24 @@
-"""Directories the package builds (indexes, trained models): built in private, moved into place whole, and
-recorded with what built them.
+"""Files and directories the package writes (indexes, trained models, checkpoints), written so that a failure never
+leaves a half-written one or destroys the previous one, and read back with errors that name the file.
 
 * :func:`build_lock` serialises builders of one path across processes (two processes indexing the same path
   would otherwise interleave their writes), :func:`staging_directory` builds into a private directory beside the
-  target and moves it into place only when complete, and :func:`replace_directory` swaps a new directory in for an
-  old one, so a failed or interrupted build never destroys or half-replaces what was there.
-* :class:`CorpusFingerprint` hashes a corpus (docnos and texts, in order) while it is indexed, so that reopening an
-  index with another corpus can be refused instead of silently serving the old one.
+  target and moves it into place only when complete, :func:`replace_directory` swaps a new directory in for an
+  old one, and :func:`saving` does both for a saved model;
+* :func:`atomic_write_text` (temp file + rename), the component config file (``pyterrier_coder.json``: which
+  component a directory holds, with its settings), :func:`read_json` and :func:`load_tensors` (``weights_only``:
+  a file that would run code when loaded is refused).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Optional
+
+from ._version import __version__
 
 #: the file that says which component a saved directory holds, and its settings
 CONFIG_FILE = 'pyterrier_coder.json'
@@ -85,37 +86,6 @@ def staging_directory(path):
     replace_directory(tmp, path)
 
 
-class CorpusFingerprint:
-    """sha256 over the docnos and texts of a corpus, in order, and the number of documents: fed one document at a
-    time while a corpus is indexed (:meth:`add`), or computed in one pass (:meth:`of`)."""
-
-    def __init__(self):
-        self._digest = hashlib.sha256()
-        self.documents = 0
-
-    def add(self, docno: str, text: str) -> None:
-        self._digest.update(docno.encode('utf-8', 'surrogatepass') + b'\x1f' +
-                            text.encode('utf-8', 'surrogatepass') + b'\x1e')
-        self.documents += 1
-
-    def as_dict(self) -> dict:
-        return {'documents': self.documents, 'sha256': self._digest.hexdigest()}
-
-    @classmethod
-    def of(cls, corpus: Iterable[dict], text_field: str = 'text') -> dict:
-        """The fingerprint of a whole corpus (dicts with ``docno`` and ``text_field``), read once."""
-        fingerprint = cls()
-        for doc in corpus:
-            fingerprint.add(str(doc.get('docno')), str(doc.get(text_field)))
-        return fingerprint.as_dict()
-
-
-def describe_corpus(record: Optional[dict]) -> str:
-    if not record:
-        return 'an unrecorded corpus'
-    return f"a corpus of {record['documents']:,} documents (sha256 {record['sha256'][:12]})"
-
-
 def read_json(path, component: str, what: str = 'file') -> dict:
     """A JSON file of the package's own (a model's settings, an index's record), or an error naming the file and
     what to do when it is not readable JSON (truncated by a full disk, edited by hand...)."""
@@ -168,3 +138,40 @@ def saving(path, component: str):
         raise OSError(error.errno, f'{component}.save: could not write {str(path)!r} ({error.strerror or error}); '
                                    f'what was there is unchanged. Free space, or choose another directory, and save '
                                    f'again') from error
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Temp file + rename, so an interrupted write never leaves a truncated file behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    with os.fdopen(fd, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+
+def write_component_config(path, component: str, settings: dict, **extra) -> None:
+    """Writes the json that tells which component a directory holds (checked again by ``load``)."""
+    atomic_write_text(Path(path) / CONFIG_FILE, json.dumps(
+        {'component': component, 'version': __version__, 'settings': settings, **extra}, indent=2, default=str))
+
+
+
+def read_component_config(path, component: str) -> dict:
+    check_component_dir(path, component)
+    return read_json(Path(path) / CONFIG_FILE, component, 'saved model\'s settings file')
+
+
+
+def check_component_dir(path, component: str) -> None:
+    """Fails clearly when ``path`` is missing or was written by another component type."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f'{component}: no saved model directory at {str(path)!r}')
+    conf_path = path / CONFIG_FILE
+    if not conf_path.is_file():
+        raise ValueError(f'{component}: {str(path)!r} was not written by pyterrier-coder (no {CONFIG_FILE})')
+    found = read_json(conf_path, component, 'saved model\'s settings file').get('component')
+    if found != component:
+        raise ValueError(f'{component}: {str(path)!r} holds a saved {found}, not a {component}; '
+                         f'load it with {found}.load(...)')

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .experiment import COMPONENTS, Experiment, ExperimentSettings, parse_overrides
+from .experiment import COMPONENTS, ExperimentRunner, ExperimentSettings, parse_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                                           device=args.device, retrain=args.retrain, train_split=args.train_split,
                                           dev_split=args.dev_split, test_split=args.test_split,
                                           overrides=parse_overrides(args.overrides))
-            results = Experiment(settings).run()
+            results = ExperimentRunner(settings).run()
         except (ValueError, OSError, KeyError, ImportError) as e:   # OSError: a model that cannot be found
             print(f'pyterrier-coder: error: {e}', file=sys.stderr)
             return 2

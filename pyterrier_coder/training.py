@@ -8,6 +8,7 @@ with the running loss and metric, a NaN/inf guard, timing and the training histo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -22,8 +23,8 @@ import numpy as np
 import pyterrier as pt
 import torch
 
-from ._util import cuda_amp_dtype, infer_device
 from .artifacts import load_tensors
+from .devices import autocast_for, cuda_amp_dtype, infer_device
 from .distributed import DataParallel
 
 
@@ -31,7 +32,7 @@ OPTIMIZERS = ('adamw', 'radam')
 SCHEDULES = ('linear', 'constant')
 
 
-def at_least(value, minimum, *, strict: bool = False) -> bool:
+def is_number_at_least(value, minimum, *, strict: bool = False) -> bool:
     """Whether ``value`` is a number (not a bool) >= ``minimum`` (> with ``strict``); False for None and strings."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -87,12 +88,12 @@ class TrainingConfig:
             fail('optimizer', f'one of {OPTIMIZERS}')
         if self.schedule not in SCHEDULES:
             fail('schedule', f'one of {SCHEDULES}')
-        if self.epochs is not None and not (at_least(self.epochs, 0, strict=True) and math.isfinite(self.epochs)):
+        if self.epochs is not None and not (is_number_at_least(self.epochs, 0, strict=True) and math.isfinite(self.epochs)):
             fail('epochs', '> 0 or None')
-        if not (at_least(self.min_improvement, 0) and math.isfinite(self.min_improvement)):
+        if not (is_number_at_least(self.min_improvement, 0) and math.isfinite(self.min_improvement)):
             fail('min_improvement', 'a finite number >= 0')
         for name in ('lr', 'weight_decay', 'warmup'):   # lr=0 freezes what head_lr does not train
-            if not at_least(getattr(self, name), 0) or not math.isfinite(getattr(self, name)):
+            if not is_number_at_least(getattr(self, name), 0) or not math.isfinite(getattr(self, name)):
                 fail(name, 'a finite number >= 0')
         if self.lr > 1:     # a learning rate above 1 (e.g. a typo for 1e-5) diverges at once with these optimisers
             fail('lr', '<= 1')
@@ -100,9 +101,9 @@ class TrainingConfig:
                                ('eval_every', True), ('patience', True), ('checkpoint_every', True),
                                ('smoothing', False)):
             value = getattr(self, name)
-            if not (optional and value is None) and not at_least(value, 1):
+            if not (optional and value is None) and not is_number_at_least(value, 1):
                 fail(name, '>= 1' + (' or None' if optional else ''))
-        if self.grad_clip is not None and not (at_least(self.grad_clip, 0, strict=True)
+        if self.grad_clip is not None and not (is_number_at_least(self.grad_clip, 0, strict=True)
                                                and math.isfinite(self.grad_clip)):
             fail('grad_clip', '> 0 or None (no clipping)')
         import ir_measures
@@ -236,25 +237,6 @@ def make_optimizer(params, config: TrainingConfig) -> torch.optim.Optimizer:
     if config.optimizer == 'radam':
         return torch.optim.RAdam(params, lr=config.lr, weight_decay=config.weight_decay, decoupled_weight_decay=True)
     raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}')   # a config built unchecked
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), which make CPU autocast worth it (see
-    :func:`autocast_for`). Asked through torch's private probes; False when a torch version lacks them."""
-    probes = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
-    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
-
-
-def autocast_for(device: torch.device, enabled: bool):
-    """Mixed precision on ``device`` when ``enabled``: on CUDA bf16 where supported, else fp16 (the loop then adds a
-    gradient scaler); on CPU bf16. AMP is the default on CUDA only: a CPU runs bf16 fast only with AVX512-BF16 or
-    AMX (measured 1.4x per MiniLM cross-encoder training step, 1.7x inference, on this project's CPU) and is
-    emulated without them, so on CPU it is opt-in (``amp=True``)."""
-    if enabled and device.type == 'cuda':
-        return torch.autocast('cuda', dtype=cuda_amp_dtype())
-    if enabled and device.type == 'cpu':
-        return torch.autocast('cpu', dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def restore_cuda_rng(state, device: torch.device) -> None:
@@ -603,3 +585,27 @@ class TrainingLoop:
         if state['best_state'] is None:
             history['best_step'] = state['step']
         return history
+
+
+def fingerprint(*parts) -> str:
+    """sha256 of training data: numeric arrays (read in chunks of rows, so a memory-mapped candidate set is not
+    loaded whole), strings and numbers, and sequences of these (e.g. per-query arrays of docnos)."""
+    digest = hashlib.sha256()
+
+    def feed(part):
+        if isinstance(part, np.ndarray) and part.dtype != object:
+            digest.update(f'{part.dtype}{part.shape}'.encode())
+            for start in range(0, len(part), 65536):
+                digest.update(np.ascontiguousarray(part[start:start + 65536]).tobytes())
+        elif part is None or isinstance(part, (str, bytes, int, float, np.generic)):
+            digest.update(repr(part).encode() + b'\x1f')
+        elif isinstance(part, np.ndarray) or (isinstance(part, list) and all(isinstance(s, str) for s in part)):
+            digest.update(('\x1e'.join(map(str, part)) + '\x1d').encode())    # strings, in one call
+        else:
+            digest.update(b'[')
+            for item in part:
+                feed(item)
+            digest.update(b']')
+    for part in parts:
+        feed(part)
+    return digest.hexdigest()

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pyterrier_coder._util import evaluate
+from pyterrier_coder.evaluation import evaluate
 from pyterrier_coder.adore import Adore
 from pyterrier_coder.coder import Coder
 from pyterrier_coder.datasets import load_dataset
@@ -87,7 +87,7 @@ def test_delta_weights_use_the_retrieved_ranks(setup, monkeypatch):
 def test_a_retrieved_positive_is_not_paired_with_itself(setup, monkeypatch):
     ds, encoder, dense = setup
     from pyterrier_coder import losses
-    from pyterrier_coder.mining import EmbeddingStore
+    from pyterrier_coder.embeddings import EmbeddingStore
     store = EmbeddingStore(dense.flex)
     adore = Adore(dense, encoder, k=len(store), max_steps=1, **FAST)   # the whole corpus: the positive is retrieved
     seen, retrieved = {}, []

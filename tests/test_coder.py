@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from pyterrier_coder import losses
-from pyterrier_coder._util import evaluate
+from pyterrier_coder.evaluation import evaluate
 from pyterrier_coder.adore import Adore
 from pyterrier_coder.coder import Coder
 from pyterrier_coder.datasets import load_dataset
 from pyterrier_coder.encoders import DenseEncoder, DenseIndex
-from pyterrier_coder.mining import (CandidateSet, EmbeddingStore, mine_candidates, mine_candidates_to_disk,
-                                    normalise_frame)
+from pyterrier_coder.candidates import CandidateSet, mine_candidates, mine_candidates_to_disk
+from pyterrier_coder.embeddings import EmbeddingStore
+from pyterrier_coder.frames import normalise_frame
 from pyterrier_coder.retrievers import BM25
 
 FAST = dict(lr=1e-3, optimizer='adamw', warmup=0, schedule='constant', batch_size=4, eval_every=10,

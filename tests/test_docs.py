@@ -162,7 +162,7 @@ def test_checker_catches_wrong_calls(tmp_path):
     doc = tmp_path / 'doc.md'
     doc.write_text('```python\n'
                    'from pyterrier_coder import MonoElectra, Nonexistent\n'
-                   'from pyterrier_coder._util import evaluate\n'
+                   'from pyterrier_coder.evaluation import evaluate\n'
                    "electra = MonoElectra('minilm', group_size=8, lr=1e-5, no_such_setting=1)\n"
                    'electra.fit(1, 2, 3, 4, 5, 6)\n'
                    "evaluate(1, 2, 'nDCG@10')\n"

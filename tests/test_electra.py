@@ -8,10 +8,12 @@ import pytest
 import pyterrier as pt
 import torch
 
-from pyterrier_coder._util import evaluate, write_component_config
+from pyterrier_coder.artifacts import write_component_config
+from pyterrier_coder.evaluation import evaluate
 from pyterrier_coder.datasets import load_dataset
 from pyterrier_coder import losses
-from pyterrier_coder.electra import MonoElectra, TrainingGroups, build_training_groups, sample_groups
+from pyterrier_coder.electra import MonoElectra
+from pyterrier_coder.lce_groups import TrainingGroups, build_training_groups, sample_groups
 from pyterrier_coder.retrievers import BM25
 
 

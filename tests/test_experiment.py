@@ -293,17 +293,17 @@ def test_cli_strips_the_component_names(monkeypatch):
 
         def run(self):
             raise ValueError('stop here')
-    monkeypatch.setattr(cli, 'Experiment', RecordingExperiment)
+    monkeypatch.setattr(cli, 'ExperimentRunner', RecordingExperiment)
     assert main(['experiment', '--dataset', 'x', '--components', ' bm25 , dense,,coder ']) == 2
     assert seen[0].components == ('bm25', 'dense', 'coder')
 
 
 def test_run_key_changes_with_a_shared_budget_entry(tmp_path):
     # a run is reused only when nothing it depends on changed: here the dev queries the fusion weight is chosen on
-    from pyterrier_coder.experiment import Experiment, ExperimentSettings
+    from pyterrier_coder.experiment import ExperimentRunner, ExperimentSettings
 
     def key(**overrides):
-        experiment = Experiment(ExperimentSettings(dataset='x', out=str(tmp_path), quick=True, overrides=overrides,
+        experiment = ExperimentRunner(ExperimentSettings(dataset='x', out=str(tmp_path), quick=True, overrides=overrides,
                                                    device='cpu', verbose=False))
         return experiment._key('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25 top-10 + text', ['q1', 'q2'], [])
     assert key() == key()
@@ -314,16 +314,16 @@ def test_run_key_changes_with_a_shared_budget_entry(tmp_path):
 def test_cross_encoder_bf16_on_cpus_with_bf16_instructions(tmp_path, monkeypatch):
     """On CPU the runner trains and scores MonoELECTRA under bf16 autocast only when the CPU has bf16 instructions
     (emulated bf16 is slower than fp32), unless the user set electra.amp; on CUDA the component's default stays."""
-    from pyterrier_coder import training
-    from pyterrier_coder.experiment import Experiment, ExperimentSettings
-    from pyterrier_coder.training import cpu_computes_bf16
+    from pyterrier_coder.experiment import ExperimentRunner, ExperimentSettings
+    from pyterrier_coder.experiment import runner
+    from pyterrier_coder.devices import cpu_computes_bf16
     assert isinstance(cpu_computes_bf16(), bool)
 
     def amp(has_bf16, device='cpu', overrides=None):
-        monkeypatch.setattr(training, 'cpu_computes_bf16', lambda: has_bf16)
+        monkeypatch.setattr(runner, 'cpu_computes_bf16', lambda: has_bf16)
         log = io.StringIO()
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            exp = Experiment(ExperimentSettings(dataset='unused', out=str(tmp_path), device=device,
+            exp = ExperimentRunner(ExperimentSettings(dataset='unused', out=str(tmp_path), device=device,
                                                 overrides=overrides or {}))
         return exp.budget['electra'].get('amp'), 'bf16 autocast' in log.getvalue()
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pyterrier as pt
 import pytest
 
-from pyterrier_coder._util import evaluate
+from pyterrier_coder.evaluation import evaluate
 from pyterrier_coder.datasets import load_dataset
 from pyterrier_coder.electra import MonoElectra
 from pyterrier_coder.fusion import Interpolate, normalise_per_query

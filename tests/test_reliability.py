@@ -13,13 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from pyterrier_coder._util import InputValidationError, tokenize_truncated
+from pyterrier_coder.hf_models import tokenize_truncated
+from pyterrier_coder.validation import InputValidationError
 from pyterrier_coder.adore import Adore
 from pyterrier_coder.coder import Coder
 from pyterrier_coder.datasets import load_dataset
 from pyterrier_coder.electra import MonoElectra
 from pyterrier_coder.encoders import DenseEncoder, DenseIndex
-from pyterrier_coder.mining import EmbeddingStore, normalise_qrels
+from pyterrier_coder.embeddings import EmbeddingStore
+from pyterrier_coder.frames import normalise_qrels
 from pyterrier_coder.retrievers import BM25
 
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=None, max_steps=2, device='cpu',

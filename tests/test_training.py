@@ -146,7 +146,7 @@ def test_split_training_kwargs_rejects_unknown():
 
 def test_evaluate_counts_only_the_evaluated_topics():
     import pandas as pd
-    from pyterrier_coder._util import evaluate
+    from pyterrier_coder.evaluation import evaluate
     qrels = pd.DataFrame({'qid': ['1', '2', '3'], 'docno': ['a', 'b', 'c'], 'label': [1, 1, 1]})
     run = pd.DataFrame({'qid': ['1', '2'], 'docno': ['a', 'x'], 'score': [1.0, 1.0]})
     assert evaluate(run, qrels, 'RR@10', ['1', '2']) == pytest.approx(0.5)      # query 3 not evaluated
@@ -205,7 +205,7 @@ def test_resume_needs_checkpoint_dir():
 
 def test_cuda_amp_uses_bf16_only_where_the_gpu_computes_it(monkeypatch):
     """T4/V100 emulate bf16 (slow): torch's default ``is_bf16_supported()`` counts them, ours must not."""
-    from pyterrier_coder._util import cuda_amp_dtype
+    from pyterrier_coder.devices import cuda_amp_dtype
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
     assert cuda_amp_dtype() == torch.float16            # emulation only (compute capability < 8)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
