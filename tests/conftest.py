@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.fixtures import save_tiny_bert, save_tiny_electra, train_wordpiece   # shared with the benchmarks
+
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
@@ -61,23 +63,6 @@ def tiny_collection(tmp_path_factory) -> Path:
     return synthetic_collection(tmp_path_factory.mktemp('collection'))
 
 
-def _train_wordpiece(texts, path: Path):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, processors
-    from transformers import BertTokenizerFast
-    tok = Tokenizer(models.WordPiece(unk_token='[UNK]'))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
-    tok.post_processor = processors.TemplateProcessing(
-        single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
-        special_tokens=[('[CLS]', tok.token_to_id('[CLS]')), ('[SEP]', tok.token_to_id('[SEP]'))])
-    fast = BertTokenizerFast(tokenizer_object=tok, unk_token='[UNK]', pad_token='[PAD]', cls_token='[CLS]',
-                             sep_token='[SEP]', mask_token='[MASK]')
-    fast.save_pretrained(path)
-    return fast
-
-
 def _fixture_texts(collection: Path):
     texts = [json.loads(line)['text'] for line in open(collection / 'corpus.jsonl')]
     return texts + TOPICS + FILLER
@@ -86,28 +71,16 @@ def _fixture_texts(collection: Path):
 @pytest.fixture(scope='session')
 def tiny_bert_dir(tmp_path_factory, tiny_collection) -> Path:
     """A random 2-layer BERT (hidden 32) with a WordPiece vocabulary trained on the fixture text."""
-    import torch
-    from transformers import BertConfig, BertModel
     path = tmp_path_factory.mktemp('tiny_bert')
-    tok = _train_wordpiece(_fixture_texts(tiny_collection), path)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(path)
+    save_tiny_bert(path, train_wordpiece(_fixture_texts(tiny_collection), path, vocab_size=400), max_positions=128)
     return path
 
 
 @pytest.fixture(scope='session')
 def tiny_cross_encoder_dir(tmp_path_factory, tiny_collection) -> Path:
     """A random 2-layer ELECTRA-style sequence classifier (1 logit) with the fixture WordPiece vocabulary."""
-    import torch
-    from transformers import ElectraConfig, ElectraForSequenceClassification
     path = tmp_path_factory.mktemp('tiny_electra')
-    tok = _train_wordpiece(_fixture_texts(tiny_collection), path)
-    torch.manual_seed(0)
-    config = ElectraConfig(vocab_size=len(tok), hidden_size=32, embedding_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=256, num_labels=1)
-    ElectraForSequenceClassification(config).save_pretrained(path)
+    save_tiny_electra(path, train_wordpiece(_fixture_texts(tiny_collection), path, vocab_size=400), max_positions=256)
     return path
 
 
