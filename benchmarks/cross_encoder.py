@@ -81,7 +81,7 @@ def training_frame(size: dict):
 
 def infer_cross_encoder(args, report: Report, electra, size: dict, sync):
     import torch
-    from pyterrier_coder.training import autocast_for
+    from pyterrier_coder.devices import autocast_for
     device, bs, tok, net, amp = electra.device, size['batch_size'], electra.tokenizer, electra.model, electra.amp
     frame = inference_frame(size)
     queries, docs = frame['query'].tolist(), frame['text'].tolist()
@@ -137,8 +137,8 @@ def infer_cross_encoder(args, report: Report, electra, size: dict, sync):
 def train_cross_encoder(args, report: Report, electra, size: dict, sync):
     import torch
     import torch.nn.functional as F
-    from pyterrier_coder.electra import build_training_groups, sample_groups
-    from pyterrier_coder.training import autocast_for
+    from pyterrier_coder.lce_groups import build_training_groups, sample_groups
+    from pyterrier_coder.devices import autocast_for
     device, tok, net, amp = electra.device, electra.tokenizer, electra.model, electra.amp
     train, qrels = training_frame(size)
     groups = build_training_groups(train, qrels, text_field='text', negatives_from=electra.negatives_from,

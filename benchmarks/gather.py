@@ -41,8 +41,8 @@ def gather_child(args):
     import tracemalloc
     import torch
     import pyterrier_dr
-    from pyterrier_coder._util import infer_device
-    from pyterrier_coder.mining import EmbeddingStore
+    from pyterrier_coder.devices import infer_device
+    from pyterrier_coder.embeddings import EmbeddingStore
     report = Report()
     size = sizes(SIZES, args)
     device = infer_device(args.device)

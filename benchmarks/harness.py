@@ -157,7 +157,7 @@ def machine(args) -> dict:
     import transformers
     import pyterrier_dr
     import pyterrier_coder
-    from pyterrier_coder._util import infer_device
+    from pyterrier_coder.devices import infer_device
     device = infer_device(args.device)
     try:
         affinity = len(os.sched_getaffinity(0))

@@ -28,7 +28,7 @@ def _torch_optimizer(params, config):
 def run(args, report: Report):
     import torch
     from pyterrier_coder import Adore, Coder
-    from pyterrier_coder.mining import mine_candidates
+    from pyterrier_coder.candidates import mine_candidates
     from pyterrier_coder.training import TrainingLoop
     size = sizes(SIZES, args)
     encoder, model_label = dense_encoder(args, batch_size=64)
@@ -153,7 +153,7 @@ each epoch is not). Step time = TrainingLoop seconds / steps.""")
         TrainingLoop(module, config, sample_batches=sampler, loss_fn=coder2._loss).run()
 
     def bare_run():
-        from pyterrier_coder.training import autocast_for
+        from pyterrier_coder.devices import autocast_for
         torch.manual_seed(config.seed)
         batches = sampler(0, np.random.default_rng(config.seed))
         module.to(device).train()

@@ -93,7 +93,7 @@ class Adore(DenseQueryTrainer):
         self.dynamic = dynamic
         self.min_label = min_label
         self.search = search
-        self.temperature = temperature if temperature is not None else (0.05 if encoder.normalize else 1.0)
+        self.temperature = temperature if temperature is not None else (0.05 if self.encoder.normalize else 1.0)
         self._faiss = None
 
     # --- retrieval of the negatives ----------------------------------------------------------------------------

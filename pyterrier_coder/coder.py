@@ -34,7 +34,6 @@ from .training import TrainingConfig, is_number_at_least
 PAPER_DEFAULTS = TrainingConfig(lr=1.73e-6, optimizer='radam', weight_decay=9.5e-5, warmup=9000, schedule='constant',
                                 batch_size=32, grad_clip=1.0, eval_every=1000, patience=None,
                                 metric='nDCG@10')
-LOSSES = ('listnet', 'margin')
 #: queries re-retrieved and written per chunk when ``refresh_every`` rebuilds a candidate set stored on disk
 REFRESH_CHUNK = 4096
 SCORERS = ('dot', 'transformer')
@@ -121,8 +120,7 @@ class Coder(DenseQueryTrainer):
     @staticmethod
     def _check_values(values: dict, component: str) -> None:
         """The values of this class's own settings (see training.check_settings)."""
-        if values['loss'] not in LOSSES:
-            raise ValueError(f"{component}: loss must be one of {LOSSES}, got {values['loss']!r}")
+        losses.loss_function(values['loss'], losses.CANDIDATE_LIST_LOSSES, component)
         if values['scorer'] not in SCORERS:
             raise ValueError(f"{component}: scorer must be one of {SCORERS}, got {values['scorer']!r}")
         check_lower_labels(values['lower_labels'], component)
@@ -148,7 +146,8 @@ class Coder(DenseQueryTrainer):
         super().__init__(index, encoder, **kwargs)
         self.num_candidates = num_candidates
         self.loss = loss
-        self.temperature = temperature if temperature is not None else (0.05 if encoder.normalize else 1.0)
+        self._loss_fn = losses.loss_function(loss, losses.CANDIDATE_LIST_LOSSES, 'Coder')
+        self.temperature = temperature if temperature is not None else (0.05 if self.encoder.normalize else 1.0)
         self.min_label = min_label
         self.label_weights = {int(k): float(v) for k, v in label_weights.items()} if label_weights else None
         self.lower_labels = lower_labels
@@ -219,9 +218,8 @@ class Coder(DenseQueryTrainer):
         mask = torch.from_numpy((ids >= 0) & keep).to(device)
         scores = self._scores([data.queries[i] for i in batch_idx], ids, mask)
         target = torch.from_numpy(weights).to(device)
-        if self.loss == 'listnet':   # the temperature belongs to the loss: output scores stay inner products
-            return losses.listnet_kl(scores / self.temperature, target, mask)
-        return losses.multilabel_margin(scores, target > 0, mask)
+        # the temperature belongs to the loss: output scores stay inner products
+        return self._loss_fn(scores, target, mask, temperature=self.temperature)
 
     def _refresh(self, step: int) -> None:
         """Dynamic candidates: re-retrieve the top-N with the current encoder and re-inject the positives. A set on
@@ -307,7 +305,7 @@ class Coder(DenseQueryTrainer):
         try:
             history = self._run(self._loss, self._sample_batches(len(self._train)),
                                 self._validation_fn(valid, valid_qrels), before_step=self._refresh,
-                                name=f'Coder ({self.loss})', resume=resume, batch_ids=self._batch_ids,
+                                name=f'Coder ({losses.loss_name(self.loss)})', resume=resume, batch_ids=self._batch_ids,
                                 training_data=(data.qids, data.queries, data.docids, data.labels))
             history['training_data'] = self._train.stats | {'train_queries': len(self._train)}
         finally:
@@ -327,7 +325,7 @@ class Coder(DenseQueryTrainer):
     # --- persistence ---------------------------------------------------------------------------------------
     def settings(self) -> dict:
         return super().settings() | dict(
-            num_candidates=self.num_candidates, loss=self.loss, temperature=self.temperature,
+            num_candidates=self.num_candidates, loss=losses.loss_name(self.loss), temperature=self.temperature,
             min_label=self.min_label, label_weights=self.label_weights, lower_labels=self.lower_labels,
             random_negatives=self.random_negatives, scorer=self.scorer, refresh_every=self.refresh_every)
 

@@ -37,7 +37,6 @@ from .text import TextSource, clean_texts
 from .training import TrainingConfig, TrainingLoop, fingerprint, is_number_at_least, split_training_kwargs
 from .validation import validate_columns, validation_data
 
-LOSSES = ('lce', 'ce', 'hinge')
 
 
 # LCE paper: AdamW, lr 1e-5, 10% linear warm-up then linear decay. 8 queries per optimiser step (x group_size
@@ -103,8 +102,7 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
     def _check_values(values: dict, component: str) -> None:
         """The values of this class's own settings (see training.check_settings)."""
         loss, group_size = values['loss'], values['group_size']
-        if loss not in LOSSES:
-            raise ValueError(f'{component}: loss must be one of {LOSSES}, got {loss!r}')
+        losses.loss_function(loss, losses.GROUP_LOSSES, component)
         check_lower_labels(values['lower_labels'], component)
         if not (is_number_at_least(group_size, 1) and is_number_at_least(values['negatives_from'], 1)):
             raise ValueError(f"{component}: group_size and negatives_from must be >= 1, got {group_size!r} and "
@@ -169,6 +167,7 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
         self.lower_labels = lower_labels
         self.head_lr = head_lr
         self.loss = loss
+        self._loss_fn = losses.loss_function(loss, losses.GROUP_LOSSES, COMPONENT)
         self.texts = texts
         self.device = infer_device(self.config.device)
         if self.config.amp and self.device.type == 'cpu' and not cpu_computes_bf16():
@@ -294,13 +293,7 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
         scores = flat.new_zeros((len(groups), width)).index_put((rows_t, cols_t), flat)
         mask = torch.zeros((len(groups), width), dtype=torch.bool, device=flat.device)
         mask[rows_t, cols_t] = True
-        if self.loss == 'lce':
-            return losses.localized_contrastive(scores, mask)
-        if self.loss == 'hinge':
-            return losses.pairwise_hinge(scores, mask)
-        labels = torch.zeros_like(scores)
-        labels[:, 0] = 1.0
-        return losses.pointwise_bce(scores, labels, mask)
+        return self._loss_fn(scores, mask)
 
     def _param_groups(self) -> Optional[List[dict]]:
         """The fresh head at ``head_lr``, the rest at the configured lr (None: one group)."""
@@ -346,7 +339,7 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
         self._train.queries = self._truncate_queries(self._train.queries)
         data = self._train
         loop = TrainingLoop(self.model, self.config, sample_batches=self._sample_batches, loss_fn=self._loss,
-                            validate=validate, name=f'{COMPONENT} ({self.loss}, n={self.group_size})',
+                            validate=validate, name=f'{COMPONENT} ({losses.loss_name(self.loss)}, n={self.group_size})',
                             param_groups=self._param_groups(),
                             identity=lambda: {'settings': self.settings(), 'training_data': fingerprint(
                                 data.qids, data.queries, data.positives, data.negatives)})
@@ -364,7 +357,7 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
     def settings(self) -> dict:
         return dict(query_max_length=self.query_max_length, max_length=self.max_length, batch_size=self.batch_size,
                     text_field=self.text_field, group_size=self.group_size, negatives_from=self.negatives_from,
-                    min_label=self.min_label, lower_labels=self.lower_labels, loss=self.loss,
+                    min_label=self.min_label, lower_labels=self.lower_labels, loss=losses.loss_name(self.loss),
                     head_lr=self.head_lr)
 
     def init_arguments(self) -> dict:

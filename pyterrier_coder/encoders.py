@@ -101,7 +101,10 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
                  batch_size: int = 32, device=None, tokenizer: Optional[str] = None, text_field: str = 'text',
                  verbose: bool = False):
         super().__init__(batch_size=batch_size, text_field=text_field, verbose=verbose)
-        from transformers import AutoModel
+        from transformers import AutoModel, PreTrainedModel
+        loaded = model if isinstance(model, PreTrainedModel) else None
+        if loaded is not None:      # a model object (e.g. a pyterrier-dr bi-encoder's): named by where it came from
+            model = loaded.name_or_path or type(loaded).__name__
         settings = dict(PRESETS.get(model, {}))
         saved = _read_saved_settings(model)
         settings.update(saved)
@@ -118,11 +121,41 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         self.doc_max_length = doc_max_length or settings.get('doc_max_length', 256)
         path = model if saved else model_path(model)
         self.device = infer_device(device)
-        self.model = load_model_checked(AutoModel.from_pretrained, path, 'DenseEncoder')[0].to(self.device).eval()
-        self.tokenizer_name = tokenizer
+        if loaded is not None:
+            self.model = copy.deepcopy(loaded).to(self.device).eval()    # its own copy, as clone() makes
+        else:
+            self.model = load_model_checked(AutoModel.from_pretrained, path, 'DenseEncoder')[0].to(self.device).eval()
+        self.tokenizer_name = tokenizer if tokenizer is None or isinstance(tokenizer, str) else (
+            tokenizer.name_or_path or type(tokenizer).__name__)
         self.tokenizer = _load_tokenizer(tokenizer, path)
         #: the most tokens the model can embed; longer settings truncate to it instead of crashing in the model
         self.max_model_length = model_max_tokens(self.model, self.tokenizer, 1 << 30)
+
+    @classmethod
+    def from_bi_encoder(cls, bi_encoder, **kwargs) -> 'DenseEncoder':
+        """A DenseEncoder that encodes exactly as a pyterrier-dr bi-encoder does, so that Coder, Adore and DenseIndex
+        take a model a PyTerrier user already has (and the FlexIndex it built): ``HgfBiEncoder`` and its variants
+        (``TasB``, ``RetroMAE``: CLS pooling, no normalisation, truncation at the tokenizer's maximum length) and
+        ``SBertBiEncoder`` (the sentence-transformers model's pooling, normalisation and maximum length). The
+        weights are copied; ``kwargs`` override the settings (e.g. ``query_max_length=30``). A DenseEncoder is
+        returned as it is; another kind of bi-encoder is a TypeError."""
+        if isinstance(bi_encoder, DenseEncoder):
+            return bi_encoder
+        base = dict(batch_size=getattr(bi_encoder, 'batch_size', 32), text_field=getattr(bi_encoder, 'text_field', 'text'),
+                    device=getattr(bi_encoder, 'device', None))
+        if isinstance(bi_encoder, pyterrier_dr.HgfBiEncoder):
+            tokenizer = bi_encoder.tokenizer
+            limit = min(model_max_tokens(bi_encoder.model, tokenizer, 1 << 30), 1 << 20)
+            settings = dict(model=bi_encoder.model, tokenizer=tokenizer, pooling='cls', normalize=False,
+                            query_max_length=limit, doc_max_length=limit)
+        elif isinstance(bi_encoder, pyterrier_dr.SBertBiEncoder):
+            settings = _sentence_transformer_settings(bi_encoder.model)
+        else:
+            raise TypeError(f'DenseEncoder.from_bi_encoder: cannot take the weights of a {type(bi_encoder).__name__} '
+                            f'({bi_encoder!r}); supported: pyterrier-dr HgfBiEncoder (TasB, RetroMAE...) and '
+                            f'SBertBiEncoder, or a Hugging Face model directory via DenseEncoder(path, pooling=..., '
+                            f'normalize=...)')
+        return cls(**{**base, **settings, **kwargs})
 
     # --- presets -------------------------------------------------------------------------------------------
     @classmethod
@@ -241,10 +274,34 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         return f'DenseEncoder({name!r}, pooling={self.pooling!r}, normalize={self.normalize})'
 
 
+def _sentence_transformer_settings(model) -> dict:
+    """The DenseEncoder settings that encode as a sentence-transformers model: its transformer and tokenizer, its
+    pooling (CLS or mean), its normalisation and its maximum sequence length."""
+    modules = list(model)
+    transformer = modules[0]
+    pooling = next((m for m in modules if type(m).__name__ == 'Pooling'), None)
+    if pooling is None:
+        mode = 'cls'
+    elif isinstance(getattr(pooling, 'pooling_mode', None), str):           # sentence-transformers >= 5
+        mode = pooling.pooling_mode
+    else:                                                                   # earlier: get_pooling_mode_str()
+        mode = pooling.get_pooling_mode_str()
+    mode = {'mean_tokens': 'mean', 'cls_token': 'cls'}.get(mode, mode)
+    if mode not in POOLINGS:
+        raise TypeError(f'DenseEncoder.from_bi_encoder: sentence-transformers pooling {mode!r} is not one of '
+                        f'{POOLINGS}')
+    limit = getattr(transformer, 'max_seq_length', None) or 512
+    return dict(model=transformer.auto_model, tokenizer=transformer.tokenizer, pooling=mode,
+                normalize=any(type(m).__name__ == 'Normalize' for m in modules),
+                query_max_length=limit, doc_max_length=limit)
+
+
 def _load_tokenizer(tokenizer: Optional[str], model_path: str):
     """The tokenizer named by ``tokenizer`` (a directory or hub id), else the model's own at ``model_path``."""
     hint = '' if tokenizer else (f' The checkpoint {model_path!r} may ship without tokenizer files: pass tokenizer=... '
                                  f'(the directory or hub id of the tokenizer it was trained with).')
+    if tokenizer is not None and not isinstance(tokenizer, str):     # a tokenizer object
+        return load_tokenizer(tokenizer, 'DenseEncoder')
     return load_tokenizer(resolve_model_path(tokenizer) if tokenizer else model_path, 'DenseEncoder', hint=hint)
 
 
@@ -276,9 +333,11 @@ class DenseIndex:
     """
 
     def __init__(self, encoder: DenseEncoder, index, *, verbose: bool = True):
+        if isinstance(encoder, pyterrier_dr.BiEncoder) and not isinstance(encoder, DenseEncoder):
+            encoder = DenseEncoder.from_bi_encoder(encoder)     # pyterrier-dr's TasB, HgfBiEncoder, SBertBiEncoder
         if not isinstance(encoder, DenseEncoder):   # e.g. the arguments swapped: would fail much later
-            raise TypeError(f'DenseIndex(encoder, index): encoder must be a pyterrier_coder.DenseEncoder, got '
-                            f'{type(encoder).__name__} {encoder!r}')
+            raise TypeError(f'DenseIndex(encoder, index): encoder must be a pyterrier_coder.DenseEncoder or a '
+                            f'pyterrier-dr BiEncoder, got {type(encoder).__name__} {encoder!r}')
         self.encoder = encoder
         self.flex = index if isinstance(index, pyterrier_dr.FlexIndex) else pyterrier_dr.FlexIndex(str(index), verbose=False)
         self.verbose = verbose

@@ -2,6 +2,9 @@
 
 All list losses take ``scores`` of shape ``[B, L]`` and a boolean ``mask`` of the same shape (False = padding,
 excluded from the loss). Every function returns a scalar: the mean over the queries of the batch.
+
+A component's ``loss=`` setting is a name from its table (:data:`CANDIDATE_LIST_LOSSES` for CODER,
+:data:`GROUP_LOSSES` for MonoElectra) or a callable with the same signature as that table's functions.
 """
 from __future__ import annotations
 
@@ -121,3 +124,50 @@ def pairwise_hinge(scores: torch.Tensor, mask: torch.Tensor = None, margin: floa
         return diff.mean()
     m = mask[:, 1:]
     return (diff * m).sum() / m.sum().clamp(min=1)
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the tables the components choose their loss from (by name), each entry with one signature per table
+
+def candidate_listnet(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *,
+                      temperature: float) -> torch.Tensor:
+    """CODER's listwise loss over a query's candidates: :func:`listnet_kl` of the scores divided by the temperature
+    (the scores a model outputs stay plain inner products)."""
+    return listnet_kl(scores / temperature, target, mask)
+
+
+def candidate_margin(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *,
+                     temperature: float) -> torch.Tensor:
+    """CODER's pairwise ablation: :func:`multilabel_margin` with the candidates of positive target weight as the
+    relevant ones (on the unscaled scores: the margin is in their units)."""
+    return multilabel_margin(scores, target > 0, mask)
+
+
+#: CODER: ``fn(scores [B, L], target weights [B, L], mask [B, L], *, temperature) -> scalar``
+CANDIDATE_LIST_LOSSES = {'listnet': candidate_listnet, 'margin': candidate_margin}
+
+
+def group_pointwise_bce(scores: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
+    """:func:`pointwise_bce` on groups whose column 0 is the positive and the others negatives."""
+    labels = torch.zeros_like(scores, dtype=torch.float32)
+    labels[:, 0] = 1.0
+    return pointwise_bce(scores, labels, mask)
+
+
+#: MonoElectra: ``fn(scores [B, n], mask [B, n]) -> scalar``, column 0 of each group its positive
+GROUP_LOSSES = {'lce': localized_contrastive, 'ce': group_pointwise_bce, 'hinge': pairwise_hinge}
+
+
+def loss_function(loss, table: dict, component: str):
+    """The function of ``loss``: a name from ``table``, or a callable (used as it is)."""
+    if callable(loss):
+        return loss
+    if loss not in table:
+        raise ValueError(f'{component}: loss must be one of {tuple(table)} or a callable, got {loss!r}')
+    return table[loss]
+
+
+def loss_name(loss) -> str:
+    """How a loss is recorded in saved settings: its name, or a callable's qualified name."""
+    return loss if isinstance(loss, str) else f'{getattr(loss, "__module__", "?")}.{getattr(loss, "__qualname__", loss)}'

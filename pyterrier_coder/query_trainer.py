@@ -90,8 +90,11 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
                  on_missing: str = 'error', inference_batch_size: int = 64, prefetch: bool = True,
                  verbose: bool = True, **training):
         DenseQueryTrainer._check_values(dict(validate_with=validate_with, on_missing=on_missing), self.COMPONENT)
-        if not isinstance(encoder, DenseEncoder):
-            raise TypeError(f'{self.COMPONENT}: encoder must be a pyterrier_coder.DenseEncoder, got {type(encoder).__name__}')
+        if not isinstance(encoder, DenseEncoder):      # e.g. pyterrier-dr's TasB or HgfBiEncoder: the same encoding
+            if not isinstance(encoder, pyterrier_dr.BiEncoder):
+                raise TypeError(f'{self.COMPONENT}: encoder must be a pyterrier_coder.DenseEncoder or a pyterrier-dr '
+                                f'BiEncoder, got {type(encoder).__name__}')
+            encoder = DenseEncoder.from_bi_encoder(encoder)
         self.flex = as_flex_index(index, self.COMPONENT)
         self.store = EmbeddingStore(self.flex)
         check_dimensions(encoder, self.store.dim, self.flex, self.COMPONENT)

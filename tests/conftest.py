@@ -110,46 +110,38 @@ def require_minilm() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# (other fixtures below)
+# the real collections and BM25 over them: read from ../shared/datasets next to the repository (or $PTC_DATASETS);
+# tests that need them are skipped when they are absent
 
-# ---------------------------------------------------------------------------------------------------
-# Fixtures for datasets and BM25 (tests/test_datasets.py, tests/test_retrievers.py).
-# The real collections are read from ../shared/datasets next to the repository (or $PTC_DATASETS);
-# tests that need them are skipped when they are absent.
-# ---------------------------------------------------------------------------------------------------
-import pytest as _ptc_pytest
-
-
-def _ptc_real_dataset(name):
+def _real_dataset(name):
     from pyterrier_coder.datasets import load_dataset
     return load_dataset(require_dataset(name))
 
 
-@_ptc_pytest.fixture(scope='session')
+@pytest.fixture(scope='session')
 def nfcorpus_dataset():
     """The real NFCorpus as a LocalDataset (skips if absent)."""
-    return _ptc_real_dataset('nfcorpus')
+    return _real_dataset('nfcorpus')
 
 
-@_ptc_pytest.fixture(scope='session')
+@pytest.fixture(scope='session')
 def vaswani_dataset():
     """The real Vaswani collection as a LocalDataset (skips if absent)."""
-    return _ptc_real_dataset('vaswani')
+    return _real_dataset('vaswani')
 
 
-@_ptc_pytest.fixture(scope='session')
+@pytest.fixture(scope='session')
 def nfcorpus_bm25(nfcorpus_dataset, tmp_path_factory):
     """A PISA BM25 (defaults: porter2, k1=0.9, b=0.4, 1000 results) over NFCorpus, indexed once per session."""
     from pyterrier_coder.retrievers import BM25
     return BM25.from_dataset(nfcorpus_dataset, tmp_path_factory.mktemp('bm25') / 'nfcorpus', verbose=False)
 
 
-@_ptc_pytest.fixture(scope='session')
+@pytest.fixture(scope='session')
 def vaswani_bm25(vaswani_dataset, tmp_path_factory):
     """A PISA BM25 (defaults) over Vaswani, indexed once per session."""
     from pyterrier_coder.retrievers import BM25
     return BM25.from_dataset(vaswani_dataset, tmp_path_factory.mktemp('bm25') / 'vaswani', verbose=False)
-# ------------------------------ end of dataset / BM25 fixtures -------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------------------

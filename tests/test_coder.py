@@ -824,3 +824,19 @@ def test_settings_are_checked_before_anything_is_built_as_the_constructor_checks
             cls(dense, encoder, verbose=False, device='cpu', **bad)
     assert str(early.value) == str(built.value) and str(early.value).startswith(f'{component}: ')
     check_settings(cls, {})                   # the defaults are fine
+
+
+def test_a_callable_loss_is_used_and_recorded(setup, tmp_path):
+    ds, encoder, dense, bm25 = setup
+    calls = []
+
+    def squared_error(scores, target, mask, *, temperature):
+        calls.append(scores.shape)
+        weights = target / target.sum(-1, keepdim=True).clamp(min=1e-9)
+        return ((torch.softmax(scores / temperature, -1) - weights) ** 2 * mask).sum(-1).mean()
+    coder = Coder(dense, encoder, loss=squared_error, num_candidates=20, max_steps=3, **FAST)
+    coder.fit((bm25 % 20)(ds.get_topics('train')), ds.get_qrels('train'))
+    assert len(calls) == 3
+    assert coder.settings()['loss'].endswith('squared_error')
+    with pytest.raises(ValueError, match="loss must be one of \\('listnet', 'margin'\\) or a callable"):
+        Coder(dense, encoder, loss='kl', **FAST)

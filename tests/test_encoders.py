@@ -455,3 +455,44 @@ def test_clear_errors_for_a_wrong_index_or_model(tiny_encoder, random_flex, tmp_
     for make in (DenseEncoder, MonoElectra):
         with pytest.raises(OSError, match="cannot load the model 'models/tiny_electr': there is no such local"):
             make('models/tiny_electr')
+
+
+def test_coder_and_adore_take_a_pyterrier_dr_bi_encoder_and_its_flex_index(tiny_bert_dir, tiny_collection, tmp_path):
+    """What a PyTerrier user already has: a pyterrier-dr HgfBiEncoder (as TasB is) and the FlexIndex it built. Coder
+    and Adore take both unchanged and score exactly as pyterrier-dr does."""
+    import pyterrier_dr
+    from pyterrier_coder import Adore, Coder
+    from pyterrier_coder.datasets import load_dataset
+    ds = load_dataset(tiny_collection)
+    bi = pyterrier_dr.HgfBiEncoder.from_pretrained(str(tiny_bert_dir), device='cpu')
+    flex = pyterrier_dr.FlexIndex(str(tmp_path / 'dr.flex'), verbose=False)
+    (bi >> flex).index(list(ds.get_corpus_iter(verbose=False)))
+    topics = ds.get_topics('train')
+    candidates = (bi.query_encoder() >> flex.retriever(num_results=10))(topics).drop(columns=['query_vec', 'docid'])
+    reference = (bi.query_encoder() >> flex.scorer())(candidates[['qid', 'query', 'docno', 'score']])
+    for cls in (Coder, Adore):
+        model = cls(flex, bi, verbose=False, device='cpu')
+        assert model.encoder.pooling == 'cls' and not model.encoder.normalize
+        reranked = model(candidates[['qid', 'query', 'docno', 'score']])
+        merged = reranked.merge(reference, on=['qid', 'docno'], suffixes=('', '_dr'))
+        assert len(merged) == len(candidates)
+        np.testing.assert_allclose(merged['score'], merged['score_dr'], rtol=1e-4, atol=1e-4)
+    coder = Coder(flex, bi, num_candidates=10, lr=1e-3, warmup=0, max_steps=2, batch_size=4, verbose=False,
+                  device='cpu')
+    coder.fit(candidates, ds.get_qrels('train'))
+    assert coder.fitted and not all(torch.equal(a, b) for a, b in zip(coder.encoder.model.parameters(),
+                                                                           bi.model.parameters()))
+    with pytest.raises(TypeError, match='cannot take the weights of a'):
+        DenseEncoder.from_bi_encoder(pyterrier_dr.BiEncoder())
+
+
+def test_a_sentence_transformers_bi_encoder_converts_with_its_pooling_and_normalisation():
+    import pyterrier_dr
+    from conftest import require_minilm
+    bi = pyterrier_dr.SBertBiEncoder(require_minilm(), device='cpu')
+    encoder = DenseEncoder.from_bi_encoder(bi)
+    assert (encoder.pooling, encoder.normalize, encoder.doc_max_length) == ('mean', True, 256)
+    texts = ['apple juice is sweet', 'physics of the nucleus']
+    np.testing.assert_allclose(encoder.encode_docs(texts), bi.encode_docs(texts), atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_queries(texts), DenseEncoder.minilm(device='cpu').encode_queries(texts),
+                               atol=1e-5)

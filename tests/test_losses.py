@@ -108,3 +108,23 @@ def test_group_losses():
     assert losses.pairwise_hinge(torch.tensor([[0.0, 0.5]])).item() == pytest.approx(1.5)
     bce = losses.pointwise_bce(torch.tensor([0.0]), torch.tensor([1.0]))
     assert bce.item() == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_losses_are_chosen_by_name_or_given_as_a_callable():
+    from pyterrier_coder.losses import CANDIDATE_LIST_LOSSES, GROUP_LOSSES, loss_function, loss_name
+    assert loss_function('listnet', CANDIDATE_LIST_LOSSES, 'Coder') is CANDIDATE_LIST_LOSSES['listnet']
+    assert loss_function('lce', GROUP_LOSSES, 'MonoElectra') is GROUP_LOSSES['lce']
+
+    def mine(scores, mask=None):
+        return scores.sum() * 0
+    assert loss_function(mine, GROUP_LOSSES, 'MonoElectra') is mine
+    assert loss_name(mine).endswith('test_losses_are_chosen_by_name_or_given_as_a_callable.<locals>.mine')
+    with pytest.raises(ValueError, match=r"Coder: loss must be one of \('listnet', 'margin'\) or a callable, got 'kl'"):
+        loss_function('kl', CANDIDATE_LIST_LOSSES, 'Coder')
+    scores = torch.tensor([[2.0, 1.0, 0.5]])
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    target = torch.tensor([[1.0, 0.0, 0.0]])
+    torch.testing.assert_close(CANDIDATE_LIST_LOSSES['listnet'](scores, target, mask, temperature=0.5),
+                               losses.listnet_kl(scores / 0.5, target, mask))
+    torch.testing.assert_close(GROUP_LOSSES['ce'](scores, mask),
+                               losses.pointwise_bce(scores, torch.tensor([[1.0, 0.0, 0.0]]), mask))

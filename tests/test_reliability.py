@@ -29,10 +29,8 @@ FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=Non
 RETRIEVERS = ['BM25', 'DenseIndex.retriever']
 RERANKERS = ['DenseIndex.scorer', 'Coder', 'Adore', 'MonoElectra']
 TRAINERS = ['Coder', 'Adore', 'MonoElectra']
-pytestmark = pytest.mark.filterwarnings('ignore:MonoElectra.*fewer than group_size')
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.filterwarnings('ignore:MonoElectra.*fewer than group_size'),
+              pytest.mark.usefixtures('one_thread')]
 
 
 @pytest.fixture(scope='module')
