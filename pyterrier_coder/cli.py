@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .experiment import COMPONENTS, ExperimentRunner, ExperimentSettings, parse_overrides
+from .experiment.comparisons import measure_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument('--train-split', default='train')
     exp.add_argument('--dev-split', default='dev')
     exp.add_argument('--test-split', default='test')
+    exp.add_argument('--measures', default='', metavar='NAME,...',
+                     help='measures beside nDCG@10, RR@10, R@100, R@1000 and AP (ir_measures names, e.g. R@10,P@5)')
+    exp.add_argument('--rel', type=int, default=None, metavar='LABEL',
+                     help='also report RR@10, R@100, R@1000 and AP counting only labels >= LABEL as relevant '
+                          '(the TREC Deep Learning convention: 2)')
     exp.add_argument('--set', action='append', default=[], metavar='[COMPONENT.]NAME=VALUE', dest='overrides',
                      help='change the budget, e.g. --set electra.max_steps=600 --set rerank_depth=50 (repeatable; '
                           'a trained model whose settings changed is retrained)')
@@ -43,6 +49,8 @@ def main(argv=None) -> int:
                                           ablations=args.ablations, seed=args.seed, quick=args.quick,
                                           device=args.device, retrain=args.retrain, train_split=args.train_split,
                                           dev_split=args.dev_split, test_split=args.test_split,
+                                          measures=tuple(m.strip() for m in args.measures.split(',') if m.strip()),
+                                          rel=args.rel,
                                           overrides=parse_overrides(args.overrides))
             results = ExperimentRunner(settings).run()
         except (ValueError, OSError, KeyError, ImportError) as e:   # OSError: a model that cannot be found
@@ -50,7 +58,7 @@ def main(argv=None) -> int:
             return 2
         import pandas as pd
         with pd.option_context('display.width', 200, 'display.max_columns', 12):
-            cols = ['name', 'nDCG@10', 'RR@10', 'R@100', 'R@1000', 'AP', 'nDCG@10 p-value corrected', 'ms/query']
+            cols = ['name', *measure_names(settings.measures, settings.rel), 'nDCG@10 p-value corrected', 'ms/query']
             print(results[[c for c in cols if c in results.columns]].to_string(index=False))
     return 0
 

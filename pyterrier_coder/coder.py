@@ -37,6 +37,9 @@ PAPER_DEFAULTS = TrainingConfig(lr=1.73e-6, optimizer='radam', weight_decay=9.5e
 #: queries re-retrieved and written per chunk when ``refresh_every`` rebuilds a candidate set stored on disk
 REFRESH_CHUNK = 4096
 SCORERS = ('dot', 'transformer')
+#: how the listwise loss turns the target weights of a query's candidates into a distribution: in proportion to the
+#: weights (the positives share all the mass) or the paper's softmax over all candidates (Eq. 3)
+TARGETS = ('proportional', 'softmax')
 
 
 def _is_label(key) -> bool:
@@ -98,11 +101,19 @@ class Coder(DenseQueryTrainer):
         temperature: scores are divided by it in the loss's softmax; the scores the model outputs are the plain
             inner products (as from ``retriever()`` and pyterrier-dr). Default: 0.05 for L2-normalised encoders
             (cosine scores in [-1, 1] are too flat for a softmax over 1000 candidates) else 1.
+        target: how the listnet loss turns a query's target weights into a distribution: ``'proportional'`` (the
+            positives share all the mass in proportion to their weights; the default, which trains better here, see
+            docs/coder.md) or ``'softmax'``, the paper's Eq. 3: ``softmax(weights / label_temperature)`` over all the
+            query's candidates, so that unjudged candidates get some mass too.
+        label_temperature: the temperature of ``target='softmax'`` (1: the paper's exact form).
         min_label: judged documents with ``label >= min_label`` are positives (target mass ∝ ``label_weights``).
         label_weights: ``{label: target weight}``; default: the label value itself (graded).
         lower_labels: what happens to judged documents with ``0 < label < min_label``: ``'negative'`` (they stay
             in the list with zero target mass) or ``'ignore'`` (removed from the list).
-        random_negatives: extra uniformly sampled (non-retrieved) documents per query and step (paper ablation).
+        random_negatives: extra uniformly sampled (non-retrieved) documents per query and step (paper ablation;
+            with ``num_candidates=0`` the list is the judged positives and random negatives only).
+        in_batch_negatives: the other queries of the batch lend their positives and their top ``in_batch_negatives``
+            candidates as extra negatives (documents of the query's own list excepted; paper ablation).
         scorer: ``'dot'`` or ``'transformer'`` (Appendix A.3; then single-stage retrieval is impossible).
         refresh_every: re-retrieve the training candidates with the current query encoder every K steps
             (dynamic candidates; beyond the paper).
@@ -124,9 +135,19 @@ class Coder(DenseQueryTrainer):
         if values['scorer'] not in SCORERS:
             raise ValueError(f"{component}: scorer must be one of {SCORERS}, got {values['scorer']!r}")
         check_lower_labels(values['lower_labels'], component)
-        if not is_number_at_least(values['num_candidates'], 1) or not is_number_at_least(values['random_negatives'], 0):
-            raise ValueError(f"{component}: need num_candidates >= 1 and random_negatives >= 0, got "
-                             f"{values['num_candidates']!r} and {values['random_negatives']!r}")
+        counts = {name: values[name] for name in ('num_candidates', 'random_negatives', 'in_batch_negatives')}
+        if not all(is_number_at_least(v, 0) for v in counts.values()) or not any(counts.values()):
+            raise ValueError(f"{component}: num_candidates, random_negatives and in_batch_negatives must be >= 0, "
+                             f"and one of them > 0 (negatives to train against), got {counts}")
+        if values['target'] not in TARGETS:
+            raise ValueError(f"{component}: target must be one of {TARGETS}, got {values['target']!r}")
+        if not (is_number_at_least(values['label_temperature'], 0, strict=True)
+                and math.isfinite(values['label_temperature'])):
+            raise ValueError(f"{component}: label_temperature must be a finite number > 0, got "
+                             f"{values['label_temperature']!r}")
+        if values['target'] == 'softmax' and values['loss'] == 'margin':
+            raise ValueError(f"{component}: target='softmax' is a distribution for the listnet loss; the margin loss "
+                             f"uses the positives only")
         weights = values['label_weights']
         if weights is not None and not (isinstance(weights, dict) and all(
                 _is_label(k) and is_number_at_least(v, 0) and math.isfinite(v)
@@ -137,12 +158,14 @@ class Coder(DenseQueryTrainer):
             raise ValueError(f"{component}: refresh_every must be >= 1 or None, got {values['refresh_every']!r}")
 
     def __init__(self, index, encoder: DenseEncoder, *, num_candidates: int = 1000, loss: str = 'listnet',
-                 temperature: Optional[float] = None, min_label: int = 1, label_weights: Optional[dict] = None,
-                 lower_labels: str = 'negative', random_negatives: int = 0, scorer: str = 'dot',
+                 temperature: Optional[float] = None, target: str = 'proportional', label_temperature: float = 1.0,
+                 min_label: int = 1, label_weights: Optional[dict] = None, lower_labels: str = 'negative',
+                 random_negatives: int = 0, in_batch_negatives: int = 0, scorer: str = 'dot',
                  refresh_every: Optional[int] = None, **kwargs):
         Coder._check_values(dict(loss=loss, scorer=scorer, lower_labels=lower_labels, num_candidates=num_candidates,
-                                 random_negatives=random_negatives, refresh_every=refresh_every,
-                                 label_weights=label_weights), 'Coder')
+                                 random_negatives=random_negatives, in_batch_negatives=in_batch_negatives,
+                                 refresh_every=refresh_every, label_weights=label_weights, target=target,
+                                 label_temperature=label_temperature), 'Coder')
         super().__init__(index, encoder, **kwargs)
         self.num_candidates = num_candidates
         self.loss = loss
@@ -152,6 +175,9 @@ class Coder(DenseQueryTrainer):
         self.label_weights = {int(k): float(v) for k, v in label_weights.items()} if label_weights else None
         self.lower_labels = lower_labels
         self.random_negatives = random_negatives
+        self.in_batch_negatives = in_batch_negatives
+        self.target = target
+        self.label_temperature = label_temperature
         self.scorer = scorer
         self.refresh_every = refresh_every
         self.head = CandidateTransformer(self.encoder.dim).to(self.encoder.device) if scorer == 'transformer' else None
@@ -201,23 +227,47 @@ class Coder(DenseQueryTrainer):
         return sample
 
     def _batch_ids(self, batch) -> np.ndarray:
-        """The candidate row ids ``[B, L]`` of a batch: its queries' candidates, then its random negatives."""
+        """The candidate row ids ``[B, L]`` of a batch: its queries' candidates, then its random negatives, then its
+        in-batch negatives."""
         ids = self._train.docids[batch[:, 0]].astype(np.int64)
-        return np.concatenate([ids, batch[:, 1:]], 1) if self.random_negatives else ids
+        parts = [ids, batch[:, 1:]] if self.random_negatives else [ids]
+        if self.in_batch_negatives:
+            parts.append(self._in_batch_ids(batch[:, 0]))
+        return np.concatenate(parts, 1) if len(parts) > 1 else ids
+
+    def _in_batch_ids(self, batch_idx: np.ndarray) -> np.ndarray:
+        """``[B, E]`` (-1 padded): per query of the batch, the other queries' positives and their top
+        ``in_batch_negatives`` candidates, except the documents of its own list (so that none of its judged documents,
+        and no candidate twice, is among them)."""
+        rows = np.asarray(self._train.docids[batch_idx], dtype=np.int64)
+        labels = np.asarray(self._train.labels[batch_idx])
+        shared = [np.concatenate([row[:self.in_batch_negatives], row[labels[b] >= self.min_label]])
+                  for b, row in enumerate(rows)]
+        extra = []
+        for b, own in enumerate(rows):
+            others = [shared[o] for o in range(len(rows)) if o != b]
+            pool = np.unique(np.concatenate(others)) if others else np.empty(0, np.int64)
+            extra.append(np.setdiff1d(pool[pool >= 0], own))
+        padded = np.full((len(rows), max((len(e) for e in extra), default=0)), -1, dtype=np.int64)
+        for b, e in enumerate(extra):
+            padded[b, :len(e)] = e
+        return padded
 
     def _loss(self, batch) -> torch.Tensor:
         data = self._train
         batch_idx = batch[:, 0]
         ids = self._batch_ids(batch)
         weights, keep = self._targets(data.labels[batch_idx])
-        if self.random_negatives:
-            rand = batch[:, 1:]
-            weights = np.concatenate([weights, np.zeros(rand.shape, np.float32)], 1)
-            keep = np.concatenate([keep, np.ones(rand.shape, bool)], 1)
+        added = ids.shape[1] - weights.shape[1]         # random and in-batch negatives: no target, always kept
+        if added:
+            weights = np.concatenate([weights, np.zeros((len(ids), added), np.float32)], 1)
+            keep = np.concatenate([keep, np.ones((len(ids), added), bool)], 1)
         device = self.encoder.device
         mask = torch.from_numpy((ids >= 0) & keep).to(device)
         scores = self._scores([data.queries[i] for i in batch_idx], ids, mask)
         target = torch.from_numpy(weights).to(device)
+        if self.target == 'softmax':
+            target = losses.softmax_target(target, mask, self.label_temperature)
         # the temperature belongs to the loss: output scores stay inner products
         return self._loss_fn(scores, target, mask, temperature=self.temperature)
 
@@ -271,7 +321,7 @@ class Coder(DenseQueryTrainer):
         """
         self._check_training_frame(train)
         self._prepare_device()
-        if 'docno' not in train.columns:
+        if 'docno' not in train.columns and self.num_candidates:   # with none, the lists are the positives only
             train = self._self_candidates(train)
         candidates = mine_candidates(train, train_qrels, self.store, num_candidates=self.num_candidates,
                                      min_label=self.min_label, on_missing=self.on_missing, component='Coder')
@@ -327,7 +377,8 @@ class Coder(DenseQueryTrainer):
         return super().settings() | dict(
             num_candidates=self.num_candidates, loss=losses.loss_name(self.loss), temperature=self.temperature,
             min_label=self.min_label, label_weights=self.label_weights, lower_labels=self.lower_labels,
-            random_negatives=self.random_negatives, scorer=self.scorer, refresh_every=self.refresh_every)
+            random_negatives=self.random_negatives, in_batch_negatives=self.in_batch_negatives, target=self.target,
+            label_temperature=self.label_temperature, scorer=self.scorer, refresh_every=self.refresh_every)
 
     def _adopt_trained_state(self, source, changes: dict) -> None:
         super()._adopt_trained_state(source, changes)

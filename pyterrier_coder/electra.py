@@ -107,8 +107,10 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
         if not (is_number_at_least(group_size, 1) and is_number_at_least(values['negatives_from'], 1)):
             raise ValueError(f"{component}: group_size and negatives_from must be >= 1, got {group_size!r} and "
                              f"{values['negatives_from']!r}")
-        if group_size < 2 and loss in ('lce', 'hinge'):
-            raise ValueError(f'{component}: loss={loss!r} needs group_size >= 2, got {group_size}')
+        if group_size < 2:      # a group of one is its positive alone: every loss would train on positives only
+            raise ValueError(f'{component}: group_size must be >= 2 (one positive and group_size - 1 negatives per '
+                             f'query; the pointwise CE baseline with one negative per positive is loss=\'ce\', '
+                             f'group_size=2), got {group_size}')
         query_max_length, max_length = values['query_max_length'], values['max_length']
         if not (is_number_at_least(query_max_length, 1) and is_number_at_least(max_length, query_max_length + 4)):
             raise ValueError(f'{component}: need 0 < query_max_length < max_length - 3 '

@@ -33,6 +33,16 @@ def listnet_kl(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     return kl[has_target].mean() if has_target.any() else scores.sum() * 0
 
 
+def softmax_target(weights: torch.Tensor, mask: torch.Tensor, label_temperature: float = 1.0) -> torch.Tensor:
+    """The CODER paper's target distribution (Eq. 3: D_KL(σ(y) ‖ σ(ŝ))): the softmax over a query's candidates of its
+    target weights ``y`` divided by ``label_temperature``, so every candidate has some mass and a relevant one
+    ``exp(y / label_temperature)`` times that of an unjudged one. Padding (``mask`` False) gets none, and a query
+    without any positive weight gets no target at all (zeros: :func:`listnet_kl` skips it)."""
+    logits = _masked(weights.float() / label_temperature, mask)
+    p = torch.softmax(logits, dim=-1) * mask
+    return p * ((weights > 0) & mask).any(-1, keepdim=True)
+
+
 def multilabel_margin(scores: torch.Tensor, relevant: torch.Tensor, mask: torch.Tensor,
                       margin: float = 1.0) -> torch.Tensor:
     """Pairwise multi-label max-margin loss (CODER's ablation): mean over (relevant i, non-relevant j) pairs

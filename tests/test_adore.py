@@ -208,3 +208,17 @@ def test_faiss_index_under_torchrun_goes_on_this_ranks_gpu_only(setup, monkeypat
     assert calls == [[1]]
     with pytest.raises(ValueError, match='2048'):        # faiss GPU indexes return at most 2048 results
         Adore(dense, encoder, k=3000, search='faiss', **FAST)._search_ids(q, 3000)
+
+
+def test_adore_trains_against_a_product_quantised_index(setup):
+    """search='faiss:<factory>' retrieves the negatives from the compressed index that would be deployed (here
+    product quantisation, 4 bits per 8 dimensions), while the scores of the loss stay exact."""
+    faiss = pytest.importorskip('faiss')
+    ds, encoder, dense = setup
+    adore = Adore(dense, encoder, k=20, max_steps=30, search='faiss:PQ4x4', **FAST)
+    before = _ndcg(dense.retriever(100), ds)
+    adore.fit(ds.get_topics('train'), ds.get_qrels('train'), ds.get_topics('train'), ds.get_qrels('train'))
+    assert isinstance(faiss.downcast_index(adore._faiss), faiss.IndexPQ) and adore._faiss.ntotal == len(dense)
+    assert _ndcg(adore.retriever(100), ds) > before + 0.05
+    assert adore.history['timing']['retrieval'] > 0
+

@@ -840,3 +840,53 @@ def test_a_callable_loss_is_used_and_recorded(setup, tmp_path):
     assert coder.settings()['loss'].endswith('squared_error')
     with pytest.raises(ValueError, match="loss must be one of \\('listnet', 'margin'\\) or a callable"):
         Coder(dense, encoder, loss='kl', **FAST)
+
+
+def test_the_papers_softmax_target_equals_a_hand_computation():
+    from pyterrier_coder import losses
+    weights = torch.tensor([[2.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    target = losses.softmax_target(weights, mask, label_temperature=0.5)
+    e = np.exp([4.0, 0.0, 2.0])
+    np.testing.assert_allclose(target[0].numpy(), np.append(e / e.sum(), 0.0), rtol=1e-6)
+    assert target[1].sum() == 0                      # no positive: no target, skipped by the loss
+    scores = torch.tensor([[0.3, 0.1, 0.2, 9.0], [0.5, 0.1, 0.0, 0.0]])
+    q = np.exp([0.3, 0.1, 0.2]) / np.exp([0.3, 0.1, 0.2]).sum()
+    p = e / e.sum()
+    expected = float((p * np.log(p / q)).sum())
+    assert float(losses.listnet_kl(scores, target, mask)) == pytest.approx(expected, rel=1e-5)
+    # the default (proportional) target: the positives share the mass by weight
+    proportional = np.array([2 / 3, 1 / 3])
+    expected = float((proportional * np.log(proportional / q[[0, 2]])).sum())
+    assert float(losses.listnet_kl(scores, weights, mask)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize('options', [dict(target='softmax', label_temperature=0.5),
+                                     dict(num_candidates=0, random_negatives=5), dict(in_batch_negatives=3)])
+def test_target_and_negative_composition_settings_train(setup, options):
+    ds, encoder, dense, bm25 = setup
+    res = (bm25 % 20)(ds.get_topics('train'))
+    coder = Coder(dense, encoder, **{'num_candidates': 20, **options}, max_steps=4, **FAST)
+    ids = []
+    original = coder._scores
+    coder._scores = lambda queries, batch_ids, mask: ids.append(batch_ids) or original(queries, batch_ids, mask)
+    coder.fit(res, ds.get_qrels('train'))
+    assert coder.history['steps'] == 4
+    if options.get('in_batch_negatives'):
+        # every query's list holds other queries' documents, none of its own twice
+        assert all(len(set(row[row >= 0])) == int((row >= 0).sum()) for batch in ids for row in batch)
+        assert max(batch.shape[1] for batch in ids) > 20
+    if options.get('num_candidates') == 0:
+        assert all(batch.shape[1] <= 5 + 2 for batch in ids)   # the positives (1-2 here) and 5 random negatives
+    loaded = Coder(dense, encoder, **{**coder.settings(), **FAST})
+    assert {k: loaded.settings()[k] for k in options} == options
+
+
+def test_bad_target_settings():
+    from pyterrier_coder.training import check_settings
+    for bad, match in [(dict(target='uniform'), 'target must be one of'),
+                       (dict(label_temperature=0), 'label_temperature must be'),
+                       (dict(target='softmax', loss='margin'), 'margin loss uses the positives'),
+                       (dict(num_candidates=0), 'one of them > 0')]:
+        with pytest.raises(ValueError, match=match):
+            check_settings(Coder, bad)

@@ -514,3 +514,11 @@ def test_unknown_setting_fails_before_the_model_loads(tmp_path):
     """Settings are checked before any weights are read: a typo costs no model load (here there is no model)."""
     with pytest.raises(TypeError, match='lrr'):
         MonoElectra(str(tmp_path / 'no-such-model'), lrr=1e-5)
+
+
+def test_a_group_of_one_is_refused_for_every_loss(tiny_cross_encoder_dir):
+    """A group is its positive and group_size - 1 negatives: with group_size=1 even the pointwise CE would see
+    positives only."""
+    for loss in ('ce', 'lce', 'hinge'):
+        with pytest.raises(ValueError, match=r"group_size must be >= 2 .*loss='ce', group_size=2\), got 1"):
+            MonoElectra(str(tiny_cross_encoder_dir), loss=loss, group_size=1, verbose=False)

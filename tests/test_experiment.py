@@ -403,13 +403,18 @@ def test_vaswani_binary_labels_end_to_end(vaswani_dataset, tiny_bert_dir, tiny_c
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(['experiment', '--dataset', str(vaswani_dataset.path), '--quick', '--out', str(out),
-                     '--device', 'cpu', '--base', str(tiny_bert_dir), '--cross-encoder', str(tiny_cross_encoder_dir)])
+                     '--device', 'cpu', '--base', str(tiny_bert_dir), '--cross-encoder', str(tiny_cross_encoder_dir),
+                     '--measures', 'R@10,P@5', '--rel', '2'])
     assert code == 0, stdout.getvalue()[-3000:]
     log = stdout.getvalue()
     assert 'positives: label >= 1 (one positive grade (1): every judged positive counts)' in log
     assert 'dev_queries: dev has 14 topics, fewer than the 30 asked for' in log
     results = pd.read_csv(out / 'results.csv')
     assert results['name'].tolist() == EXPECTED
+    for column in ('R@10', 'P@5', 'RR(rel=2)@10', 'R(rel=2)@100', 'R(rel=2)@1000', 'AP(rel=2)'):
+        assert results[column].between(0, 1).all(), column
+    # Vaswani's labels are all 1: counting only labels >= 2 as relevant, nothing is relevant
+    assert (results[['RR(rel=2)@10', 'AP(rel=2)']] == 0).all().all() and (results['RR@10'] > 0).any()
     assert pd.read_csv(out / 'perquery.csv', dtype={'qid': str})['qid'].nunique() == 24
     report = (out / 'report.md').read_text()
     assert '- Positives: label >= 1, lower grades train as negatives' in report and '## Validation curves' in report
@@ -445,3 +450,29 @@ def test_a_small_collection_clips_the_full_budget(tiny_collection, tiny_bert_dir
     assert len(pd.read_csv(out / 'results.csv')) == len(EXPECTED)
     report = (out / 'report.md').read_text()
     assert 'rerank_depth: 100 is more than the 96 documents' in report
+
+
+def test_every_ablation_row_runs(tiny_collection, tiny_bert_dir, tiny_cross_encoder_dir, tmp_path):
+    """--ablations on the tiny collection and models: every ablation row is trained, run and compared with its
+    reference (the figures mean nothing)."""
+    from pyterrier_coder.experiment import COMPARISONS
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(['experiment', '--dataset', str(tiny_collection), '--quick', '--ablations', '--out',
+                     str(tmp_path / 'out'), '--device', 'cpu', '--base', str(tiny_bert_dir), '--cross-encoder',
+                     str(tiny_cross_encoder_dir)])
+    assert code == 0, stdout.getvalue()[-3000:]
+    names = pd.read_csv(tmp_path / 'out' / 'results.csv')['name'].tolist()
+    for row in ('BM25 >> CODER (softmax target)', 'BM25 >> CODER (N=32)', 'BM25 >> CODER (random negatives)',
+                'BM25 >> CODER (in-batch negatives)', 'ADORE (PQ index)', 'ADORE (RankNet, no ΔM)',
+                'BM25 >> MonoELECTRA (hinge)', 'Dense >> MonoELECTRA', 'BM25 >> MonoELECTRA (dense negatives)',
+                'Dense >> MonoELECTRA (dense negatives)'):
+        assert row in names, row
+    compared = pd.read_csv(tmp_path / 'out' / 'comparisons.csv')
+    expected = {(a, b) for a, b in COMPARISONS if a in names and b in names}
+    assert set(zip(compared['system'], compared['reference'])) == expected
+
+
+def test_an_unknown_measure_fails_before_anything_runs(tmp_path, capsys):
+    assert main(['experiment', '--dataset', 'unused', '--out', str(tmp_path), '--measures', 'nDCG@ten']) == 2
+    assert "--measures: 'nDCG@ten' is not an ir_measures measure" in capsys.readouterr().err

@@ -4,7 +4,7 @@ against its full method)."""
 from __future__ import annotations
 
 import warnings
-from typing import List
+from typing import List, Optional
 
 import pandas as pd
 
@@ -24,6 +24,12 @@ COMPARISONS = (
     ('BM25 >> CODER(ADORE init)', 'BM25 >> CODER'), ('ADORE (static negatives)', 'ADORE'),
     ('ADORE (RankNet, no ΔM)', 'ADORE'), ('BM25 >> MonoELECTRA (CE)', 'BM25 >> MonoELECTRA'),
     ('BM25 >> MonoELECTRA (LCE, n=2)', 'BM25 >> MonoELECTRA'),
+    ('BM25 >> CODER (softmax target)', 'BM25 >> CODER'), ('BM25 >> CODER (N=100)', 'BM25 >> CODER'),
+    ('BM25 >> CODER (N=300)', 'BM25 >> CODER'), ('BM25 >> CODER (random negatives)', 'BM25 >> CODER'),
+    ('BM25 >> CODER (in-batch negatives)', 'BM25 >> CODER'), ('ADORE (PQ index)', 'ADORE'),
+    ('BM25 >> MonoELECTRA (hinge)', 'BM25 >> MonoELECTRA'), ('Dense >> MonoELECTRA', 'BM25 >> MonoELECTRA'),
+    ('BM25 >> MonoELECTRA (dense negatives)', 'BM25 >> MonoELECTRA'),
+    ('Dense >> MonoELECTRA (dense negatives)', 'Dense >> MonoELECTRA'),
     ('BM25 >> CODER (+ BM25 score)', 'BM25'), ('BM25 >> CODER (+ BM25 score)', 'BM25 >> CODER'),
     ('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25'), ('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25 >> MonoELECTRA'),
 )
@@ -53,7 +59,30 @@ def paired_comparisons(perquery: pd.DataFrame, names: List[str]) -> pd.DataFrame
                                        'difference', 'wins', 'losses', 'p-value'])
 
 
-def measures():
-    """The measures of the results table, as PyTerrier measure objects."""
-    from pyterrier.measures import nDCG, RR, R, AP
-    return [nDCG @ 10, RR @ 10, R @ 100, R @ 1000, AP]
+#: the binary measures computed at a relevance threshold with ``--rel`` (the TREC Deep Learning convention)
+BINARY_AT_THRESHOLD = ('RR(rel={rel})@10', 'R(rel={rel})@100', 'R(rel={rel})@1000', 'AP(rel={rel})')
+
+
+def measure_names(extra=(), rel: Optional[int] = None) -> List[str]:
+    """The names of the results table's measures, as ``pt.Experiment`` names its columns: :data:`MEASURES`, then
+    ``extra`` (any ir_measures names, e.g. ``'R@10'``), then with ``rel`` the binary measures at that relevance
+    threshold (:data:`BINARY_AT_THRESHOLD`; at ``rel=1``, ir_measures' default, they are the plain ones). An unknown
+    name fails here, before anything runs."""
+    import ir_measures
+    names = list(MEASURES) + list(extra) + ([m.format(rel=rel) for m in BINARY_AT_THRESHOLD] if rel is not None else [])
+    out = []
+    for name in names:
+        try:
+            canonical = str(ir_measures.parse_measure(name))
+        except (NameError, ValueError, TypeError, AttributeError, SyntaxError) as error:
+            raise ValueError(f'--measures: {name!r} is not an ir_measures measure (e.g. R@10, P@5, '
+                             f'nDCG(rel=2)@10): {error}') from None
+        if canonical not in out:
+            out.append(canonical)
+    return out
+
+
+def measures(extra=(), rel: Optional[int] = None) -> list:
+    """The measures of :func:`measure_names`, as the objects ``pt.Experiment`` takes."""
+    import ir_measures
+    return [ir_measures.parse_measure(name) for name in measure_names(extra, rel)]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..artifacts import atomic_write_text
-from .comparisons import BASELINE, MEASURES
+from .comparisons import BASELINE, measure_names
 from ..devices import cpu_computes_bf16
 
 
@@ -70,7 +70,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def write_report(runner, results: pd.DataFrame, plots: List[str], comparisons: pd.DataFrame) -> None:
     """Writes ``report.md``: the results table, the paired comparisons, the label choice and budget changes, the
     settings, times, latency, training summaries, validation curves, interpolation weights and plots of a run."""
-    cols = ['name'] + [m for m in MEASURES if m in results.columns]
+    cols = ['name'] + [m for m in measure_names(runner.s.measures, runner.s.rel) if m in results.columns]
     pcols = [f'{m} p-value corrected' for m in ('nDCG@10', 'RR@10') if f'{m} p-value corrected' in results.columns]
     table = results[cols + pcols + ['ms/query']].copy()
     lines = [f'# pyterrier-coder experiment: {runner.s.dataset}', '',

@@ -59,6 +59,10 @@ class ExperimentSettings:
     test_split: str = 'test'
     #: budget changes, e.g. ``{'electra': {'max_steps': 600}, 'rerank_depth': 50}`` (CLI: ``--set``)
     overrides: dict = dataclasses.field(default_factory=dict)
+    #: measures beside the default ones (ir_measures names, e.g. ``('R@10',)``; CLI: ``--measures``)
+    measures: tuple = ()
+    #: also report binary measures at this relevance threshold (TREC DL: 2; CLI: ``--rel``)
+    rel: Optional[int] = None
     verbose: bool = True
 
 
@@ -73,6 +77,7 @@ class ExperimentRunner:
         self.s = settings
         self.out = Path(settings.out)
         self.budget = apply_overrides(QUICK if settings.quick else FULL, settings.overrides)
+        measures(settings.measures, settings.rel)      # an unknown measure fails now, not after the training
         unknown = set(settings.components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f'unknown components {sorted(unknown)}; choose from {COMPONENTS}')
@@ -248,9 +253,12 @@ class ExperimentRunner:
         kwargs = {**self.budget['coder'], **overrides}
         if single_stage:
             fit = lambda m: m.fit(self.train, self.train_qrels, self.dev, self.dev_qrels)
-        else:
+        elif kwargs['num_candidates']:
             candidates = self.bm25 % kwargs['num_candidates']
             fit = lambda m: (candidates >> m).fit(self.train, self.train_qrels, self.dev, self.dev_qrels)
+        else:   # no candidates (random or in-batch negatives only): validated as the reranker of BM25 it will be
+            dev = self.bm25 % self.budget['coder']['num_candidates']
+            fit = lambda m: m.fit(self.train, self.train_qrels, dev(self.dev), self.dev_qrels)
         encoder = self._models_by_init[init]().encoder if init else self.encoder
         spec = self._spec(name, kwargs, single_stage=single_stage, init=init,
                           init_spec=self._saved_spec(init) if init else None)
@@ -267,17 +275,22 @@ class ExperimentRunner:
                           **kwargs),
             lambda m: m.fit(self.train, self.train_qrels, self.dev, self.dev_qrels))
 
-    def _electra(self, name='electra', **overrides):
+    def _electra(self, name='electra', *, negatives: str = 'bm25', **overrides):
+        """The cross-encoder trained with LCE on the candidates of ``negatives``, the first stage it is trained to
+        follow (``'bm25'``, or ``'dense'`` for the train/test-retriever ablation), validated on that stage's
+        candidates."""
         kwargs = {**self.budget['electra'], **overrides}
+        stage = (lambda k: self.bm25 % k) if negatives == 'bm25' else self.dense.retriever
         # validation reranks a shallower list than the test (it runs several times during training)
-        first = self.bm25 % self.budget['electra_dev_depth'] >> self.bm25.text_loader()
+        first = stage(self.budget['electra_dev_depth']) >> self.bm25.text_loader()
         negatives_from = kwargs.get('negatives_from', 200)
         dev = self._topics(self.s.dev_split, self.budget['electra_dev_queries'], what='electra_dev_queries')
+        extra = {} if negatives == 'bm25' else {'negatives': negatives}
         return self._train_or_load(
-            name, MonoElectra, self._spec(name, kwargs, cross_encoder=self.s.cross_encoder),
+            name, MonoElectra, self._spec(name, kwargs, cross_encoder=self.s.cross_encoder, **extra),
             lambda: MonoElectra(self.s.cross_encoder, seed=self.s.seed, device=self.s.device,
                                 verbose=self.s.verbose, texts=self.bm25.text_loader(), **kwargs),
-            lambda m: m.fit((self.bm25 % negatives_from >> self.bm25.text_loader())(self.train), self.train_qrels,
+            lambda m: m.fit((stage(negatives_from) >> self.bm25.text_loader())(self.train), self.train_qrels,
                             first(dev), self.dev_qrels))
 
     def _fused(self, name: str, first: str, reranker, dev: pd.DataFrame):
@@ -349,19 +362,43 @@ class ExperimentRunner:
             return systems
         # the papers' ablation rows (CODER Fig. 2, ADORE static negatives / RankNet, LCE vs CE and group size)
         if 'coder' in comps:
+            n = self.budget['coder']['num_candidates']
             add('BM25 >> CODER (margin loss)', 'BM25', lambda: self._coder('coder_margin', loss='margin'))
-            add('BM25 >> CODER (N=32)', 'BM25', lambda: self._coder('coder_n32', num_candidates=32))
+            add('BM25 >> CODER (softmax target)', 'BM25', lambda: self._coder('coder_softmax', target='softmax'))
+            # CODER paper, Fig. 2: the negatives' composition and number
+            for size in (32, 100, 300):
+                if size < n:
+                    add(f'BM25 >> CODER (N={size})', 'BM25',
+                        lambda size=size: self._coder(f'coder_n{size}', num_candidates=size))
+            add('BM25 >> CODER (random negatives)', 'BM25',
+                lambda: self._coder('coder_random', num_candidates=0, random_negatives=n))
+            add('BM25 >> CODER (in-batch negatives)', 'BM25',
+                lambda: self._coder('coder_in_batch', num_candidates=0, in_batch_negatives=30))
         if 'adore' in comps:
             add('ADORE (static negatives)', None, lambda: self._adore('adore_static', dynamic=False).retriever(1000))
             add('ADORE (RankNet, no ΔM)', None,
                 lambda: self._adore('adore_ranknet', lambda_weighting=False).retriever(1000))
+            # the index that will be deployed compressed: training against its product-quantised vectors
+            # (one 4-bit code per 8 dimensions: 48 bytes for a 384-d MiniLM vector instead of 1,536)
+            pq = f'faiss:PQ{max(1, self.encoder.dim // 8)}x4'
+            add('ADORE (PQ index)', None, lambda: self._adore('adore_pq', search=pq).retriever(1000))
         if 'electra' in comps:
             add('BM25 >> MonoELECTRA (CE)', text_stage, lambda: self._electra('electra_ce', loss='ce'))
+            add('BM25 >> MonoELECTRA (hinge)', text_stage, lambda: self._electra('electra_hinge', loss='hinge'))
             # LCE paper, Fig. 3: group size at an equal number of query-passage pairs per step
             e = self.budget['electra']
             pairs = e['group_size'] * e['train_batch_size']
             add('BM25 >> MonoELECTRA (LCE, n=2)', text_stage,
                 lambda: self._electra('electra_n2', group_size=2, train_batch_size=max(1, pairs // 2)))
+            # the replication paper's train retriever x test retriever: negatives from BM25 or from the dense
+            # model, reranking BM25 or the dense model
+            dense_stage = f'Dense top-{depth} + text'
+            self.first_stages[dense_stage] = self.dense.retriever(depth) >> self.bm25.text_loader()
+            add('Dense >> MonoELECTRA', dense_stage, self._electra)
+            add('BM25 >> MonoELECTRA (dense negatives)', text_stage,
+                lambda: self._electra('electra_dense_negatives', negatives='dense'))
+            add('Dense >> MonoELECTRA (dense negatives)', dense_stage,
+                lambda: self._electra('electra_dense_negatives', negatives='dense'))
         return systems
 
     # --- evaluation and report -----------------------------------------------------------------------------
@@ -456,9 +493,9 @@ class ExperimentRunner:
         frames = [runs[name] for name in names]
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', RuntimeWarning)   # t-test between identical runs gives nan
-            results = pt.Experiment(frames, self.test, self.test_qrels, measures(), names=names,
+            results = pt.Experiment(frames, self.test, self.test_qrels, measures(self.s.measures, self.s.rel), names=names,
                                     baseline=names.index(BASELINE), test='t', correction='holm')
-            perquery = pt.Experiment(frames, self.test, self.test_qrels, measures(), names=names, perquery=True)
+            perquery = pt.Experiment(frames, self.test, self.test_qrels, measures(self.s.measures, self.s.rel), names=names, perquery=True)
         results['ms/query'] = [self.latency[name] for name in names]
         results.to_csv(self.out / 'results.csv', index=False)
         perquery.to_csv(self.out / 'perquery.csv', index=False)
