@@ -180,12 +180,38 @@ def test_checker_catches_wrong_calls(tmp_path):
     assert len(checker.errors) == 4, messages   # Coder.load takes **overrides: accepted
 
 
+def heading_anchors(path: Path) -> set:
+    """The anchors GitHub gives the headings of a markdown file (lower case, punctuation dropped, spaces to
+    hyphens, a repeated heading numbered)."""
+    anchors, seen = set(), {}
+    inside = False
+    for line in path.read_text().splitlines():
+        inside ^= line.startswith('```')
+        match = re.match(r'#{1,6} (.+)', line) if not inside else None
+        if match:
+            slug = re.sub(r'[^\w\- ]', '', match.group(1).strip().lower()).replace(' ', '-')
+            anchors.add(slug if slug not in seen else f'{slug}-{seen[slug]}')
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+#: pages whose own links are not checked for anchors (docs/performance.md is maintained on its own branch)
+ANCHORS_NOT_CHECKED_FROM = {'performance.md'}
+
+
 def test_links_between_documents_exist():
+    """Relative links point at existing files, and their #anchors at headings of those files."""
     missing = []
     for path in DOC_FILES:
-        for target in re.findall(r'\]\(([^)#\s]+)(?:#[^)]*)?\)', path.read_text()):
-            if '://' not in target and not (path.parent / target).exists():
+        for target, anchor in re.findall(r'\]\(([^)#\s]*)(?:#([^)\s]*))?\)', path.read_text()):
+            if '://' in target or target.startswith('mailto:'):
+                continue
+            file = (path.parent / target) if target else path
+            if not file.exists():
                 missing.append(f'{path.relative_to(ROOT)} -> {target}')
+            elif anchor and file.suffix == '.md' and path.name not in ANCHORS_NOT_CHECKED_FROM \
+                    and anchor not in heading_anchors(file):
+                missing.append(f'{path.relative_to(ROOT)} -> {target}#{anchor}')
     assert not missing, missing
 
 
@@ -393,3 +419,96 @@ def test_make_results_refuses_incomplete_outputs(tmp_path):
     (tmp_path / 'run' / 'results.csv').write_text('name,nDCG@10\nBM25,0.3\n')
     with pytest.raises(SystemExit, match='run_info.json'):
         make_results.main([str(tmp_path / 'run'), '--root', str(tmp_path)])
+
+
+# --- docs/api.md: every export, every constructor argument, the defaults it states -------------------------------
+API = ROOT / 'docs' / 'api.md'
+
+
+def api_sections(text: str) -> dict:
+    """``{name: section text}`` of the ``## `name` `` sections of the API page."""
+    return {m.group(1): m.group(2) for m in re.finditer(r'^## `([^`]+)`\n(.*?)(?=^## |\Z)', text, re.S | re.M)}
+
+
+def _declared_parameters(obj):
+    """``{owner name: [parameters]}``: the named parameters of a function, or of the ``__init__`` of each class of
+    ``obj``'s hierarchy that belongs to the package (each listed under the class that declares it)."""
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if not inspect.isclass(obj):
+        return {obj.__name__: [p for p in inspect.signature(obj).parameters.values() if p.kind not in kinds]}
+    out = {}
+    for klass in obj.__mro__:
+        if klass.__module__.startswith('pyterrier_coder') and '__init__' in vars(klass):
+            params = [p for name, p in inspect.signature(vars(klass)['__init__']).parameters.items()
+                      if name != 'self' and p.kind not in kinds]
+            out.setdefault(klass.__name__, []).extend(p for p in params if p.name not in
+                                                      {q.name for ps in out.values() for q in ps})
+    return out
+
+
+def api_problems(text: str, exports: dict) -> list:
+    """What the API page misses or states wrongly about ``exports`` (``{name: object}``): a missing section, a
+    constructor or function argument its section (or, when a base class of the package declares it, the base
+    class's section) does not name, and a default written as a literal (`` | `name` | `value` | ``) that is not the
+    code's."""
+    from pyterrier_coder.training import setting_defaults
+    sections, problems = api_sections(text), []
+    for name, obj in exports.items():
+        if name not in sections:
+            problems.append(f'no section for {name}')
+            continue
+        for owner, params in _declared_parameters(obj).items():
+            section = sections.get(owner, sections[name])
+            problems += [f'{owner}: argument {p.name!r} is not in docs/api.md' for p in params
+                         if f'`{p.name}`' not in section]
+        defaults = setting_defaults(obj) if inspect.isclass(obj) else {
+            p.name: p.default for p in inspect.signature(obj).parameters.values()}
+        for match in re.finditer(r'^\| `(\w+)` \| `([^`|]*)` \|', sections[name], re.M):
+            argument, written = match.groups()
+            if argument in defaults:
+                try:
+                    value = ast.literal_eval(written)
+                except (ValueError, SyntaxError):
+                    continue
+                if value != defaults[argument]:
+                    problems.append(f'{name}: docs/api.md says {argument}={written}, the code {defaults[argument]!r}')
+    return problems
+
+
+def test_api_reference_covers_every_export_and_argument():
+    exports = {name: getattr(pyterrier_coder, name) for name in pyterrier_coder._EXPORTS}
+    problems = api_problems(API.read_text(), exports)
+    assert not problems, '\n'.join(problems)
+
+
+def test_api_reference_training_defaults_are_the_components():
+    """The table of each trainer's TrainingConfig defaults equals the code's, and the fields it leaves out are the
+    same for every trainer."""
+    import dataclasses
+    from pyterrier_coder import Adore, Coder, MonoElectra, TrainingConfig
+    section = api_sections(API.read_text())['TrainingConfig']
+    configs = [TrainingConfig(), Coder.DEFAULTS, Adore.DEFAULTS, MonoElectra.DEFAULTS]
+    listed = set()
+    for match in re.finditer(r'^\| `(\w+)` \| `([^`]*)` \| `([^`]*)` \| `([^`]*)` \| `([^`]*)` \|$', section, re.M):
+        field, *cells = match.groups()
+        listed.add(field)
+        assert [ast.literal_eval(c) for c in cells] == [getattr(c, field) for c in configs], field
+    assert listed, 'no defaults table in the TrainingConfig section'
+    for field in dataclasses.fields(TrainingConfig):
+        if field.name not in listed and field.name != 'verbose':
+            assert len({repr(getattr(c, field.name)) for c in configs}) == 1, \
+                f'{field.name} differs between trainers: add it to the table in docs/api.md'
+
+
+def test_api_check_fails_on_an_unmentioned_argument():
+    """The check itself: a constructor that gains an argument, or a changed default, is reported."""
+    class Component:
+        __module__ = 'pyterrier_coder.fake'
+
+        def __init__(self, index, *, depth: int = 10, new_setting: float = 0.5):
+            pass
+    text = '## `Component`\n\n| argument | default | meaning |\n|---|---|---|\n| `index` | | x |\n| `depth` | `20` | y |\n'
+    problems = api_problems(text, {'Component': Component, 'Missing': Component})
+    assert "Component: argument 'new_setting' is not in docs/api.md" in problems
+    assert 'Component: docs/api.md says depth=20, the code 10' in problems
+    assert 'no section for Missing' in problems
