@@ -122,6 +122,13 @@ def commit(run: Run) -> str:
     return text + (' with uncommitted changes' if c.get('uncommitted_changes') else '')
 
 
+def commit_phrase(run: Run) -> str:
+    c = run.info.get('commit')
+    if not c:
+        return 'commit not recorded: the package was not a git checkout'
+    return f'commit `{c["commit"][:10]}`' + (' with uncommitted changes' if c.get('uncommitted_changes') else '')
+
+
 def machine(run: Run) -> str:
     m = run.info.get('machine') or {}
     flags = ', '.join(m.get('cpu_flags') or []) or 'none of avx2/avx512f/avx512_bf16/amx_bf16/amx_tile'
@@ -137,6 +144,19 @@ def machine(run: Run) -> str:
 
 
 # --- the blocks -------------------------------------------------------------------------------------------------
+def pvalue_cell(row, column: str) -> str:
+    """A Holm-corrected p-value; for the baseline row ``baseline``, and ``identical`` for a row that ranks every test
+    query as the baseline does (pt.Experiment gives them no p-value)."""
+    value = row[column]
+    if not (isinstance(value, float) and math.isnan(value)):
+        return fmt(value)
+    measure = column.split()[0]
+    wins, losses = row.get(f'{measure} +'), row.get(f'{measure} -')
+    if isinstance(wins, float) and math.isnan(wins):
+        return 'baseline'
+    return 'identical' if wins == 0 and losses == 0 else '—'
+
+
 def results_table(run: Run, names: Optional[List[str]] = None, measures=MEASURES, pvalues: bool = True,
                   latency: bool = True) -> str:
     frame = run.rows(names) if names is not None else run.results
@@ -150,7 +170,7 @@ def results_table(run: Run, names: Optional[List[str]] = None, measures=MEASURES
     for _, r in frame.iterrows():
         cells = [r['name']]
         cells += [f'**{fmt(r[m])}**' if len(frame) > 1 and r[m] == best[m] else fmt(r[m]) for m in measures]
-        cells += [fmt(r[c]) for c in pcols]
+        cells += [pvalue_cell(r, c) for c in pcols]
         if latency and 'ms/query' in frame.columns:
             cells.append(fmt(r['ms/query'], 2))
         rows.append(cells)
@@ -227,7 +247,7 @@ def run_header(run: Run) -> List[str]:
 
 def baseline(run: Run) -> Optional[str]:
     """The row pt.Experiment compared the others with: the one without p-values."""
-    column = 'nDCG@10 p-value corrected'
+    column = 'nDCG@10 +'
     if column not in run.results.columns:
         return None
     rows = run.results[run.results[column].isna()]
@@ -238,8 +258,9 @@ def dataset_block(run: Run) -> str:
     parts = ['\n'.join(run_header(run)), results_table(run)]
     if baseline(run):
         parts.append(f'Bold: the best value of each measure. p (Holm): paired t-test of each row against the baseline '
-                     f'`{baseline(run)}`, Holm-corrected over all rows; `ms/query`: wall time per test query of the '
-                     f'whole pipeline on the machine above.')
+                     f'`{baseline(run)}`, Holm-corrected over all rows (`identical`: the row ranks every test query as '
+                     f'the baseline does). `ms/query`: wall time per test query of the whole pipeline on the machine '
+                     f'above.')
     if len(run.comparisons):
         parts += ['Paired comparisons (paired t-test over the test queries, uncorrected):', comparisons_table(run)]
     weights = fusion_lines(run)
@@ -306,11 +327,11 @@ PAGES: Dict[str, dict] = {
 
 def page_block(page: str, run: Run, ablations: Optional[Run]) -> str:
     spec = PAGES[page]
-    parts = [f'From `{command(run)}` at commit {commit(run)}; {run.info.get("test_queries", "?")} test queries '
+    source = f'`{command(run)}` ({commit_phrase(run)})'
+    parts = [f'From {source}; {run.info.get("test_queries", "?")} test queries '
              f'([all figures and the machine](results.md)).' if page != 'readme' else
-             f'Test split of {run.dataset} ({run.info.get("test_queries", "?")} queries), from '
-             f'`{command(run)}` at commit {commit(run)} ([all measures, p-values and the machine]'
-             f'(docs/results.md)).']
+             f'Test split of {run.dataset} ({run.info.get("test_queries", "?")} queries), from {source} '
+             f'([all measures, p-values and the machine](docs/results.md)).']
     if run.settings.get('quick'):
         parts[0] += ' A `--quick` smoke run: its figures are not results.'
     if spec.get('rows'):
