@@ -145,8 +145,8 @@ def machine(run: Run) -> str:
 
 # --- the blocks -------------------------------------------------------------------------------------------------
 def pvalue_cell(row, column: str) -> str:
-    """A Holm-corrected p-value; for the baseline row ``baseline``, and ``identical`` for a row that ranks every test
-    query as the baseline does (pt.Experiment gives them no p-value)."""
+    """A Holm-corrected p-value; for the baseline row ``baseline``, and ``identical`` for a row with the baseline's
+    value on every test query (pt.Experiment gives neither a p-value)."""
     value = row[column]
     if not (isinstance(value, float) and math.isnan(value)):
         return fmt(value)
@@ -194,7 +194,9 @@ def comparisons_table(run: Run, pairs: Optional[List[tuple]] = None) -> str:
             hit = c[(c['system'] == system) & (c['reference'] == reference) & (c['measure'] == m)]
             if len(hit):
                 h = hit.iloc[0]
-                cells += [f'{h["difference"]:+.4f}', f'{int(h["wins"])} / {int(h["losses"])}', fmt(h['p-value'])]
+                same = int(h['wins']) == 0 and int(h['losses']) == 0 and h['difference'] == 0
+                p = 'identical' if same and math.isnan(float(h['p-value'])) else fmt(h['p-value'])
+                cells += [f'{h["difference"]:+.4f}', f'{int(h["wins"])} / {int(h["losses"])}', p]
             else:
                 cells += ['—', '—', '—']
         rows.append(cells)
@@ -258,8 +260,8 @@ def dataset_block(run: Run) -> str:
     parts = ['\n'.join(run_header(run)), results_table(run)]
     if baseline(run):
         parts.append(f'Bold: the best value of each measure. p (Holm): paired t-test of each row against the baseline '
-                     f'`{baseline(run)}`, Holm-corrected over all rows (`identical`: the row ranks every test query as '
-                     f'the baseline does). `ms/query`: wall time per test query of the whole pipeline on the machine '
+                     f'`{baseline(run)}`, Holm-corrected over all rows (`identical`: the row has the baseline\'s value '
+                     f'on every test query). `ms/query`: wall time per test query of the whole pipeline on the machine '
                      f'above.')
     if len(run.comparisons):
         parts += ['Paired comparisons (paired t-test over the test queries, uncorrected):', comparisons_table(run)]
