@@ -42,7 +42,12 @@ def parse_delta_metric(spec: str) -> tuple:
 
 
 class Adore(DenseQueryTrainer):
-    """ADORE query-encoder trainer over a fixed dense index; after ``fit`` a single-stage dense retriever.
+    """ADORE query-encoder trainer over a fixed dense index; after ``fit`` a single-stage dense retriever (Zhan,
+    Mao, Liu, Guo, Zhang, Ma: "Optimizing Dense Retrieval Model Training with Hard Negatives", SIGIR 2021).
+
+    Input: a query frame (``qid, query``) gets ``qid, query, docno, score, rank`` (retrieval of ``num_results``
+    documents with the fine-tuned query encoder); a result frame (``qid, query, docno``) is reranked. ``fit`` takes
+    training topics (a result frame too: only ``qid``/``query`` are used, ADORE retrieves its own negatives).
 
     .. code-block:: python
 
@@ -82,10 +87,10 @@ class Adore(DenseQueryTrainer):
 
     def __init__(self, index, encoder: DenseEncoder, *, k: int = 200, delta_metric: str = 'MRR@200',
                  lambda_weighting: bool = True, dynamic: bool = True, min_label: int = 1, search: str = 'exact',
-                 temperature: Optional[float] = None, **kwargs):
+                 temperature: Optional[float] = None, validate_with: str = 'retrieve', **kwargs):
         Adore._check_values(dict(k=k, delta_metric=delta_metric, search=search), 'Adore')
-        kwargs.setdefault('validate_with', 'retrieve')   # ADORE trains a single-stage retriever
-        super().__init__(index, encoder, **kwargs)
+        # validation by retrieval by default: ADORE trains a single-stage retriever
+        super().__init__(index, encoder, validate_with=validate_with, **kwargs)
         self.delta_name, self.delta_k = parse_delta_metric(delta_metric)
         self.k = k
         self.delta_metric = delta_metric

@@ -82,7 +82,13 @@ class _CoderModel(nn.Module):
 
 
 class Coder(DenseQueryTrainer):
-    """CODER reranker / query-encoder trainer.
+    """CODER reranker / query-encoder trainer (Zerveas, Rekabsaz, Cohen, Eickhoff: "CODER: An efficient framework
+    for improving retrieval through COntextual Document Embedding Reranking", EMNLP 2022).
+
+    Input: a result frame (``qid, query, docno``, any ``score``) is reranked, giving ``qid, query, docno, score,
+    rank`` (the inner products of the fine-tuned query embedding with the fixed document embeddings); a query frame
+    (``qid, query``) gets single-stage retrieval of ``num_results`` documents. ``fit`` takes the preceding stage's
+    results on the training and validation topics (or plain topics: the candidates then come from the index).
 
     .. code-block:: python
 

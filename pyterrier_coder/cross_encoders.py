@@ -90,7 +90,7 @@ class _FullPrecisionHead:
     """A classification head's ``forward``, run outside autocast on fp32 inputs. Under bf16 autocast the head's last
     Linear rounds every logit to bf16's 8 significant bits (steps of 1/64 between 2 and 4), so a query's candidates
     tie in blocks and their order is left to the evaluator's tie-breaking: reranking BM25's top 100 on NFCorpus, a
-    query's ~69 candidates had 52 distinct scores, its top 10 had 8.3 (session 14). The head is a few thousand
+    query's ~69 candidates had 52 distinct scores, its top 10 had 8.3. The head is a few thousand
     multiply-adds per pair, so fp32 costs nothing measurable; the transformer body keeps its mixed precision."""
 
     def __init__(self, head: torch.nn.Module):

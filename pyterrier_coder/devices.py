@@ -51,7 +51,7 @@ def check_faiss_gpu_k(k: int, component: str, instead: str) -> None:
 def faiss_to_gpus(index):
     """``index`` copied onto the GPUs faiss sees: sharded over all of them in a single process; under torchrun
     only onto this rank's GPU, since every rank holds its own index (sharding each over all GPUs would put
-    ``world_size`` shards and scratch reservations on every GPU)."""
+    ``world_size`` shards and temporary-memory reservations on every GPU)."""
     import faiss
     if faiss_gpu_count() == 0:
         raise RuntimeError('faiss sees no GPU (faiss-cpu is installed, or no GPU is visible): use gpu=False, or '
@@ -74,8 +74,8 @@ def cpu_computes_bf16() -> bool:
 def autocast_for(device: torch.device, enabled: bool):
     """Mixed precision on ``device`` when ``enabled``: on CUDA bf16 where supported, else fp16 (the loop then adds a
     gradient scaler); on CPU bf16. AMP is the default on CUDA only: a CPU runs bf16 fast only with AVX512-BF16 or
-    AMX (measured 1.4x per MiniLM cross-encoder training step, 1.7x inference, on this project's CPU) and is
-    emulated without them, so on CPU it is opt-in (``amp=True``)."""
+    AMX (docs/performance.md measures the gain on a MiniLM cross-encoder) and is emulated without them, so on CPU
+    it is opt-in (``amp=True``)."""
     if enabled and device.type == 'cuda':
         return torch.autocast('cuda', dtype=cuda_amp_dtype())
     if enabled and device.type == 'cpu':

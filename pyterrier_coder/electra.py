@@ -54,7 +54,13 @@ PAPER_DEFAULTS = TrainingConfig(lr=1e-5, optimizer='adamw', weight_decay=0.01, w
 
 
 class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
-    """monoELECTRA cross-encoder reranker, trainable with LCE.
+    """monoELECTRA cross-encoder reranker, trainable with Localized Contrastive Estimation (Gao, Dai, Callan:
+    "Rethink Training of BERT Rerankers in Multi-Stage Retrieval Pipeline", ECIR 2021; monoELECTRA: Pradeep, Liu,
+    Zhang, Li, Yates, Lin: "Squeezing Water from a Stone", ECIR 2022).
+
+    Input: a result frame with the document text (``qid, query, docno, text``); output: the same rows with the
+    cross-encoder's ``score`` and ``rank``. ``fit`` takes the preceding stage's results (with text) on the training
+    and validation topics.
 
     .. code-block:: python
 

@@ -322,7 +322,10 @@ def _autocast(device):
 
 class DenseIndex:
     """A :class:`DenseEncoder` paired with the pyterrier-dr :class:`~pyterrier_dr.FlexIndex` of its document
-    embeddings.
+    embeddings. It builds transformers rather than being one: :meth:`retriever` (``qid, query`` → ``qid, query,
+    docno, score, rank``) and :meth:`scorer` (``qid, query, docno`` → the same rows rescored and ranked). For TAS-B
+    (the ``tasb`` preset): Hofstätter, Lin, Yang, Lin, Hanbury, "Efficiently Teaching an Effective Dense Retriever
+    with Balanced Topic Aware Sampling", SIGIR 2021.
 
     .. code-block:: python
 

@@ -41,6 +41,9 @@ class Interpolate(pt.Estimator):
     ``pt.Estimator`` and ``fit_reranker``) and then calls :meth:`tune` on the validation candidates, which scores
     them once and keeps the weight of ``alphas`` with the best ``metric`` (ties: the larger weight, i.e. more of
     the reranker). ``tune`` can also be called directly on a reranker that is already trained.
+
+    Input: a result frame with the incoming ``score`` (and whatever columns the reranker needs, e.g. ``text``);
+    output: the same rows with the interpolated ``score`` and its ``rank``.
     """
 
     def __init__(self, reranker: pt.Transformer, alpha: Optional[float] = None, *, normalise: str = 'minmax',

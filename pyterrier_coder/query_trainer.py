@@ -72,7 +72,22 @@ def ranked(frame: pd.DataFrame, rows: np.ndarray, codes: np.ndarray, scores: np.
 
 
 class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
-    """Base class of :class:`~pyterrier_coder.Coder` and :class:`~pyterrier_coder.Adore` (not used directly)."""
+    """Base class of :class:`~pyterrier_coder.Coder` and :class:`~pyterrier_coder.Adore` (not used directly): a
+    trainable copy of a query encoder scored against the fixed document embeddings of an index.
+
+    Args:
+        index: the document index (a FlexIndex, a :class:`DenseIndex` or its path, or a trainer with a
+            ``dense_index``); never modified.
+        encoder: the query encoder to start from (a :class:`DenseEncoder`, or a pyterrier-dr bi-encoder such as
+            ``TasB``); a copy is trained.
+        num_results: documents retrieved for a query frame.
+        validate_with: ``'rerank'`` the preceding stage's validation candidates or ``'retrieve'`` from the index.
+        on_missing: ``'error'`` or ``'drop'`` (warned) for docnos absent from the index.
+        inference_batch_size: queries encoded together at inference.
+        prefetch: gather the next training batch's candidate embeddings in a background thread.
+        verbose: progress bars.
+        **training: :class:`~pyterrier_coder.TrainingConfig` fields.
+    """
 
     COMPONENT = 'DenseQueryTrainer'
     DEFAULTS = TrainingConfig()

@@ -81,7 +81,7 @@ class TrainingConfig:
 
     def check(self, component: str = 'TrainingConfig') -> 'TrainingConfig':
         """Refuses values the loop cannot run, naming ``component``: before any model or index is built, not when
-        training starts (an unknown ``schedule`` used to run as linear decay without a word)."""
+        training starts, where an unknown ``schedule`` would otherwise run as linear decay without a word."""
         def fail(name, expected):
             raise ValueError(f'{component}: {name} must be {expected}, got {getattr(self, name)!r}')
         if self.optimizer not in OPTIMIZERS:

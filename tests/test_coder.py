@@ -509,7 +509,7 @@ def test_rerank_matches_pandas_ranking_on_messy_frames(setup, tied_index):
         pd.testing.assert_frame_equal(quiet(normalise_frame, variant, 'x'), _reference_normalise(variant), obj=name)
         assert got.duplicated(['qid', 'score']).any(), name          # ties were actually exercised
 
-# --- scale (issue #7): candidates stored on disk, chunked mining, training from a stored set, prefetching -------
+# --- scale: candidates stored on disk, chunked mining, training from a stored set, prefetching -------
 
 SCALE_FAST = dict(lr=1e-3, optimizer='adamw', warmup=0, schedule='constant', batch_size=4, eval_every=3, max_steps=7,
                   device='cpu', verbose=False)

@@ -343,7 +343,7 @@ def test_phase_timers_wait_for_the_gpu(monkeypatch):
 
 def test_config_check_refuses_values_the_loop_cannot_run():
     """Bad values fail when the config is checked (by every component's constructor and by the runner's --set),
-    naming the setting: an unknown schedule used to run as linear decay without a word."""
+    naming the setting (an unknown schedule would otherwise run as linear decay without a word)."""
     assert TrainingConfig().check() == TrainingConfig()
     TrainingConfig(lr=0.0, warmup=0, max_steps=None, eval_every=None, patience=None, grad_clip=None).check()
     for bad, match in [(dict(schedule='cosine'), 'schedule'), (dict(optimizer='sgd'), 'optimizer'),
