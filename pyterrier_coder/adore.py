@@ -185,7 +185,7 @@ class Adore(DenseQueryTrainer):
 
     def fit_candidates(self, candidates, valid: Optional[pd.DataFrame] = None,
                        valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Adore':
-        """Trains on the queries and judged positives of a mined :class:`~pyterrier_coder.mining.CandidateSet`
+        """Trains on the queries and judged positives of a mined :class:`~pyterrier_coder.candidates.CandidateSet`
         (or the directory of a saved one, opened memory-mapped), e.g. the set mined for CODER: its rows with
         ``label >= min_label`` are the positives (ADORE retrieves its negatives itself). The set holds every
         positive when it was mined with injected positives and a ``min_label`` no higher than this one's."""

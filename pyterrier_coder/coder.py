@@ -336,7 +336,7 @@ class Coder(DenseQueryTrainer):
     def mine(self, first_stage: pt.Transformer, topics: pd.DataFrame, qrels: pd.DataFrame, path, *,
              chunk_size: int = 1000, resume: bool = False) -> CandidateSet:
         """Mines this model's training candidates (M_C = ``first_stage``, e.g. ``bm25 % 1000``) to the directory
-        ``path``, ``chunk_size`` queries at a time (see :func:`~pyterrier_coder.mining.mine_candidates_to_disk`),
+        ``path``, ``chunk_size`` queries at a time (see :func:`~pyterrier_coder.candidates.mine_candidates_to_disk`),
         with this model's ``num_candidates``, ``min_label`` and ``on_missing``; returns the memory-mapped set
         for :meth:`fit_candidates`. ``resume=True`` continues an interrupted call with the same arguments."""
         return mine_candidates_to_disk(first_stage, topics, qrels, self.store, path, chunk_size=chunk_size,
@@ -346,7 +346,7 @@ class Coder(DenseQueryTrainer):
 
     def fit_candidates(self, candidates, valid: Optional[pd.DataFrame] = None,
                        valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Coder':
-        """Fine-tunes the query encoder on mined candidates: a :class:`~pyterrier_coder.mining.CandidateSet` or
+        """Fine-tunes the query encoder on mined candidates: a :class:`~pyterrier_coder.candidates.CandidateSet` or
         the directory of a saved one (opened memory-mapped: only each batch's rows are read). Given the set
         :meth:`fit` would mine from a frame, it trains exactly as :meth:`fit` does."""
         if not isinstance(candidates, CandidateSet):

@@ -187,6 +187,18 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         bs = batch_size or self.batch_size
         return torch.cat([self._embed(texts[i:i + bs], self.query_max_length) for i in range(0, len(texts), bs)])
 
+    def encode_docs_torch(self, texts, batch_size: Optional[int] = None,
+                          max_length: Optional[int] = None) -> torch.Tensor:
+        """Encodes documents keeping the autograd graph (the bi-encoder trainers train the document side with it),
+        with the pooling and normalisation of :meth:`encode_docs`; ``max_length`` (default ``doc_max_length``)
+        lets training cut documents shorter than the index will."""
+        texts = [t if isinstance(t, str) else '' for t in texts]
+        if not texts:
+            return torch.empty((0, self.dim), device=self.device)
+        bs = batch_size or self.batch_size
+        length = max_length or self.doc_max_length
+        return torch.cat([self._embed(texts[i:i + bs], length) for i in range(0, len(texts), bs)])
+
     def encode_queries(self, texts, batch_size: Optional[int] = None) -> np.ndarray:
         with torch.inference_mode(), self._eval_mode():
             return self.encode_queries_torch(list(texts), batch_size).float().cpu().numpy()
@@ -264,7 +276,10 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
 
     @classmethod
     def load(cls, path, **kwargs) -> 'DenseEncoder':
-        check_component_dir(path, 'DenseEncoder')
+        """Loads a directory written by :meth:`save`, or by a component that saves its query encoder as a plain
+        encoder directory (e.g. :class:`~pyterrier_coder.Star`)."""
+        if not _read_saved_settings(path):
+            check_component_dir(path, 'DenseEncoder')   # fails, saying what the directory holds instead
         return cls(str(path), **kwargs)
 
     from_pretrained = load
@@ -306,11 +321,16 @@ def _load_tokenizer(tokenizer: Optional[str], model_path: str):
 
 
 def _read_saved_settings(model) -> dict:
+    """The encoder settings (pooling, normalisation, lengths, base model) saved in the directory ``model``: those of a
+    saved DenseEncoder, or the ``encoder`` entry of a component whose directory is also an encoder directory (its
+    Hugging Face files are the query encoder's, e.g. a saved Star). Empty for anything else."""
     path = Path(str(model)) / CONFIG_FILE
     if path.is_file():
         conf = read_json(path, 'DenseEncoder', 'saved model\'s settings file')
         if conf.get('component') == 'DenseEncoder':
             return conf['settings']
+        if isinstance(conf.get('encoder'), dict):
+            return conf['encoder']
     return {}
 
 
@@ -349,7 +369,8 @@ class DenseIndex:
         return flex_built(self.flex)
 
     def index(self, corpus_iter: Iterable[dict], *, batch_size: int = 1024, overwrite: bool = False,
-              resumable: bool = True, devices: Optional[Sequence] = None) -> 'DenseIndex':
+              resumable: bool = True, devices: Optional[Sequence] = None,
+              version: Optional[str] = None) -> 'DenseIndex':
         """Encodes ``corpus_iter`` (dicts with ``docno`` and ``text``) into the FlexIndex, once.
 
         Args:
@@ -361,16 +382,24 @@ class DenseIndex:
                 disk as the index itself.
             devices: encode on these devices in parallel, one model replica each (e.g. ``['cuda:0', 'cuda:1']``);
                 default: every GPU when there is more than one, else the encoder's device.
+            version: a string that names the encoder's weights exactly (a trainer passes a hash of them). It is
+                stored with the index (:meth:`version`): an index built with another version, or none, is
+                re-encoded, one with this version is kept; chunks of an interrupted run are resumed only when they
+                were written with this version, and are otherwise discarded (without a version, chunks of another
+                encoder are recognised loosely, by a probe embedding, and refused).
         """
         with build_lock(self.flex.index_path):     # another process building the same path waits here
-            if self.built() and not overwrite:
+            # a trainer's index of other weights is re-encoded (its chunks of these weights are resumed)
+            stale = version is not None and self.version() != version
+            if self.built() and not overwrite and not stale:
                 self._check_built_from(corpus_iter)
                 return self
             work = Path(str(self.flex.index_path) + '.encoding') if resumable else None
-            if work is not None and overwrite and work.exists():
+            encoder = encoder_record(self.encoder, version)
+            if work is not None and work.exists() and (overwrite or not self._same_work_encoder(work, encoder)):
                 shutil.rmtree(work)
             encoders = self._replicas(devices)
-            corpus, encoder = CorpusFingerprint(), encoder_record(self.encoder)
+            corpus = CorpusFingerprint()
             _remove_stale_builds(self.flex.index_path)
             with staging_directory(self.flex.index_path) as tmp:
                 staged = pyterrier_dr.FlexIndex(str(tmp), verbose=False)
@@ -386,7 +415,12 @@ class DenseIndex:
     def record(self) -> Optional[dict]:
         """What built this index (``{'corpus': {'documents', 'sha256'}, 'encoder': ...}``), or None for an index
         that was not built by :meth:`index` (e.g. by pyterrier-dr directly)."""
-        return index_record(self.flex)
+        return index_record(self.flex) if self.built() else None
+
+    def version(self) -> Optional[str]:
+        """The ``version`` the index was built with (see :meth:`index`); None when built without one, or not built."""
+        record = self.record()
+        return record['encoder'].get('version') if record else None
 
     def _check_built_from(self, corpus_iter) -> None:
         """Refuses to reuse a built index for another encoder or another corpus (read once, without encoding),
@@ -457,6 +491,18 @@ class DenseIndex:
         if resumed and self.verbose:
             print(f'DenseIndex.index: {resumed} documents were read back from {work} (resumed)')
 
+    @staticmethod
+    def _same_work_encoder(work: Path, current: dict) -> bool:
+        """Whether the chunks in ``work`` were written by the encoder ``current`` describes (no record: treated as
+        the same, for :meth:`_check_work_encoder` to decide)."""
+        stamp = work / 'encoder.json'
+        if not stamp.exists():
+            return True
+        saved = read_json(stamp, 'DenseIndex.index', 'record of the encoder that wrote these chunks')
+        if current.get('version') is not None or saved.get('version') is not None:
+            return saved.get('version') == current.get('version')      # a trainer's chunks: discarded when stale
+        return True
+
     def _check_work_encoder(self, work: Path, current: dict) -> None:
         """Refuses to resume chunks that another encoder (``current`` is this one's :func:`encoder_record`) wrote
         (other weights, pooling, normalisation or length): the finished index would mix the vectors of two models."""
@@ -514,12 +560,16 @@ class DenseIndex:
         """Re-ranks a result frame (``qid``, ``query``, ``docno``) with the indexed document embeddings.
         Docnos absent from the index raise a KeyError listing a few, or with ``on_missing='drop'`` are dropped
         with a warning."""
+        return self.labelled_scorer(self, on_missing=on_missing)
+
+    def labelled_scorer(self, owner, *, on_missing: str = 'error') -> pt.Transformer:
+        """:meth:`scorer`, named after ``owner`` (as :meth:`labelled_retriever`)."""
         if on_missing not in ('error', 'drop'):
             raise ValueError(f"DenseIndex.scorer: on_missing must be 'error' or 'drop', got {on_missing!r}")
         self._check_encoder('scorer')
         inner = self.encoder.query_encoder() >> self.flex.scorer()
         return _CheckedStage(inner, 'DenseIndex.scorer', 'rerank', self.flex, on_missing=on_missing,
-                             label=(self, '.scorer()'))
+                             label=(owner, '.scorer()'))
 
     def __repr__(self):
         return f'DenseIndex({self.encoder!r}, {str(self.flex.index_path)!r})'
@@ -558,11 +608,13 @@ INDEX_RECORD = 'pyterrier_coder_index.json'
 _PROBE_TEXT = 'pyterrier-coder: which encoder wrote these vectors?'
 
 
-def encoder_record(encoder: 'DenseEncoder') -> dict:
-    """What identifies an encoder's vectors: its model name, its settings and its embedding of a probe text."""
+def encoder_record(encoder: 'DenseEncoder', version: Optional[str] = None) -> dict:
+    """What identifies an encoder's vectors: its model name, its settings, its embedding of a probe text and, from a
+    trainer that names its weights exactly, their ``version``."""
     settings = {k: v for k, v in encoder.settings().items() if k != 'model'}   # a path or a hub id alike
-    return {'model': str(encoder.base_model), 'settings': settings,
-            'probe': encoder.encode_docs([_PROBE_TEXT])[0].astype(np.float64).tolist()}
+    record = {'model': str(encoder.base_model), 'settings': settings,
+              'probe': encoder.encode_docs([_PROBE_TEXT])[0].astype(np.float64).tolist()}
+    return {**record, 'version': version} if version is not None else record
 
 
 def same_encoder(saved: dict, current: dict) -> bool:

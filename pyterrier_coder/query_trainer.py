@@ -38,7 +38,9 @@ VALIDATE_WITH = ('rerank', 'retrieve')
 
 
 def as_flex_index(index, component: str) -> pyterrier_dr.FlexIndex:
-    """The built FlexIndex of a DenseIndex, a FlexIndex or a path (else FileNotFoundError saying how to build it)."""
+    """The built FlexIndex of a DenseIndex, a FlexIndex, a path, or a trainer that encoded its corpus into one (its
+    ``dense_index``, e.g. a fitted :class:`~pyterrier_coder.Star`) (else FileNotFoundError saying how to build it)."""
+    index = getattr(index, 'dense_index', index)
     if isinstance(index, DenseIndex):
         flex = index.flex
     elif isinstance(index, pyterrier_dr.FlexIndex):
@@ -276,7 +278,7 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
              batch_ids=None, training_data=None) -> dict:
         """Runs the TrainingLoop. ``batch_ids``: ``fn(micro_batch)`` -> the candidate row ids its loss will gather;
         when given (and ``prefetch`` is on), the next batch's are gathered in the background while a step runs.
-        ``training_data``: the parts of the training data that :func:`~pyterrier_coder.mining.fingerprint` hashes
+        ``training_data``: the parts of the training data that :func:`~pyterrier_coder.training.fingerprint` hashes
         for the checkpoint's identity (with the settings), so ``resume=True`` cannot continue another run."""
         if batch_ids is not None and self.prefetch:
             self._prefetcher = GatherPrefetcher(self.store, self.encoder.device)

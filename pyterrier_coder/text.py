@@ -1,9 +1,10 @@
-"""Document text for the stages that need it: a transformer that adds it by docno (PyTerrier's text-loader protocol)
-and the lookup of texts from any source a user has (a callable, a mapping, a text loader)."""
+"""Document text for the stages that need it: a transformer that adds it by docno (PyTerrier's text-loader protocol),
+the lookup of texts from any source a user has (a callable, a mapping, a text loader), and corpora that can be read
+more than once (to find the text of a few documents, then to encode all of them)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -96,3 +97,33 @@ def _loader_texts(loader: pt.Transformer, docnos: List[str], text_field: str, co
         raise KeyError(f'{component}: the texts loader {loader!r} gives no {text_field!r} column (its columns: '
                        f'{list(frame.columns)})')
     return dict(zip(frame['docno'].astype(str), frame[text_field]))
+
+
+#: a corpus given to a component: a dataset (``get_corpus_iter()``), a function returning a fresh iterable of
+#: ``{'docno', 'text'}`` dicts, or a list of them
+Corpus = Union[object, Callable[[], Iterable[dict]], Sequence[dict]]
+
+
+def corpus_reader(corpus: Corpus, component: str) -> Callable[[], Iterable[dict]]:
+    """A function returning a fresh iterable over ``corpus`` at each call: components read a corpus more than once
+    (the texts of the training documents, then every document to encode), so a one-shot iterator is refused."""
+    if hasattr(corpus, 'get_corpus_iter'):
+        return lambda: corpus.get_corpus_iter(verbose=False)
+    if isinstance(corpus, (list, tuple)):
+        return lambda: corpus
+    if callable(corpus):
+        return corpus
+    raise TypeError(f'{component}: corpus must be a dataset (with get_corpus_iter()), a function returning an iterable '
+                    f'of {{"docno", "text"}} dicts, or a list of them; got {type(corpus).__name__} (an iterator '
+                    f'can be read only once: pass a function that returns it, e.g. lambda: dataset.get_corpus_iter())')
+
+
+def scan_corpus(read: Callable[[], Iterable[dict]], wanted: Set[str], text_field: str) -> Tuple[Dict[str, str], int]:
+    """One pass over the corpus: the text of the ``wanted`` docnos it holds, and its number of documents."""
+    found, count = {}, 0
+    for doc in read():
+        count += 1
+        docno = str(doc.get('docno'))
+        if docno in wanted:
+            found[docno] = clean_texts([doc.get(text_field)])[0]
+    return found, count

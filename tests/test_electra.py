@@ -391,7 +391,6 @@ def test_training_loss_is_the_configured_loss_of_the_group_scores(tiny_cross_enc
 
 def test_pt_inspect_lists_settings_and_applies_changes_keeping_the_trained_weights(tiny_cross_encoder_dir,
                                                                                      train_res, dataset):
-    import pyterrier as pt
     model = electra(tiny_cross_encoder_dir, max_length=64, **{**TRAIN, 'group_size': 4, 'max_steps': 2})
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
