@@ -1,4 +1,4 @@
-"""pyterrier-coder: CODER, ADORE and monoELECTRA (LCE) as PyTerrier transformers.
+"""pyterrier-coder: CODER, ADORE, STAR and monoELECTRA (LCE) as PyTerrier transformers.
 
 Attributes are imported lazily so that ``import pyterrier`` (which loads this package through its
 ``pyterrier.modules`` entry point as ``pt.coder``) stays cheap and never imports torch eagerly.
@@ -15,6 +15,8 @@ _EXPORTS = {
     'Coder': 'coder',
     'Adore': 'adore',
     'DenseQueryTrainer': 'query_trainer',
+    'Star': 'star',
+    'BiEncoderTrainer': 'bi_encoder_training',
     'MonoElectra': 'electra',
     'Interpolate': 'fusion',
     'TrainingConfig': 'training',

@@ -14,9 +14,8 @@ import copy
 import dataclasses
 import json
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +27,7 @@ from ._util import (HubMixin, InspectableSettings, atomic_write_text, evaluate, 
                     model_max_tokens, read_component_config, tokenize_truncated, validate_columns, validation_data,
                     write_component_config)
 from .encoders import resolve_model_path
+from .texts import TextSource, clean_text as _clean_text, lookup_texts
 from .mining import check_lower_labels, fingerprint, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .training import (TrainingConfig, TrainingLoop, at_least, autocast_for, cpu_computes_bf16,
                        split_training_kwargs)
@@ -53,9 +53,6 @@ PAPER_DEFAULTS = TrainingConfig(lr=1e-5, optimizer='adamw', weight_decay=0.01, w
                                 batch_size=8, grad_clip=1.0, epochs=1, eval_every=500, patience=None,
                                 metric='nDCG@10')
 
-TextSource = Union[Callable[[str], str], Mapping, pt.Transformer]
-
-
 def _text_hint(text_field: str, what: str = 'input') -> str:
     return (f"{COMPONENT} needs the document text in a {text_field!r} column of its {what}. Attach it in the first "
             f"stage, e.g. BM25(path, text=True) % 100 >> electra, or add a text loader: "
@@ -64,11 +61,6 @@ def _text_hint(text_field: str, what: str = 'input') -> str:
 
 def _missing_text_error(text_field: str, what: str = 'input') -> KeyError:
     return KeyError(_text_hint(text_field, what).replace('. Attach', ', but there is none. Attach'))
-
-
-def _clean_text(values) -> List[str]:
-    """NaN/None/empty text becomes ''; everything else str."""
-    return ['' if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in values]
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -91,40 +83,7 @@ class TrainingGroups:
 
 def _lookup_texts(docnos: Sequence[str], source: Optional[TextSource], text_field: str) -> Dict[str, str]:
     """Text of ``docnos`` from the optional ``texts`` source; docnos it cannot give are left out."""
-    if source is None or not len(docnos):
-        return {}
-    docnos = list(docnos)
-    if isinstance(source, pt.Transformer):
-        found = _loader_texts(source, docnos, text_field)
-    elif isinstance(source, Mapping):
-        found = {d: source[d] for d in docnos if d in source}
-    elif callable(source):
-        found = {}
-        for d in docnos:
-            try:
-                found[d] = source(d)
-            except (KeyError, LookupError):
-                pass
-    else:
-        raise TypeError(f'{COMPONENT}: texts must be a callable docno -> text, a mapping or a pt.Transformer '
-                        f'text loader, got {type(source).__name__}')
-    return {d: t for d, t in zip(found, _clean_text(found.values())) if found[d] is not None}
-
-
-def _loader_texts(loader: pt.Transformer, docnos: List[str], text_field: str) -> Dict[str, str]:
-    """Text of ``docnos`` from a text loader. Loaders raise a KeyError for a docno they do not hold (e.g. a docstore
-    of part of the corpus), so a failed request is split in halves until the docnos it can give are found."""
-    try:
-        frame = loader(pd.DataFrame({'qid': ['0'] * len(docnos), 'docno': docnos}))
-    except KeyError:
-        if len(docnos) == 1:
-            return {}
-        middle = len(docnos) // 2
-        return {**_loader_texts(loader, docnos[:middle], text_field), **_loader_texts(loader, docnos[middle:],
-                                                                                       text_field)}
-    if text_field not in frame.columns:
-        raise _missing_text_error(text_field, f'texts loader output ({loader!r})')
-    return dict(zip(frame['docno'].astype(str), frame[text_field]))
+    return lookup_texts(docnos, source, text_field, COMPONENT)
 
 
 def build_training_groups(train: pd.DataFrame, qrels: pd.DataFrame, *, text_field: str = 'text',

@@ -148,6 +148,18 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         bs = batch_size or self.batch_size
         return torch.cat([self._embed(texts[i:i + bs], self.query_max_length) for i in range(0, len(texts), bs)])
 
+    def encode_docs_torch(self, texts, batch_size: Optional[int] = None,
+                          max_length: Optional[int] = None) -> torch.Tensor:
+        """Encodes documents keeping the autograd graph (the bi-encoder trainers train the document side with it),
+        with the pooling and normalisation of :meth:`encode_docs`; ``max_length`` (default ``doc_max_length``)
+        lets training cut documents shorter than the index will."""
+        texts = [t if isinstance(t, str) else '' for t in texts]
+        if not texts:
+            return torch.empty((0, self.dim), device=self.device)
+        bs = batch_size or self.batch_size
+        length = max_length or self.doc_max_length
+        return torch.cat([self._embed(texts[i:i + bs], length) for i in range(0, len(texts), bs)])
+
     def encode_queries(self, texts, batch_size: Optional[int] = None) -> np.ndarray:
         with torch.inference_mode(), self._eval_mode():
             return self.encode_queries_torch(list(texts), batch_size).float().cpu().numpy()
@@ -223,7 +235,10 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
 
     @classmethod
     def load(cls, path, **kwargs) -> 'DenseEncoder':
-        check_component_dir(path, 'DenseEncoder')
+        """Loads a directory written by :meth:`save`, or by a component that saves its query encoder as a plain
+        encoder directory (e.g. :class:`~pyterrier_coder.Star`)."""
+        if not _read_saved_settings(path):
+            check_component_dir(path, 'DenseEncoder')   # fails, saying what the directory holds instead
         return cls(str(path), **kwargs)
 
     from_pretrained = load
@@ -242,12 +257,17 @@ def _load_tokenizer(tokenizer: Optional[str], model_path: str):
 
 
 def _read_saved_settings(model) -> dict:
+    """The encoder settings (pooling, normalisation, lengths, base model) saved in the directory ``model``: those of a
+    saved DenseEncoder, or the ``encoder`` entry of a component whose directory is also an encoder directory (its
+    Hugging Face files are the query encoder's, e.g. a saved Star). Empty for anything else."""
     path = Path(str(model)) / 'pyterrier_coder.json'
     if path.is_file():
         with open(path) as f:
             conf = json.load(f)
         if conf.get('component') == 'DenseEncoder':
             return conf['settings']
+        if isinstance(conf.get('encoder'), dict):
+            return conf['encoder']
     return {}
 
 
@@ -295,7 +315,8 @@ class DenseIndex:
         return flex_built(self.flex)
 
     def index(self, corpus_iter: Iterable[dict], *, batch_size: int = 1024, overwrite: bool = False,
-              resumable: bool = True, devices: Optional[Sequence] = None) -> 'DenseIndex':
+              resumable: bool = True, devices: Optional[Sequence] = None,
+              version: Optional[str] = None) -> 'DenseIndex':
         """Encodes ``corpus_iter`` (dicts with ``docno`` and ``text``) into the FlexIndex, once.
 
         Args:
@@ -307,18 +328,44 @@ class DenseIndex:
                 disk as the index itself.
             devices: encode on these devices in parallel, one model replica each (e.g. ``['cuda:0', 'cuda:1']``);
                 default: every GPU when there is more than one, else the encoder's device.
+            version: a string that names the encoder's weights exactly (a trainer passes a hash of them). It is
+                stored with the index (:meth:`version`): an index built with another version, or none, is
+                re-encoded, one with this version is kept; chunks of an interrupted run are resumed only when they
+                were written with this version, and are otherwise discarded (without a version, chunks of another
+                encoder are recognised loosely, by a probe embedding, and refused).
         """
-        if self.built() and not overwrite:
+        if self.built() and not overwrite and (version is None or self.version() == version):
             return self
         work = Path(str(self.flex.index_path) + '.encoding') if resumable else None
-        if work is not None and overwrite and work.exists():
+        if work is not None and work.exists() and (overwrite or (version is not None and
+                                                                  self._work_version(work) != version)):
             shutil.rmtree(work)
         encoders = self._replicas(devices)
         indexer = self.flex.indexer(mode='overwrite')
-        indexer.index(self._encoded(corpus_iter, batch_size, encoders, work))
+        indexer.index(self._encoded(corpus_iter, batch_size, encoders, work, version))
+        if version is not None:
+            atomic_write_text(Path(self.flex.index_path) / self.VERSION_FILE,
+                              json.dumps({'version': version, 'encoder': self.encoder.settings()}))
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+        # a FlexIndex keeps what it has read (metadata, the memory-mapped vectors): read the new files afresh
+        self.flex = pyterrier_dr.FlexIndex(str(self.flex.index_path), sim_fn=self.flex.sim_fn, verbose=False)
         return self
+
+    #: written into the index directory by :meth:`index` when given a ``version``
+    VERSION_FILE = 'pyterrier_coder.encoder.json'
+
+    def version(self) -> Optional[str]:
+        """The ``version`` the index was built with (see :meth:`index`); None when built without one, or not built."""
+        path = Path(self.flex.index_path) / self.VERSION_FILE
+        if not (self.built() and path.is_file()):
+            return None
+        return json.loads(path.read_text()).get('version')
+
+    @staticmethod
+    def _work_version(work: Path) -> Optional[str]:
+        stamp = work / 'encoder.json'
+        return json.loads(stamp.read_text()).get('version') if stamp.exists() else None
 
     def _replicas(self, devices: Optional[Sequence]) -> list:
         if devices is None:
@@ -329,13 +376,13 @@ class DenseIndex:
         own = next((i for i, d in enumerate(devices) if _same_device(d, self.encoder.device)), None)
         return [self.encoder if i == own else self.encoder.clone().to(d) for i, d in enumerate(devices)]
 
-    def _encoded(self, corpus_iter, batch_size, encoders, work: Optional[Path]):
+    def _encoded(self, corpus_iter, batch_size, encoders, work: Optional[Path], version: Optional[str] = None):
         field = self.encoder.text_field
         progress = pt.tqdm(desc=f'Encoding corpus ({self.encoder!r})', total=known_length(corpus_iter), unit='doc',
                            disable=not self.verbose)
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
-            self._check_work_encoder(work)
+            self._check_work_encoder(work, version)
         executor = ThreadPoolExecutor(len(encoders)) if len(encoders) > 1 else None
         resumed, seen = 0, set()
         try:
@@ -372,18 +419,23 @@ class DenseIndex:
     #: encoded by every run that writes chunks, so a resumed run can tell whether the same encoder wrote them
     _PROBE_TEXT = 'pyterrier-coder: which encoder wrote these chunks?'
 
-    def _check_work_encoder(self, work: Path) -> None:
+    def _check_work_encoder(self, work: Path, version: Optional[str] = None) -> None:
         """Refuses to resume chunks that another encoder wrote (other weights, pooling, normalisation or length):
         the finished index would mix the vectors of two models. The encoder is recognised by its settings and its
-        embedding of a probe text (compared loosely: a resumed run may use another device or precision)."""
+        embedding of a probe text (compared loosely: a resumed run may use another device or precision), or, when
+        a ``version`` is given, by that (``index`` has already discarded chunks of another version)."""
         settings = {k: v for k, v in self.encoder.settings().items() if k != 'model'}   # a path or a hub id alike
-        probe = self.encoder.encode_docs([self._PROBE_TEXT])[0].astype(np.float64)
         stamp = work / 'encoder.json'
+        if version is not None:
+            if not stamp.exists():
+                atomic_write_text(stamp, json.dumps({'settings': settings, 'version': version}))
+            return
+        probe = self.encoder.encode_docs([self._PROBE_TEXT])[0].astype(np.float64)
         if not stamp.exists():
             atomic_write_text(stamp, json.dumps({'settings': settings, 'probe': probe.tolist()}))
             return
         saved = json.loads(stamp.read_text())
-        old = np.asarray(saved['probe'])
+        old = np.asarray(saved.get('probe', []))     # none: written by a trainer, under a version
         same = saved['settings'] == settings and old.shape == probe.shape and \
             float(old @ probe) / (np.linalg.norm(old) * np.linalg.norm(probe) + 1e-12) > 0.999 and \
             abs(np.linalg.norm(old) / (np.linalg.norm(probe) + 1e-12) - 1) < 0.01
@@ -436,12 +488,16 @@ class DenseIndex:
         """Re-ranks a result frame (``qid``, ``query``, ``docno``) with the indexed document embeddings.
         Docnos absent from the index raise a KeyError listing a few, or with ``on_missing='drop'`` are dropped
         with a warning."""
+        return self.scorer_of(self, on_missing=on_missing)
+
+    def scorer_of(self, owner, *, on_missing: str = 'error') -> pt.Transformer:
+        """:meth:`scorer`, named after ``owner`` (as :meth:`retriever_of`)."""
         if on_missing not in ('error', 'drop'):
             raise ValueError(f"DenseIndex.scorer: on_missing must be 'error' or 'drop', got {on_missing!r}")
         self._check_encoder('scorer')
         inner = self.encoder.query_encoder() >> self.flex.scorer()
         return _CheckedStage(inner, 'DenseIndex.scorer', 'rerank', self.flex, on_missing=on_missing,
-                             label=(self, '.scorer()'))
+                             label=(owner, '.scorer()'))
 
     def __repr__(self):
         return f'DenseIndex({self.encoder!r}, {str(self.flex.index_path)!r})'

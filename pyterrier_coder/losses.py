@@ -123,6 +123,34 @@ def pairwise_hinge(scores: torch.Tensor, mask: torch.Tensor = None, margin: floa
     return (diff * m).sum() / m.sum().clamp(min=1)
 
 
+def in_batch_pairwise_logistic(scores: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """STAR's loss as its authors' code computes it: RankNet over every (positive, negative) pair of the batch.
+
+    ``scores [B, N]``: each query against every document encoded for the batch; ``positives [B]``: the column of
+    each query's positive; ``negatives [B, N]``: whether document j is a negative for query i (its hard negatives,
+    the other queries' documents, never a document judged relevant to it). The mean over all pairs of the batch of
+    ``log(1 + exp(s(q, d-) - s(q, d+)))``: every pair weighs the same, so a query with more negatives weighs more."""
+    scores = scores.float()
+    diff = scores - scores.gather(1, positives.view(-1, 1))
+    pairs = negatives.sum()
+    if not pairs:
+        return scores.sum() * 0
+    return (F.softplus(diff) * negatives).sum() / pairs
+
+
+def in_batch_softmax(scores: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """The listwise alternative on the same pairs: softmax cross-entropy of each query's positive against its
+    negatives, ``-log(exp(s+) / (exp(s+) + sum exp(s-)))``, averaged over the queries that have a negative.
+    Arguments as :func:`in_batch_pairwise_logistic`."""
+    scores = scores.float()
+    rows = torch.arange(len(scores), device=scores.device)
+    kept = negatives.clone()
+    kept[rows, positives] = True
+    log_p = F.log_softmax(_masked(scores, kept), dim=-1)[rows, positives]
+    valid = negatives.any(-1)
+    return -log_p[valid].mean() if valid.any() else scores.sum() * 0
+
+
 def margin_mse(pos_scores: torch.Tensor, neg_scores: torch.Tensor, teacher_margins: torch.Tensor,
                mask: torch.Tensor = None) -> torch.Tensor:
     """Margin-MSE (Hofstätter et al., 2020): the mean over pairs of ``((s+ - s-) - teacher margin)²``, so the student

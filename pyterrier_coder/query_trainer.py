@@ -32,7 +32,9 @@ VALIDATE_WITH = ('rerank', 'retrieve')
 
 
 def as_flex_index(index, component: str) -> pyterrier_dr.FlexIndex:
-    """The built FlexIndex of a DenseIndex, a FlexIndex or a path (else FileNotFoundError saying how to build it)."""
+    """The built FlexIndex of a DenseIndex, a FlexIndex, a path, or a trainer that encoded its corpus into one (its
+    ``dense_index``, e.g. a fitted :class:`~pyterrier_coder.Star`) (else FileNotFoundError saying how to build it)."""
+    index = getattr(index, 'dense_index', index)
     if isinstance(index, DenseIndex):
         flex = index.flex
     elif isinstance(index, pyterrier_dr.FlexIndex):

@@ -455,3 +455,32 @@ def test_clear_errors_for_a_wrong_index_or_model(tiny_encoder, random_flex, tmp_
     for make in (DenseEncoder, MonoElectra):
         with pytest.raises(OSError, match="cannot load the model 'models/tiny_electr': there is no such local"):
             make('models/tiny_electr')
+
+
+def test_document_encoding_with_gradients_matches_encode_docs_and_truncates(tiny_bert_dir):
+    enc = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, doc_max_length=64, device='cpu')
+    texts = ['apple ' * 500, 'sweet banana juice']
+    enc.model.eval()
+    vecs = enc.encode_docs_torch(texts)
+    assert vecs.requires_grad and vecs.shape == (2, 32)
+    np.testing.assert_allclose(vecs.detach().numpy(), enc.encode_docs(texts), atol=1e-5)
+    vecs.sum().backward()
+    assert any(p.grad is not None for p in enc.model.parameters())
+    short = enc.encode_docs_torch(['apple ' * 500], max_length=4).detach().numpy()   # [CLS] apple apple [SEP]
+    np.testing.assert_allclose(short, enc.encode_docs(['apple apple']), atol=1e-5)
+    assert enc.encode_docs_torch([]).shape == (0, 32)
+
+
+def test_an_index_built_with_a_version_is_kept_for_that_version_only(tiny_encoder, tiny_collection, tmp_path):
+    docs = list(load_dataset(tiny_collection).get_corpus_iter(verbose=False))
+    dense = DenseIndex(tiny_encoder, tmp_path / 'v.flex', verbose=False).index(docs, version='a')
+    vecs = tmp_path / 'v.flex' / 'vecs.f4'
+    written = vecs.stat().st_mtime_ns
+    assert dense.version() == 'a' and dense.index(docs, version='a').version() == 'a'
+    assert vecs.stat().st_mtime_ns == written                      # kept
+    assert dense.index(docs, version='b').version() == 'b'
+    assert vecs.stat().st_mtime_ns != written                      # encoded again
+    assert len(dense.flex) == len(docs) and dense.retriever(3)(pd.DataFrame({'qid': ['1'], 'query': ['apple']})) \
+        .shape[0] == 3
+    assert DenseIndex(tiny_encoder, tmp_path / 'plain.flex', verbose=False).index(docs).version() is None
+    assert DenseIndex(tiny_encoder, tmp_path / 'none.flex').version() is None
