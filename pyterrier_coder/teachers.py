@@ -146,10 +146,10 @@ def dense_teacher_embeddings(teacher, queries: Sequence[str], docnos: Sequence[s
     - a :class:`~pyterrier_coder.DenseEncoder` encodes both (``texts(docnos)`` gives the passages' text);
     - a :class:`~pyterrier_coder.DenseIndex` reads the passages' embeddings from its index (encoding the passages
       absent from it with its encoder, which built it);
-    - a model with a dense ``encoder`` and a document index (``store``), such as a fitted
-      :class:`~pyterrier_coder.Coder` or :class:`~pyterrier_coder.Adore`, encodes the queries with its (fine-tuned)
-      query encoder and reads the passages from its index; passages absent from that index are an error, since the
-      model holds no encoder for them.
+    - a model with a dense ``encoder`` and a document index (``store``, or a ``dense_index``), such as a fitted
+      :class:`~pyterrier_coder.Coder`, :class:`~pyterrier_coder.Adore`, :class:`~pyterrier_coder.Star` or
+      :class:`~pyterrier_coder.TasBalanced`, encodes the queries with its query encoder and reads the passages from
+      its index; passages absent from that index are an error (its query encoder is not its document encoder).
     """
     from .encoders import DenseEncoder, DenseIndex
     from .mining import EmbeddingStore
@@ -158,11 +158,13 @@ def dense_teacher_embeddings(teacher, queries: Sequence[str], docnos: Sequence[s
         encoder, store, can_encode = teacher, None, True
     elif isinstance(teacher, DenseIndex):
         encoder, store, can_encode = teacher.encoder, EmbeddingStore(teacher.flex), True
-    elif isinstance(getattr(teacher, 'encoder', None), DenseEncoder) and getattr(teacher, 'store', None) is not None:
+    elif isinstance(getattr(teacher, 'encoder', None), DenseEncoder) and (
+            getattr(teacher, 'store', None) is not None or isinstance(getattr(teacher, 'dense_index', None), DenseIndex)):
         if getattr(teacher, 'head', None) is not None:
             raise ValueError(f'{component}: the in-batch teacher {teacher!r} scores with a transformer head over a '
                              f'candidate list, not by inner products; use a dot-product model')
-        encoder, store, can_encode = teacher.encoder, teacher.store, False
+        store = getattr(teacher, 'store', None) or EmbeddingStore(teacher.dense_index.flex)
+        encoder, can_encode = teacher.encoder, False
     else:
         raise TypeError(f'{component}: in_batch_teacher must be a dense model that scores by inner products (a '
                         f'DenseEncoder, a DenseIndex, a fitted Coder or Adore, or a model with a dense encoder and '
