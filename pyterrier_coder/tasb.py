@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -103,7 +103,9 @@ class TasBalanced(BiEncoderTrainer):
         negative_depth: negatives are the preceding stage's top this-many candidates that are not judged relevant.
         pairwise_scale / in_batch_scale: the teachers' scores are multiplied by these before margins are taken
             (Margin-MSE matches margins in the student's units: e.g. 0.1 for a cross-encoder's logits taught to
-            a cosine student).
+            a cosine student). ``pairwise_scale='auto'`` puts the pairwise teacher's margins on the in-batch
+            teacher's scale: the ratio of the standard deviations of the two teachers' margins over all training
+            pairs (recorded as ``history['training_data']['pairwise_scale']``); it needs an ``in_batch_teacher``.
         teacher_cache: a directory where the pairwise teacher's scores are kept, keyed by the teacher's ``repr``
             and the frame it scores: a later fit (another process, a resumed run) with the same teacher and
             training data reads them instead of asking the teacher again. Without it they are kept in memory for
@@ -131,13 +133,14 @@ class TasBalanced(BiEncoderTrainer):
             raise ValueError(f"{component}: num_clusters must be an integer >= 1 or None, got "
                              f"{values['num_clusters']!r}")
         for name in ('in_batch_weight', 'pairwise_scale', 'in_batch_scale'):
-            if not at_least(values[name], 0, strict=True):
-                raise ValueError(f'{component}: {name} must be > 0, got {values[name]!r}')
+            if not (at_least(values[name], 0, strict=True) or name == 'pairwise_scale' and values[name] == 'auto'):
+                expected = "> 0 or 'auto'" if name == 'pairwise_scale' else '> 0'
+                raise ValueError(f'{component}: {name} must be {expected}, got {values[name]!r}')
 
     def __init__(self, encoder: DenseEncoder, index_path, *, pairwise_teacher: Optional[pt.Transformer] = None,
                  in_batch_teacher=None, supervision: str = 'dual', in_batch_weight: float = 0.75,
                  sampling: str = 'tas-balanced', num_clusters: Optional[int] = None, clusters_per_batch: int = 1,
-                 num_bins: int = 10, negative_depth: int = 200, pairwise_scale: float = 1.0,
+                 num_bins: int = 10, negative_depth: int = 200, pairwise_scale: Union[float, str] = 1.0,
                  in_batch_scale: float = 1.0, teacher_cache=None, **kwargs):
         TasBalanced._check_values(dict(
             supervision=supervision, sampling=sampling, clusters_per_batch=clusters_per_batch, num_bins=num_bins,
@@ -194,11 +197,26 @@ class TasBalanced(BiEncoderTrainer):
                      train_queries=len(data))
         del stats['queries_without_negatives']
 
+        teacher_queries = teacher_docs = None
+        if self.uses_in_batch_teacher or self.pairwise_scale == 'auto':
+            if self.in_batch_teacher is None:
+                raise ValueError(f"{component}: pairwise_scale='auto' matches the pairwise teacher's margins to the "
+                                 f"in-batch teacher's: it needs an in_batch_teacher")
+            text_of = dict(zip(data.docnos, data.texts))
+            teacher_queries, teacher_docs = dense_teacher_embeddings(
+                self.in_batch_teacher, data.queries, data.docnos, lambda docnos: [text_of[d] for d in docnos],
+                verbose=self.verbose, component=self.COMPONENT)
+            teacher_queries = teacher_queries * np.float32(self.in_batch_scale)
         margins_of = self._pairwise_scores(frame, data) if self.uses_pairwise_teacher else None
         if margins_of is None:   # in-batch supervision only: pairs are drawn, their margin is not used
             margins_of = ([np.zeros(len(p)) for p in data.positives], [np.zeros(len(n)) for n in data.negatives])
         query, pos, neg, margin = pair_arrays(data.positives, data.negatives, *margins_of)
-        pairs = MarginPairs.build(query, pos, neg, margin * self.pairwise_scale, num_queries=len(data),
+        scale = self.pairwise_scale
+        if scale == 'auto':
+            scale = stats['pairwise_scale'] = matched_scale(margin, query, pos, neg, teacher_queries, teacher_docs)
+        if not self.uses_in_batch_teacher:   # embedded only to find the scale
+            teacher_queries = teacher_docs = None
+        pairs = MarginPairs.build(query, pos, neg, margin * scale, num_queries=len(data),
                                   num_bins=self.num_bins if self.sampling == 'tas-balanced' else 1,
                                   component=self.COMPONENT)
         stats['pairs'] = pairs.num_pairs
@@ -210,13 +228,6 @@ class TasBalanced(BiEncoderTrainer):
             clusters = cluster_queries(embeddings, k, seed=self.config.seed, verbose=self.verbose,
                                        component=self.COMPONENT)
             stats['clusters'] = int(clusters.max()) + 1
-        teacher_queries = teacher_docs = None
-        if self.uses_in_batch_teacher:
-            text_of = dict(zip(data.docnos, data.texts))
-            teacher_queries, teacher_docs = dense_teacher_embeddings(
-                self.in_batch_teacher, data.queries, data.docnos, lambda docnos: [text_of[d] for d in docnos],
-                verbose=self.verbose, component=self.COMPONENT)
-            teacher_queries = teacher_queries * np.float32(self.in_batch_scale)
         self._topics = TopicSampler(clusters, len(data), self.config.batch_size,
                                     clusters_per_batch=self.clusters_per_batch, component=self.COMPONENT)
         if clusters is not None:   # an epoch drawn aside tells how often a cluster is too small for a batch
@@ -321,6 +332,17 @@ class TasBalanced(BiEncoderTrainer):
 
     def _repr_args(self) -> str:
         return f', sampling={self.sampling!r}, supervision={self.supervision!r}'
+
+
+def matched_scale(margins: np.ndarray, query: np.ndarray, positives: np.ndarray, negatives: np.ndarray,
+                  teacher_queries: np.ndarray, teacher_docs: np.ndarray, chunk: int = 65536) -> float:
+    """The factor that gives ``margins`` (a pairwise teacher's, one per pair) the standard deviation of the in-batch
+    teacher's margins ``<q, d+> - <q, d->`` of the same pairs (1 when the pairwise margins are all equal)."""
+    other = np.concatenate([np.einsum('ij,ij->i', teacher_queries[query[i:i + chunk]],
+                                      teacher_docs[positives[i:i + chunk]] - teacher_docs[negatives[i:i + chunk]])
+                            for i in range(0, len(margins), chunk)]) if len(margins) else np.empty(0)
+    spread = float(np.std(margins))
+    return float(np.std(other)) / spread if spread > 0 else 1.0
 
 
 def _select(data: TrainingQueries, keep: List[int]) -> TrainingQueries:

@@ -475,7 +475,7 @@ def test_queries_without_a_negative_are_skipped_with_a_warning(setup, tmp_path):
 
 @pytest.mark.parametrize('bad', [dict(sampling='balanced'), dict(supervision='teacher'), dict(num_bins=0),
                                  dict(clusters_per_batch=1.5), dict(in_batch_weight=0), dict(num_clusters=0),
-                                 dict(pairwise_teacher='electra')])
+                                 dict(pairwise_teacher='electra'), dict(pairwise_scale='big')])
 def test_settings_are_checked_when_constructed(setup, tmp_path, bad):
     with pytest.raises((ValueError, TypeError)):
         tasb(setup, tmp_path / 'x.flex', **bad)
@@ -530,3 +530,21 @@ def test_in_batch_teachers_give_inner_product_embeddings(setup, tmp_path):
     quiet(model.fit, *candidates(setup))
     q4, d4 = dense_teacher_embeddings(model, queries, docnos, lookup, verbose=False)
     np.testing.assert_allclose(d4, model.encoder.encode_docs(lookup(docnos)), atol=1e-5)
+
+
+def test_auto_pairwise_scale_matches_the_in_batch_teachers_margin_spread(setup, tmp_path):
+    frame, qrels = candidates(setup)
+    model = tasb(setup, tmp_path / 'x.flex', pairwise_scale='auto')
+    data = quiet(training_data, model, frame, qrels)
+    pairs = data.pairs
+    rows = np.arange(pairs.num_pairs)
+    query = np.repeat(np.arange(len(data)), np.diff(pairs.offsets))
+    in_batch = np.einsum('ij,ij->i', data.teacher_queries[query],
+                         data.teacher_docs[pairs.positives[rows]] - data.teacher_docs[pairs.negatives[rows]])
+    assert np.std(pairs.margins) == pytest.approx(np.std(in_batch), rel=1e-4)
+    assert data.stats['pairwise_scale'] > 0
+    raw = quiet(training_data, tasb(setup, tmp_path / 'y.flex'), frame, qrels).pairs.margins
+    assert np.std(pairs.margins) / np.std(raw) == pytest.approx(data.stats['pairwise_scale'], rel=1e-4)
+    with pytest.raises(ValueError, match="pairwise_scale='auto' .* needs an in_batch_teacher"):
+        quiet(training_data, tasb(setup, tmp_path / 'z.flex', pairwise_scale='auto', supervision='pairwise',
+                                  in_batch_teacher=None), frame, qrels)
