@@ -548,3 +548,32 @@ def test_auto_pairwise_scale_matches_the_in_batch_teachers_margin_spread(setup, 
     with pytest.raises(ValueError, match="pairwise_scale='auto' .* needs an in_batch_teacher"):
         quiet(training_data, tasb(setup, tmp_path / 'z.flex', pairwise_scale='auto', supervision='pairwise',
                                   in_batch_teacher=None), frame, qrels)
+
+
+class RecordingTeacher(TextTeacher):
+    def transform(self, inp):
+        self.seen = inp.copy()
+        return super().transform(inp)
+
+
+def test_the_pairwise_teacher_sees_positives_and_negatives_with_the_first_stage_columns(setup, tmp_path):
+    frame, qrels = candidates(setup, depth=5)
+    frame = frame[~((frame['qid'] == 'q00') & (frame['docno'] == 'd000'))]     # a positive the stage missed
+    teacher = RecordingTeacher()
+    model = tasb(setup, tmp_path / 'x.flex', pairwise_teacher=teacher, negative_depth=3)
+    data = quiet(training_data, model, frame, qrels).training
+    seen = teacher.seen
+    assert {'qid', 'query', 'docno', 'text', 'score', 'rank'} <= set(seen.columns)
+    assert (seen.groupby('qid', sort=False).ngroup().diff().fillna(0) >= 0).all()     # each query's rows together
+    retrieved = frame.assign(qid=frame['qid'].astype(str)).set_index(['qid', 'docno'])['score']
+    for i, qid in enumerate(data.qids):
+        rows = seen[seen['qid'] == qid]
+        docnos = [data.docnos[j] for j in np.concatenate([data.positives[i], data.negatives[i]])]
+        assert rows['docno'].tolist() == docnos                                  # positives, then negatives
+        assert len(data.negatives[i]) <= 3
+        for docno, score in zip(rows['docno'], rows['score']):
+            if (qid, docno) in retrieved.index:
+                assert score == retrieved[(qid, docno)]
+            else:
+                assert np.isnan(score)                                           # a positive BM25 missed
+    assert np.isnan(seen.set_index(['qid', 'docno']).loc[('q00', 'd000'), 'score'])
