@@ -1,4 +1,4 @@
-"""pyterrier-coder: CODER, ADORE, STAR and monoELECTRA (LCE) as PyTerrier transformers.
+"""pyterrier-coder: CODER, ADORE, STAR, TAS-Balanced and monoELECTRA (LCE) as PyTerrier transformers.
 
 Attributes are imported lazily so that ``import pyterrier`` (which loads this package through its
 ``pyterrier.modules`` entry point as ``pt.coder``) stays cheap and never imports torch eagerly.
@@ -16,6 +16,7 @@ _EXPORTS = {
     'Adore': 'adore',
     'DenseQueryTrainer': 'query_trainer',
     'Star': 'star',
+    'TasBalanced': 'tasb',
     'BiEncoderTrainer': 'bi_encoder_training',
     'MonoElectra': 'electra',
     'Interpolate': 'fusion',

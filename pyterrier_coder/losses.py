@@ -209,3 +209,31 @@ def in_batch_softmax(scores: torch.Tensor, positives: torch.Tensor, negatives: t
     log_p = F.log_softmax(_masked(scores, kept), dim=-1)[rows, positives]
     valid = negatives.any(-1)
     return -log_p[valid].mean() if valid.any() else scores.sum() * 0
+
+
+def margin_mse(pos_scores: torch.Tensor, neg_scores: torch.Tensor, teacher_margins: torch.Tensor,
+               mask: torch.Tensor = None) -> torch.Tensor:
+    """Margin-MSE (Hofstätter et al., 2020): the mean over pairs of ``((s+ - s-) - teacher margin)²``, so the student
+    learns the teacher's margins, not its absolute scores (teacher and student scores may have different offsets).
+    All arguments have one shape (one pair per element); ``mask`` (False = not a pair) leaves elements out."""
+    error = ((pos_scores.float() - neg_scores.float()) - teacher_margins.float()) ** 2
+    if mask is None:
+        return error.mean()
+    return (error * mask).sum() / mask.sum().clamp(min=1)
+
+
+def in_batch_margin_mse(scores: torch.Tensor, teacher: torch.Tensor, positive: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """Margin-MSE over in-batch negatives (TAS-Balanced's in-batch term): query i's positive, in column
+    ``positive[i]`` of ``scores [B, P]`` (every query against every passage of the batch), is paired with each
+    passage j where ``mask[i, j]``, and ``((s_i,pos - s_i,j) - (t_i,pos - t_i,j))²`` is averaged per query, then over
+    the queries that have such a passage. ``teacher`` holds the in-batch teacher's scores of the same cells."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    student = scores.float()[rows, positive].unsqueeze(1) - scores.float()
+    target = teacher.float()[rows, positive].unsqueeze(1) - teacher.float()
+    error = ((student - target) ** 2) * mask
+    counts = mask.sum(1)
+    valid = counts > 0
+    if not valid.any():
+        return scores.sum() * 0
+    return (error.sum(1)[valid] / counts[valid]).mean()
