@@ -37,7 +37,7 @@ import pyterrier as pt
 import torch
 from torch import nn
 
-from .artifacts import atomic_write_text, read_component_config, write_component_config
+from .artifacts import atomic_write_text, read_component_config, saving, write_component_config
 from .devices import infer_device
 from .embeddings import EmbeddingStore
 from .encoders import DenseEncoder, DenseIndex, check_dimensions
@@ -474,7 +474,9 @@ class BiEncoderTrainer(HubMixin, InspectableSettings, pt.Estimator):
         check_dimensions(self.encoder, store.dim, dense.flex, self.COMPONENT)
         topics = topics.drop_duplicates('qid')
         queries, ids = topics['query'].tolist(), []
-        with torch.inference_mode(), _eval(self._towers()):
+        for tower in self._towers():   # eval mode (no dropout), left so: see query_trainer's _inference
+            tower.model.eval()
+        with torch.inference_mode():
             for start in range(0, len(queries), self.inference_batch_size):
                 q = self.encoder.encode_queries_torch(queries[start:start + self.inference_batch_size])
                 ids.append(store.search(q, depth)[1].cpu().numpy())
@@ -578,16 +580,15 @@ class BiEncoderTrainer(HubMixin, InspectableSettings, pt.Estimator):
         """Writes a Hugging Face directory of the query encoder (model + tokenizer files), which
         ``DenseEncoder(path)`` loads as it is; the document encoder, when separate, in ``path/doc_encoder``; this
         component's settings (and the encoder's) in ``pyterrier_coder.json``; the training history."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.encoder.save(path)
-        if self.separate_towers:
-            self.doc_encoder.save(path / self.DOC_ENCODER_DIR)
-        write_component_config(path, self.COMPONENT, self.settings(), encoder=self.encoder.settings(),
-                               training=self.config.as_dict(), index=str(self.index_path.resolve()),
-                               fitted=self.fitted)
-        if self.history is not None:
-            atomic_write_text(path / 'history.json', json.dumps(self.history, default=str))
+        with saving(path, self.COMPONENT) as tmp:
+            self.encoder.save(tmp)
+            if self.separate_towers:
+                self.doc_encoder.save(tmp / self.DOC_ENCODER_DIR)
+            write_component_config(tmp, self.COMPONENT, self.settings(), encoder=self.encoder.settings(),
+                                   training=self.config.as_dict(), index=str(self.index_path.resolve()),
+                                   fitted=self.fitted)
+            if self.history is not None:
+                atomic_write_text(tmp / 'history.json', json.dumps(self.history, default=str))
 
     @classmethod
     def load(cls, path, index_path=None, *, device=None, **overrides) -> 'BiEncoderTrainer':
@@ -617,22 +618,6 @@ class BiEncoderTrainer(HubMixin, InspectableSettings, pt.Estimator):
         towers = ', separate_towers=True' if self.separate_towers else ''
         return (f'{self.COMPONENT}({self.encoder!r}, {str(self.index_path)!r}{towers}{self._repr_args()}'
                 f'{", fitted" if self.fitted else ""})')
-
-
-class _eval:
-    """Puts the towers in eval mode (no dropout) for a while, restoring their modes."""
-
-    def __init__(self, towers: Sequence[DenseEncoder]):
-        self.models = [tower.model for tower in towers]
-
-    def __enter__(self):
-        self.modes = [model.training for model in self.models]
-        for model in self.models:
-            model.eval()
-
-    def __exit__(self, *exc):
-        for model, mode in zip(self.models, self.modes):
-            model.train(mode)
 
 
 def _index_path_of(index) -> Optional[Path]:
