@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .experiment import COMPONENTS, ExperimentRunner, ExperimentSettings, parse_overrides
+from .experiment import COMPONENTS, DEFAULT_COMPONENTS, ExperimentRunner, ExperimentSettings, parse_overrides
 from .experiment.comparisons import measure_names
 
 
@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument('--base', default='minilm', help="bi-encoder preset (minilm, tasb), hub id or directory")
     exp.add_argument('--cross-encoder', default='minilm',
                      help='minilm (offline backbone + fresh head), electra-base, monoelectra, hub id or directory')
-    exp.add_argument('--components', default=','.join(COMPONENTS), help=f'subset of {",".join(COMPONENTS)}')
+    exp.add_argument('--components', default=','.join(DEFAULT_COMPONENTS),
+                     help=f'which of {",".join(COMPONENTS)} to build and train')
     exp.add_argument('--ablations', action='store_true', help="add the papers' ablation rows")
     exp.add_argument('--out', default='runs/experiment', help='output directory (indexes and models are cached here)')
     exp.add_argument('--seed', type=int, default=42)

@@ -10,14 +10,9 @@ import torch
 from .encoders import resolve_model_path
 from .hf_models import explained_model_errors, load_model_checked, load_tokenizer
 
-
 COMPONENT = 'MonoElectra'
 
-
-
 DEFAULT_MODEL = 'crystina-z/monoELECTRA_LCE_nneg31'
-
-
 
 #: named presets; anything else is a Hugging Face hub id or a local directory
 PRESETS = {'electra-base': 'google/electra-base-discriminator',   # fresh initialisation (no ranking head)
@@ -72,8 +67,6 @@ def _load_model_unseeded(model: str):
     warnings.warn(f'{COMPONENT}: {model!r} has no sequence-classification head (architectures={archs}); a freshly '
                   f'initialised 1-logit head was added: its scores are meaningless until trained with fit()')
     return net, missing
-
-
 
 #: where transformers' sequence-classification models keep their head (BERT, ELECTRA, RoBERTa, DeBERTa, DistilBERT:
 #: ``classifier``; decoder models: ``score``; BART: ``classification_head``)

@@ -26,8 +26,6 @@ def cuda_amp_dtype() -> 'torch.dtype':
         native = torch.cuda.is_bf16_supported()
     return torch.bfloat16 if native else torch.float16
 
-
-
 #: the largest k a faiss GPU index answers (faiss's GPU k-selection limit)
 FAISS_GPU_MAX_K = 2048
 

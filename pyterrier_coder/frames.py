@@ -10,7 +10,6 @@ import pandas as pd
 
 from .validation import validate_columns
 
-
 PAD = -1
 
 

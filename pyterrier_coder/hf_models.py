@@ -23,8 +23,6 @@ def explained_model_errors(component: str, model: str):
                       f'{os.getcwd()}), and the Hugging Face hub could not provide it{offline}. Give an existing '
                       f'model directory or a hub id. ({type(error).__name__}: {str(error)[:200]})') from error
 
-
-
 #: files one of which every tokenizer directory has
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'vocab.json', 'spiece.model',
                    'sentencepiece.bpe.model', 'tokenizer.model')
@@ -49,8 +47,6 @@ def load_tokenizer(source, component: str, *, hint: str = ''):
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise OSError(f'{component}: the tokenizer loaded from {str(source)!r} has no vocabulary.{hint}')
     return tokenizer
-
-
 
 #: weights of pre-training heads (masked language modelling, next sentence, ELECTRA's discriminator, DistilBERT's
 #: vocabulary projection...) and the pooler, which a checkpoint may have and a bi-encoder never uses
@@ -94,8 +90,6 @@ def load_model_checked(load, path, component: str, *, fresh=lambda model, name: 
                          f'({type(model).__name__}): {"; ".join(parts)}. Loading it anyway would compute with '
                          f'randomly initialised or missing layers.{hint}')
     return model, info
-
-
 
 #: a passage is cut (at a word boundary) to this many characters per allowed token before tokenisation
 CHARS_PER_TOKEN = 16

@@ -64,7 +64,6 @@ def choose_label_scale(qrels: pd.DataFrame, topics: Optional[pd.DataFrame] = Non
                       f'grades {list(grades)}: no grade above {grades[0]} gives {min_query_share:.0%} of the judged '
                       f'training queries a positive, so every judged positive counts')
 
-
 #: what a trainer does with judged documents whose label is below its ``min_label`` but above 0 (graded qrels):
 #: train on them as negatives, or leave them out of the negatives
 LOWER_LABELS = ('negative', 'ignore')

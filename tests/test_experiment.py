@@ -453,20 +453,22 @@ def test_a_small_collection_clips_the_full_budget(tiny_collection, tiny_bert_dir
 
 
 def test_every_ablation_row_runs(tiny_collection, tiny_bert_dir, tiny_cross_encoder_dir, tmp_path):
-    """--ablations on the tiny collection and models: every ablation row is trained, run and compared with its
-    reference (the figures mean nothing)."""
+    """--ablations on the tiny collection and models with every component: every row is trained, run and compared
+    with its reference (the figures mean nothing)."""
     from pyterrier_coder.experiment import COMPARISONS
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(['experiment', '--dataset', str(tiny_collection), '--quick', '--ablations', '--out',
                      str(tmp_path / 'out'), '--device', 'cpu', '--base', str(tiny_bert_dir), '--cross-encoder',
-                     str(tiny_cross_encoder_dir)])
+                     str(tiny_cross_encoder_dir), '--components', 'bm25,dense,coder,adore,electra,star,tasb'])
     assert code == 0, stdout.getvalue()[-3000:]
     names = pd.read_csv(tmp_path / 'out' / 'results.csv')['name'].tolist()
     for row in ('BM25 >> CODER (softmax target)', 'BM25 >> CODER (N=32)', 'BM25 >> CODER (random negatives)',
                 'BM25 >> CODER (in-batch negatives)', 'ADORE (PQ index)', 'ADORE (RankNet, no ΔM)',
                 'BM25 >> MonoELECTRA (hinge)', 'Dense >> MonoELECTRA', 'BM25 >> MonoELECTRA (dense negatives)',
-                'Dense >> MonoELECTRA (dense negatives)'):
+                'Dense >> MonoELECTRA (dense negatives)', 'STAR', 'ADORE+STAR', 'STAR (random negatives only)',
+                'STAR (hard negatives only)', 'TAS-Balanced', 'CODER+TAS-Balanced', 'BM25 >> CODER+TAS-Balanced',
+                'TAS-Balanced (random, pairwise)', 'TAS-Balanced (tas, in-batch)', 'TAS-Balanced (tas-balanced, pairwise)'):
         assert row in names, row
     compared = pd.read_csv(tmp_path / 'out' / 'comparisons.csv')
     expected = {(a, b) for a, b in COMPARISONS if a in names and b in names}

@@ -7,11 +7,11 @@ and compares all pipelines with one ``pt.Experiment``.
 - :mod:`.comparisons`: the measures, the baseline and the paired comparisons;
 - :mod:`.plots`, :mod:`.report`: the figures, ``report.md`` and ``run_info.json``.
 """
-from .budgets import COMPONENTS, FULL, QUICK, apply_overrides, fit_budget, parse_overrides
+from .budgets import COMPONENTS, DEFAULT_COMPONENTS, FULL, QUICK, apply_overrides, fit_budget, parse_overrides
 from .comparisons import BASELINE, COMPARISONS, FUSED_SUFFIX, MEASURES, paired_comparisons
 from .report import machine_description, markdown_table, source_commit
 from .runner import ExperimentRunner, ExperimentSettings
 
-__all__ = ['ExperimentRunner', 'ExperimentSettings', 'COMPONENTS', 'FULL', 'QUICK', 'BASELINE', 'COMPARISONS',
+__all__ = ['ExperimentRunner', 'ExperimentSettings', 'COMPONENTS', 'DEFAULT_COMPONENTS', 'FULL', 'QUICK', 'BASELINE', 'COMPARISONS',
            'FUSED_SUFFIX', 'MEASURES', 'apply_overrides', 'fit_budget', 'parse_overrides', 'paired_comparisons',
            'machine_description', 'markdown_table', 'source_commit']

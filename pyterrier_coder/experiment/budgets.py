@@ -10,13 +10,16 @@ from typing import List, Optional
 from ..adore import Adore
 from ..coder import Coder
 from ..electra import MonoElectra
+from ..star import Star
+from ..tasb import TasBalanced
 from ..training import check_settings, is_number_at_least, setting_defaults
 
 #: the components the runner can build and train
-
-
-COMPONENTS = ('bm25', 'dense', 'coder', 'adore', 'electra')
-
+COMPONENTS = ('bm25', 'dense', 'coder', 'adore', 'electra', 'star', 'tasb')
+#: what the main job builds when --components is not given (STAR and TAS-Balanced train document encoders: slower)
+DEFAULT_COMPONENTS = ('bm25', 'dense', 'coder', 'adore', 'electra')
+#: the components that are trained, each with its budget entry
+TRAINED = ('coder', 'adore', 'electra', 'star', 'tasb')
 
 # The budgets. The positive threshold (min_label, lower_labels) is not here: it is read from each collection's
 # training qrels (labels.choose_label_scale). The full budget trains each query encoder for at most `epochs` passes
@@ -35,10 +38,19 @@ FULL = dict(
     # scoring time)
     electra=dict(group_size=8, negatives_from=100, loss='lce', lr=5e-5, head_lr=2e-3, warmup=0.1, epochs=4.0,
                  max_steps=800, eval_every=100, patience=3, smoothing=2, train_batch_size=4, max_length=128),
+    # STAR: both towers of the MiniLM bi-encoder, 16 queries per step, one static BM25 hard negative each from
+    # BM25's top 30 plus the batch's other documents as random negatives, documents cut to 128 tokens for training
+    # (docs/star.md)
+    star=dict(batch_size=16, negatives_per_query=1, hard_negative_depth=30, lr=2e-5, warmup=0.1, max_steps=150,
+              eval_every=50, validation_queries=50, validation_depth=10, train_doc_max_length=128),
+    # TAS-Balanced: 32 queries of one topic cluster per step, margin-balanced pairs from BM25's top 100, the fused
+    # CODER as pairwise teacher and the single-stage CODER as in-batch teacher (docs/tasb.md)
+    tasb=dict(negative_depth=100, batch_size=32, lr=2e-5, warmup=0.1, max_steps=100, eval_every=50,
+              validation_queries=50, validation_depth=10, train_doc_max_length=128, pairwise_scale='auto',
+              in_batch_weight=0.75),
     rerank_depth=100, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=60,
     electra_dev_depth=30,
 )
-
 
 QUICK = dict(
     coder=dict(num_candidates=100, lr=2e-5, optimizer='adamw', warmup=0, schedule='constant', max_steps=10,
@@ -46,20 +58,22 @@ QUICK = dict(
     adore=dict(k=50, delta_metric='MRR@200', lr=2e-5, warmup=0, max_steps=10, eval_every=5, batch_size=16),
     electra=dict(group_size=4, negatives_from=20, loss='lce', lr=1e-4, head_lr=1e-3, max_steps=4,
                  eval_every=2, train_batch_size=2, max_length=128),
+    star=dict(batch_size=8, negatives_per_query=1, hard_negative_depth=10, lr=2e-5, warmup=0, max_steps=4,
+              eval_every=2, validation_queries=10, validation_depth=5, train_doc_max_length=64),
+    tasb=dict(negative_depth=10, batch_size=8, lr=2e-5, warmup=0, max_steps=4, eval_every=2, validation_queries=10,
+              validation_depth=5, train_doc_max_length=64, pairwise_scale='auto'),
     rerank_depth=10, train_queries=200, dev_queries=30, test_queries=60, electra_dev_queries=10,
     electra_dev_depth=10,
 )
 
-
 #: a run validates at least about this many times: eval_every is lowered on a collection with few training queries
 MIN_VALIDATIONS = 8
 
-
 #: per trainer, its settings bounded by the number of documents, and its batch-size setting
-DOCUMENT_BOUNDED = {'coder': ('num_candidates',), 'adore': ('k',), 'electra': ('negatives_from', 'group_size')}
-
-
-BATCH_SETTING = {'coder': 'batch_size', 'adore': 'batch_size', 'electra': 'train_batch_size'}
+DOCUMENT_BOUNDED = {'coder': ('num_candidates',), 'adore': ('k',), 'electra': ('negatives_from', 'group_size'),
+                    'star': ('hard_negative_depth',), 'tasb': ('negative_depth',)}
+BATCH_SETTING = {'coder': 'batch_size', 'adore': 'batch_size', 'electra': 'train_batch_size', 'star': 'batch_size',
+                 'tasb': 'batch_size'}
 
 
 def parse_overrides(items) -> dict:
@@ -81,9 +95,8 @@ def parse_overrides(items) -> dict:
             overrides[component] = value
     return overrides
 
-
 #: the class of each trained component, whose constructor checks its settings
-COMPONENT_CLASSES = {'coder': Coder, 'adore': Adore, 'electra': MonoElectra}
+COMPONENT_CLASSES = {'coder': Coder, 'adore': Adore, 'electra': MonoElectra, 'star': Star, 'tasb': TasBalanced}
 
 
 def apply_overrides(budget: dict, overrides: dict) -> dict:
@@ -98,7 +111,9 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
             cls = COMPONENT_CLASSES[key]
             # the runner passes the index, models, device, seed and texts itself
             defaults = setting_defaults(cls)
-            accepted = set(defaults) - {'index', 'encoder', 'model', 'device', 'seed', 'verbose', 'texts'}
+            accepted = set(defaults) - {'index', 'encoder', 'model', 'device', 'seed', 'verbose', 'texts', 'corpus',
+                                        'index_path', 'pairwise_teacher', 'in_batch_teacher', 'teacher_cache',
+                                        'base_index', 'doc_encoder'}
             unknown = set(value) - accepted
             if unknown:
                 raise ValueError(f'--set: {cls.__name__} has no setting {sorted(unknown)}')
@@ -165,7 +180,7 @@ def fit_budget(budget: dict, overrides: dict, documents: int, training: Optional
         return notes
     scale, topics, qrels = training
     train_qids = topics['qid'].astype(str)
-    for component in ('coder', 'adore', 'electra'):
+    for component in TRAINED:
         settings, given = budget[component], overrides.get(component, {})
         for name, value in scale.settings().items():
             if name not in given and (name != 'lower_labels' or component != 'adore'):

@@ -8,12 +8,9 @@ from typing import List, Optional
 
 import pandas as pd
 
-
 BASELINE = 'BM25 >> Dense'
 
-
 MEASURES = ('nDCG@10', 'RR@10', 'R@100', 'R@1000', 'AP')
-
 
 #: paired comparisons reported besides the baseline table: (system, reference) -- a reranker against its own
 #: first stage, a fine-tuned single-stage retriever against the model it started from, an ablation against the
@@ -30,10 +27,14 @@ COMPARISONS = (
     ('BM25 >> MonoELECTRA (hinge)', 'BM25 >> MonoELECTRA'), ('Dense >> MonoELECTRA', 'BM25 >> MonoELECTRA'),
     ('BM25 >> MonoELECTRA (dense negatives)', 'BM25 >> MonoELECTRA'),
     ('Dense >> MonoELECTRA (dense negatives)', 'Dense >> MonoELECTRA'),
+    ('STAR', 'Dense'), ('ADORE+STAR', 'STAR'), ('STAR (random negatives only)', 'STAR'),
+    ('STAR (hard negatives only)', 'STAR'), ('TAS-Balanced', 'Dense'), ('CODER+TAS-Balanced', 'TAS-Balanced'),
+    ('BM25 >> CODER+TAS-Balanced', 'BM25'),
+    *((f'TAS-Balanced ({sampling}, {supervision})', 'TAS-Balanced') for sampling in ('random', 'tas', 'tas-balanced')
+      for supervision in ('pairwise', 'in-batch', 'dual') if (sampling, supervision) != ('tas-balanced', 'dual')),
     ('BM25 >> CODER (+ BM25 score)', 'BM25'), ('BM25 >> CODER (+ BM25 score)', 'BM25 >> CODER'),
     ('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25'), ('BM25 >> MonoELECTRA (+ BM25 score)', 'BM25 >> MonoELECTRA'),
 )
-
 
 #: the reranker rows that are also reported fused with BM25's score (``fusion.Interpolate``, weight chosen on dev)
 FUSED_SUFFIX = ' (+ BM25 score)'
@@ -57,7 +58,6 @@ def paired_comparisons(perquery: pd.DataFrame, names: List[str]) -> pd.DataFrame
                              'wins': int((a > b).sum()), 'losses': int((a < b).sum()), 'p-value': p})
     return pd.DataFrame(rows, columns=['system', 'reference', 'measure', 'system value', 'reference value',
                                        'difference', 'wins', 'losses', 'p-value'])
-
 
 #: the binary measures computed at a relevance threshold with ``--rel`` (the TREC Deep Learning convention)
 BINARY_AT_THRESHOLD = ('RR(rel={rel})@10', 'R(rel={rel})@100', 'R(rel={rel})@1000', 'AP(rel={rel})')

@@ -36,7 +36,9 @@ from ..hf_models import explained_model_errors
 from ..labels import choose_label_scale
 from ..query_trainer import DenseQueryTrainer
 from ..retrievers import BM25
-from .budgets import COMPONENTS, FULL, QUICK, apply_overrides, fit_budget
+from ..star import Star
+from ..tasb import TasBalanced
+from .budgets import COMPONENTS, DEFAULT_COMPONENTS, FULL, QUICK, apply_overrides, fit_budget
 from .comparisons import BASELINE, FUSED_SUFFIX, measures, paired_comparisons
 from .plots import write_plots
 from .report import write_report, write_run_info
@@ -48,7 +50,7 @@ class ExperimentSettings:
     out: str
     base: str = 'minilm'
     cross_encoder: str = 'minilm'
-    components: tuple = COMPONENTS
+    components: tuple = DEFAULT_COMPONENTS
     ablations: bool = False
     seed: int = 42
     quick: bool = False
@@ -82,11 +84,14 @@ class ExperimentRunner:
         if unknown:
             raise ValueError(f'unknown components {sorted(unknown)}; choose from {COMPONENTS}')
         self.device = str(infer_device(settings.device))
-        if self.device == 'cpu' and 'amp' not in self.budget['electra'] and cpu_computes_bf16():
-            self.budget['electra']['amp'] = True
-            if 'electra' in settings.components:
-                _log('this CPU has bf16 instructions: MonoELECTRA trains and scores under bf16 autocast '
-                     '(--set electra.amp=False for fp32)')
+        if self.device == 'cpu' and cpu_computes_bf16():
+            # the transformers the runner trains on both sides (a cross-encoder, document towers) gain most from bf16
+            for component, what in (('electra', 'MonoELECTRA'), ('star', 'STAR'), ('tasb', 'TAS-Balanced')):
+                if 'amp' not in self.budget[component]:
+                    self.budget[component]['amp'] = True
+                    if component in settings.components:
+                        _log(f'this CPU has bf16 instructions: {what} trains under bf16 autocast '
+                             f'(--set {component}.amp=False for fp32)')
         self.timings: Dict[str, float] = {}
         self.histories: Dict[str, dict] = {}
         self.fusion_weights: Dict[str, dict] = {}   # pipeline name -> Interpolate.history (weight chosen on dev)
@@ -208,9 +213,10 @@ class ExperimentRunner:
     def _saved_spec(self, name: str) -> Optional[dict]:
         return read_spec(self._model_dir(name))
 
-    def _train_or_load(self, name: str, cls, spec: dict, make, fit):
+    def _train_or_load(self, name: str, cls, spec: dict, make, fit, load_kwargs: Optional[dict] = None):
         """Loads ``models/<name>`` when present and trained with the same ``spec`` (unless --retrain), else builds
-        with ``make()``, trains with ``fit(model)`` and saves."""
+        with ``make()``, trains with ``fit(model)`` and saves. ``load_kwargs`` go to ``cls.load`` (default: the
+        dense index, for the query-encoder trainers)."""
         self._used_models.append(name)
         if name in self._models:   # already trained or loaded in this run
             return self._models[name]
@@ -218,8 +224,9 @@ class ExperimentRunner:
         saved = self._saved_spec(name) if path.exists() else None
         if saved == spec and not self.s.retrain:
             _log(f'reusing trained {name} from {path}')
-            index = {'index': self.dense.flex} if issubclass(cls, DenseQueryTrainer) else {}
-            model = cls.load(path, **index, device=self.s.device)
+            if load_kwargs is None:
+                load_kwargs = {'index': self.dense.flex} if issubclass(cls, DenseQueryTrainer) else {}
+            model = cls.load(path, **load_kwargs, device=self.s.device)
             self.timings[f'train: {name}'] = (model.history or {}).get('seconds', float('nan'))
         else:
             if path.exists() and not self.s.retrain:
@@ -267,13 +274,68 @@ class ExperimentRunner:
             lambda: Coder(self.dense, encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
                           **kwargs), fit)
 
-    def _adore(self, name='adore', **overrides):
+    def _adore(self, name='adore', *, over: Optional[str] = None, **overrides):
+        """ADORE over the base model's index, or ``over`` a trained bi-encoder (``'star'``: ADORE+STAR, starting from
+        its query encoder over its re-encoded index)."""
         kwargs = {**self.budget['adore'], **overrides}
+        trainer = self._bi_encoder(over) if over else None
+        index, encoder = (trainer.dense_index, trainer.encoder) if trainer else (self.dense, self.encoder)
+        spec = self._spec(name, kwargs, **({'over': over, 'over_spec': self._saved_spec(over)} if over else {}))
         return self._train_or_load(
-            name, Adore, self._spec(name, kwargs),
-            lambda: Adore(self.dense, self.encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
-                          **kwargs),
-            lambda m: m.fit(self.train, self.train_qrels, self.dev, self.dev_qrels))
+            name, Adore, spec,
+            lambda: Adore(index, encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose, **kwargs),
+            lambda m: m.fit(self.train, self.train_qrels, self.dev, self.dev_qrels),
+            load_kwargs={'index': index.flex})
+
+    def _bi_encoder(self, name: str):
+        """The trained STAR or TAS-Balanced model ``name`` (``'star'``, ``'tasb'``), trained or loaded once."""
+        return self._star() if name == 'star' else self._tasb()
+
+    def _star(self, name='star', **overrides):
+        """STAR: both towers trained on BM25's static hard negatives and in-batch random negatives; the corpus is
+        then encoded into ``indexes/<name>.flex``."""
+        kwargs = {**self.budget['star'], **overrides}
+        index_path = self.out / 'indexes' / f'{name}.flex'
+        depth = kwargs['hard_negative_depth']
+        return self._train_or_load(
+            name, Star, self._spec(name, kwargs),
+            lambda: Star(self.encoder, index_path, corpus=self.dataset, texts=self.bm25.text_loader(),
+                         seed=self.s.seed, device=self.s.device, verbose=self.s.verbose, **kwargs),
+            lambda m: (self.bm25 % depth >> m).fit(self.train, self.train_qrels, self.dev, self.dev_qrels),
+            load_kwargs={'index_path': index_path, 'corpus': self.dataset})
+
+    def _tasb(self, name='tasb', **overrides):
+        """TAS-Balanced with the runner's own teachers: the fused ``BM25 >> CODER (+ BM25 score)`` scores the
+        training pairs, the single-stage CODER is the in-batch teacher; the corpus is then encoded into
+        ``indexes/<name>.flex``."""
+        kwargs = {**self.budget['tasb'], **overrides}
+        index_path = self.out / 'indexes' / f'{name}.flex'
+        depth = kwargs['negative_depth']
+        teachers = {'pairwise_teacher': self._fused('BM25 >> CODER' + FUSED_SUFFIX, 'BM25', self._coder, self.dev),
+                    'in_batch_teacher': self._coder('coder_single_stage', single_stage=True)}
+        spec = self._spec(name, kwargs, teachers={'pairwise': self._saved_spec('coder'),
+                                                  'in_batch': self._saved_spec('coder_single_stage')})
+        return self._train_or_load(
+            name, TasBalanced, spec,
+            lambda: TasBalanced(self.encoder, index_path, corpus=self.dataset, texts=self.bm25.text_loader(),
+                                teacher_cache=self.out / 'teacher_cache' / name, seed=self.s.seed,
+                                device=self.s.device, verbose=self.s.verbose, **teachers, **kwargs),
+            lambda m: (self.bm25 % depth >> m).fit(self.train, self.train_qrels, self.dev, self.dev_qrels),
+            load_kwargs={'index_path': index_path, 'corpus': self.dataset})
+
+    def _coder_over(self, name: str, over: str):
+        """CODER over a trained bi-encoder's index, starting from its query encoder, trained for single-stage
+        retrieval (the CODER paper's setting with M_D = TAS-B)."""
+        kwargs = dict(self.budget['coder'])
+        trainer = self._bi_encoder(over)
+        index = trainer.dense_index
+        spec = self._spec(name, kwargs, single_stage=True, over=over, over_spec=self._saved_spec(over))
+        return self._train_or_load(
+            name, Coder, spec,
+            lambda: Coder(index, trainer.encoder, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
+                          validate_with='retrieve', **kwargs),
+            lambda m: m.fit(self.train, self.train_qrels, self.dev, self.dev_qrels),
+            load_kwargs={'index': index.flex})
 
     def _electra(self, name='electra', *, negatives: str = 'bm25', **overrides):
         """The cross-encoder trained with LCE on the candidates of ``negatives``, the first stage it is trained to
@@ -358,6 +420,13 @@ class ExperimentRunner:
             # depends on how many candidates a query has
             add_fused('BM25 >> MonoELECTRA', text_stage, self._electra,
                       lambda: self._topics(self.s.dev_split, self.budget['electra_dev_queries']))
+        if 'star' in comps:
+            add('STAR', None, lambda: self._star().retriever(1000))
+            add('ADORE+STAR', None, lambda: self._adore('adore_star', over='star').retriever(1000))
+        if 'tasb' in comps:
+            add('TAS-Balanced', None, lambda: self._tasb().retriever(1000))
+            add('CODER+TAS-Balanced', None, lambda: self._coder_over('coder_tasb', 'tasb').retriever(1000))
+            add('BM25 >> CODER+TAS-Balanced', 'BM25', lambda: self._coder_over('coder_tasb', 'tasb'))
         if not self.s.ablations:
             return systems
         # the papers' ablation rows (CODER Fig. 2, ADORE static negatives / RankNet, LCE vs CE and group size)
@@ -399,6 +468,19 @@ class ExperimentRunner:
                 lambda: self._electra('electra_dense_negatives', negatives='dense'))
             add('Dense >> MonoELECTRA (dense negatives)', dense_stage,
                 lambda: self._electra('electra_dense_negatives', negatives='dense'))
+        if 'star' in comps:     # STAR paper: each kind of negative alone
+            add('STAR (random negatives only)', None,
+                lambda: self._star('star_random', hard_negatives=False).retriever(1000))
+            add('STAR (hard negatives only)', None,
+                lambda: self._star('star_hard', random_negatives=False).retriever(1000))
+        if 'tasb' in comps:     # TAS-Balanced paper, Table 2: sampling x teachers
+            for sampling in ('random', 'tas', 'tas-balanced'):
+                for supervision in ('pairwise', 'in-batch', 'dual'):
+                    if (sampling, supervision) != ('tas-balanced', 'dual'):
+                        add(f'TAS-Balanced ({sampling}, {supervision})', None,
+                            lambda sampling=sampling, supervision=supervision: self._tasb(
+                                f'tasb_{sampling}_{supervision}'.replace('-', '_'), sampling=sampling,
+                                supervision=supervision).retriever(1000))
         return systems
 
     # --- evaluation and report -----------------------------------------------------------------------------
@@ -407,8 +489,9 @@ class ExperimentRunner:
         shared budget entries, and the files of the indexes and of the trained ``models`` it uses now
         (:func:`~.run_cache.file_stamps`)."""
         # component budgets are not here: they reach a run only through its models, whose files are stamped
+        # the corpus indexes, the models, and the indexes the bi-encoder models encoded the corpus into
         dirs = [self.out / 'indexes' / 'bm25', self.out / 'indexes' / 'dense.flex'] + \
-            [self._model_dir(m) for m in models]
+            [self._model_dir(m) for m in models] + [self.out / 'indexes' / f'{m}.flex' for m in models]
         return cache_key(name, first, sorted(qids), self._shared_budget(), self.s.base, self.s.cross_encoder,
                          file_stamps(self.out, dirs))
 
