@@ -175,3 +175,10 @@ def check_component_dir(path, component: str) -> None:
     if found != component:
         raise ValueError(f'{component}: {str(path)!r} holds a saved {found}, not a {component}; '
                          f'load it with {found}.load(...)')
+
+
+def is_plain_model_directory(path) -> bool:
+    """A Hugging Face model directory (``config.json``) that this package did not write (no ``pyterrier_coder.json``):
+    a released checkpoint, loaded with the component's default settings."""
+    path = Path(path)
+    return path.is_dir() and (path / 'config.json').exists() and not (path / CONFIG_FILE).exists()

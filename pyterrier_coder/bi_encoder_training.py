@@ -37,7 +37,8 @@ import pyterrier as pt
 import torch
 from torch import nn
 
-from .artifacts import atomic_write_text, read_component_config, saving, write_component_config
+from .artifacts import (atomic_write_text, is_plain_model_directory, read_component_config, saving,
+                        write_component_config)
 from .devices import infer_device
 from .embeddings import EmbeddingStore
 from .encoders import DenseEncoder, DenseIndex, check_dimensions
@@ -282,7 +283,8 @@ class BiEncoderTrainer(HubMixin, InspectableSettings, pt.Estimator):
     # --- the towers -----------------------------------------------------------------------------------------
     def trainable_module(self) -> nn.Module:
         """Both towers (one module when they are shared), as the training loop optimises them."""
-        return _Towers(self.encoder.model, self.doc_encoder.model if self.separate_towers else None)
+        return _Towers(self.encoder.trainable_module(),
+                       self.doc_encoder.trainable_module() if self.separate_towers else None)
 
     def _towers(self) -> List[DenseEncoder]:
         return [self.encoder, self.doc_encoder] if self.separate_towers else [self.encoder]
@@ -318,7 +320,7 @@ class BiEncoderTrainer(HubMixin, InspectableSettings, pt.Estimator):
 
     def _hash_doc_encoder(self) -> str:
         digest = hashlib.sha256(json.dumps(self.doc_encoder.settings(), sort_keys=True, default=str).encode())
-        for name, tensor in self.doc_encoder.model.state_dict().items():
+        for name, tensor in self.doc_encoder.trainable_module().state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
@@ -475,7 +477,7 @@ class BiEncoderTrainer(HubMixin, InspectableSettings, pt.Estimator):
         topics = topics.drop_duplicates('qid')
         queries, ids = topics['query'].tolist(), []
         for tower in self._towers():   # eval mode (no dropout), left so: see query_trainer's _inference
-            tower.model.eval()
+            tower.trainable_module().eval()
         with torch.inference_mode():
             for start in range(0, len(queries), self.inference_batch_size):
                 q = self.encoder.encode_queries_torch(queries[start:start + self.inference_batch_size])
@@ -593,8 +595,18 @@ class BiEncoderTrainer(HubMixin, InspectableSettings, pt.Estimator):
     @classmethod
     def load(cls, path, index_path=None, *, device=None, **overrides) -> 'BiEncoderTrainer':
         """Loads a saved model; ``index_path`` defaults to where it encoded its corpus. Other arguments (``corpus``,
-        ``texts``, ``base_index``, settings) go to the constructor."""
+        ``texts``, ``base_index``, settings) go to the constructor. A plain Hugging Face directory (a released
+        encoder, e.g. a converted DRhard STAR checkpoint) is the starting encoder of a model with default settings;
+        its ``index_path`` must then be given."""
         path = Path(path)
+        if is_plain_model_directory(path):
+            if index_path is None:
+                raise ValueError(f'{cls.COMPONENT}.load: {str(path)!r} is a plain Hugging Face model directory: pass '
+                                 f'index_path= (where its corpus index is, or will be)')
+            encoder_settings = {k: overrides.pop(k) for k in ('pooling', 'normalize', 'query_max_length',
+                                                              'doc_max_length', 'tokenizer') if k in overrides}
+            return cls(DenseEncoder(str(path), device=device, **encoder_settings), index_path, device=device,
+                       **overrides)
         conf = read_component_config(path, cls.COMPONENT)
         encoder = DenseEncoder(str(path), device=device)
         settings = dict(conf['settings'])

@@ -190,7 +190,7 @@ class Coder(DenseQueryTrainer):
 
     # --- scoring -------------------------------------------------------------------------------------------
     def trainable_module(self) -> nn.Module:
-        return _CoderModel(self.encoder.model, self.head)
+        return _CoderModel(self.encoder.trainable_module(), self.head)
 
     def _scores(self, queries, ids: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
         if self.head is None:

@@ -22,7 +22,8 @@ import pyterrier as pt
 import torch
 
 from . import losses
-from .artifacts import atomic_write_text, read_component_config, saving, write_component_config
+from .artifacts import (atomic_write_text, is_plain_model_directory, read_component_config, saving,
+                        write_component_config)
 from .cross_encoders import (COMPONENT, DEFAULT_MODEL, full_precision_head, load_cross_encoder,
                              load_cross_encoder_tokenizer, model_path)
 from .devices import autocast_for, cpu_computes_bf16, infer_device
@@ -397,8 +398,12 @@ class MonoElectra(HubMixin, InspectableSettings, pt.Estimator):
 
     @classmethod
     def load(cls, path, *, device=None, **overrides) -> 'MonoElectra':
-        """Loads a saved MonoElectra (fails clearly on a directory written by another component)."""
+        """Loads a saved MonoElectra (fails clearly on a directory written by another component). A plain Hugging Face
+        directory (a released cross-encoder, e.g. monoELECTRA's) is loaded with the default settings (``overrides``
+        change them)."""
         path = Path(path)
+        if is_plain_model_directory(path):
+            return cls(str(path), device=device, **overrides)
         conf = read_component_config(path, COMPONENT)
         training = dict(conf.get('training', {}))
         training.pop('device', None)

@@ -25,13 +25,13 @@ import pyterrier as pt
 import pyterrier_dr
 import torch
 
-from .artifacts import (CONFIG_FILE, atomic_write_text, build_lock, check_component_dir, read_json, saving,
-                        staging_directory, write_component_config)
+from .artifacts import (CONFIG_FILE, atomic_write_text, build_lock, check_component_dir, load_tensors, read_json,
+                        saving, staging_directory, write_component_config)
 from .corpora import CorpusFingerprint, check_document, describe_corpus, known_length
 from .devices import check_faiss_gpu_k, cuda_amp_dtype, faiss_gpu_count, faiss_to_gpus, infer_device
 from .embeddings import EmbeddingStore
 from .frames import normalise_frame
-from .hf_models import load_model_checked, load_tokenizer, model_max_tokens, tokenize_truncated
+from .hf_models import UNUSED_HEAD_PREFIXES, load_model_checked, load_tokenizer, model_max_tokens, tokenize_truncated
 from .inspection import InspectableSettings
 from .validation import validate_columns
 
@@ -121,10 +121,22 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         self.doc_max_length = doc_max_length or settings.get('doc_max_length', 256)
         path = model if saved else model_path(model)
         self.device = infer_device(device)
+        #: a projection of the pooled vector (Linear then LayerNorm), for checkpoints that have one (DRhard's STAR
+        #: and ADORE); None for plain encoders
+        self.projection = None
+        self._trainable = None
         if loaded is not None:
             self.model = copy.deepcopy(loaded).to(self.device).eval()    # its own copy, as clone() makes
         else:
-            self.model = load_model_checked(AutoModel.from_pretrained, path, 'DenseEncoder')[0].to(self.device).eval()
+            head = _projection_weights(path, saved)
+            unused = UNUSED_HEAD_PREFIXES + (tuple(DRHARD_HEAD) if head is not None else ())
+            self.model = load_model_checked(AutoModel.from_pretrained, path, 'DenseEncoder',
+                                            allowed_unexpected=unused)[0].to(self.device).eval()
+            if head is not None:
+                self.projection = Projection.from_weights(head).to(self.device).eval()
+                if not saved:       # DRhard's layout: LayerNorm(Linear(CLS)), inner products (no normalisation)
+                    self.pooling = pooling or 'cls'
+                    self.normalize = bool(normalize)
         self.tokenizer_name = tokenizer if tokenizer is None or isinstance(tokenizer, str) else (
             tokenizer.name_or_path or type(tokenizer).__name__)
         self.tokenizer = _load_tokenizer(tokenizer, path)
@@ -175,6 +187,8 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         out = self.model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'],
                          **({'token_type_ids': batch['token_type_ids']} if 'token_type_ids' in batch else {}))
         vecs = pool(out.last_hidden_state, batch['attention_mask'], self.pooling)
+        if self.projection is not None:
+            vecs = self.projection(vecs)
         if self.normalize:
             vecs = torch.nn.functional.normalize(vecs, dim=-1)
         return vecs
@@ -215,12 +229,20 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
     def _eval_mode(self):
         """Inference in eval mode (no dropout), left so: the model is in eval mode whenever no training step runs,
         and switching it back afterwards would race with inference in other threads."""
-        self.model.eval()
+        self.trainable_module().eval()
         return contextlib.nullcontext()
+
+    def trainable_module(self) -> torch.nn.Module:
+        """What training optimises: the transformer, with the projection when the encoder has one."""
+        if self.projection is None:
+            return self.model
+        if self._trainable is None:
+            self._trainable = torch.nn.ModuleDict({'body': self.model, 'projection': self.projection})
+        return self._trainable
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size
+        return self.projection.out_features if self.projection is not None else self.model.config.hidden_size
 
     # --- persistence ---------------------------------------------------------------------------------------
     def clone(self) -> 'DenseEncoder':
@@ -228,17 +250,20 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         own tokenizer (a fast tokenizer used from two threads at once can fail with "Already borrowed")."""
         other = copy.copy(self)
         other.model = copy.deepcopy(self.model)
+        other.projection = copy.deepcopy(self.projection)
+        other._trainable = None
         other.tokenizer = copy.deepcopy(self.tokenizer)
         return other
 
     def to(self, device) -> 'DenseEncoder':
         self.device = torch.device(device)
-        self.model.to(self.device)
+        self.trainable_module().to(self.device)
         return self
 
     def settings(self) -> dict:
-        return dict(model=self.base_model, pooling=self.pooling, normalize=self.normalize,
-                    query_max_length=self.query_max_length, doc_max_length=self.doc_max_length)
+        settings = dict(model=self.base_model, pooling=self.pooling, normalize=self.normalize,
+                        query_max_length=self.query_max_length, doc_max_length=self.doc_max_length)
+        return {**settings, 'projection': True} if self.projection is not None else settings
 
     #: settings that apply_attributes changes on a clone (a new model is loaded afresh)
     _CLONE_SETTINGS = ('pooling', 'normalize', 'query_max_length', 'doc_max_length', 'batch_size', 'text_field',
@@ -272,6 +297,10 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
         with saving(path, 'DenseEncoder') as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            if self.projection is not None:
+                from safetensors.torch import save_file
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.projection.named_weights().items()},
+                          str(tmp / PROJECTION_FILE))
             write_component_config(tmp, 'DenseEncoder', self.settings())
 
     @classmethod
@@ -287,6 +316,76 @@ class DenseEncoder(InspectableSettings, pyterrier_dr.BiEncoder):
     def __repr__(self):
         name = self.preset or self.model_name
         return f'DenseEncoder({name!r}, pooling={self.pooling!r}, normalize={self.normalize})'
+
+
+#: the weights of DRhard's projection (``embeddingHead``: Linear, ``norm``: LayerNorm) beside its RoBERTa body
+DRHARD_HEAD = ('embeddingHead.', 'norm.')
+#: where a saved encoder with a projection keeps its weights (in DRhard's names)
+PROJECTION_FILE = 'projection.safetensors'
+
+
+class Projection(torch.nn.Module):
+    """``LayerNorm(Linear(pooled))``: the output head of DRhard's STAR and ADORE encoders (``RobertaDot``)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, out_features)
+        self.norm = torch.nn.LayerNorm(out_features)
+        self.out_features = out_features
+
+    def forward(self, vecs: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(vecs))
+
+    @classmethod
+    def from_weights(cls, weights: dict) -> 'Projection':
+        """From DRhard's names: ``embeddingHead.weight/bias`` and ``norm.weight/bias``."""
+        out_features, in_features = weights['embeddingHead.weight'].shape
+        projection = cls(in_features, out_features)
+        projection.load_state_dict({'linear.weight': weights['embeddingHead.weight'],
+                                    'linear.bias': weights['embeddingHead.bias'],
+                                    'norm.weight': weights['norm.weight'], 'norm.bias': weights['norm.bias']})
+        return projection
+
+    def named_weights(self) -> dict:
+        """The weights under DRhard's names (as :meth:`from_weights` reads them)."""
+        return {'embeddingHead.weight': self.linear.weight, 'embeddingHead.bias': self.linear.bias,
+                'norm.weight': self.norm.weight, 'norm.bias': self.norm.bias}
+
+
+def _projection_weights(path, saved: dict) -> Optional[dict]:
+    """The projection's weights of the checkpoint at ``path``: from :data:`PROJECTION_FILE` for a saved encoder
+    with a projection, from the checkpoint itself when it has DRhard's layout (its weight names tell), else None."""
+    path = Path(str(path))
+    if saved.get('projection'):
+        from safetensors.torch import load_file
+        return load_file(str(path / PROJECTION_FILE))
+    names = _checkpoint_weight_names(path)
+    if not {'embeddingHead.weight', 'embeddingHead.bias', 'norm.weight', 'norm.bias'} <= names:
+        return None
+    if (path / 'model.safetensors').exists():
+        from safetensors.torch import load_file
+        weights = load_file(str(path / 'model.safetensors'))
+    else:
+        weights = load_tensors(path / 'pytorch_model.bin', 'DenseEncoder')
+    return {k: weights[k] for k in ('embeddingHead.weight', 'embeddingHead.bias', 'norm.weight', 'norm.bias')}
+
+
+def _checkpoint_weight_names(path: Path) -> set:
+    """The weight names of a local single-file checkpoint (empty for a hub id or a sharded checkpoint): read
+    cheaply, to recognise a layout before the model is built."""
+    if (path / 'model.safetensors').exists():
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path / 'model.safetensors'), framework='pt') as f:
+                return set(f.keys())
+        except Exception:      # noqa: BLE001 -- a cut file: the model's loading names it
+            return set()
+    if (path / 'pytorch_model.bin').exists():
+        try:
+            return set(load_tensors(path / 'pytorch_model.bin', 'DenseEncoder'))
+        except ValueError:
+            return set()
+    return set()
 
 
 def _sentence_transformer_settings(model) -> dict:

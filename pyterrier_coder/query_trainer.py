@@ -21,7 +21,8 @@ import pyterrier_dr
 import torch
 from torch import nn
 
-from .artifacts import atomic_write_text, read_component_config, saving, write_component_config
+from .artifacts import (atomic_write_text, is_plain_model_directory, read_component_config, saving,
+                        write_component_config)
 from .corpora import describe_corpus
 from .devices import infer_device
 from .embeddings import EmbeddingStore, GatherPrefetcher
@@ -130,7 +131,7 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
     # --- scoring (subclasses may override _scores and trainable_module) ---------------------------------------
     def trainable_module(self) -> nn.Module:
         """The module whose parameters the training loop optimises (by default the query encoder)."""
-        return self.encoder.model
+        return self.encoder.trainable_module()
 
     def _scores(self, queries, ids: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, L]`` of each query against its candidate rows (-1 = padding). The one function used for
@@ -341,8 +342,17 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
 
     @classmethod
     def load(cls, path, index=None, *, device=None, **overrides):
-        """Loads a saved model; ``index`` defaults to the index path it was trained with."""
+        """Loads a saved model; ``index`` defaults to the index path it was trained with. A plain Hugging Face
+        directory (a released query encoder, e.g. the CODER authors') is loaded as the query encoder, with the
+        component's default settings (``overrides`` change them); its ``index`` must then be given."""
         path = Path(path)
+        if is_plain_model_directory(path):
+            if index is None:
+                raise ValueError(f'{cls.COMPONENT}.load: {str(path)!r} is a plain Hugging Face model directory (a '
+                                 f'query encoder without the index it was trained over): pass index=...')
+            encoder_settings = {k: overrides.pop(k) for k in ('pooling', 'normalize', 'query_max_length',
+                                                              'doc_max_length', 'tokenizer') if k in overrides}
+            return cls(index, DenseEncoder(str(path), device=device, **encoder_settings), device=device, **overrides)
         conf = read_component_config(path, cls.COMPONENT)
         if index is None and not Path(conf['index']).exists():
             raise FileNotFoundError(f'{cls.COMPONENT}: the document index this model was trained with '

@@ -313,33 +313,75 @@ def test_a_model_directory_without_tokenizer_files_is_refused(env, tmp_path):
     np.testing.assert_allclose(encoder.encode_docs(['apple juice']), env.encoder.encode_docs(['apple juice']))
 
 
+def _drhard_checkpoint(path, vocab_size=400, hidden=32, out=24):
+    """A tiny random checkpoint in DRhard's layout (STAR/ADORE ``RobertaDot``): the RoBERTa body under
+    ``roberta.*``, then ``embeddingHead`` (Linear) and ``norm`` (LayerNorm) over the CLS vector; no tokenizer."""
+    from transformers import RobertaConfig, RobertaModel
+    config = RobertaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=130)
+    torch.manual_seed(1)
+    body = RobertaModel(config, add_pooling_layer=False).eval()
+    weights = {f'roberta.{k}': v for k, v in body.state_dict().items()}
+    weights.update({'embeddingHead.weight': torch.randn(out, hidden) * 0.2, 'embeddingHead.bias': torch.randn(out),
+                    'norm.weight': torch.rand(out) + 0.5, 'norm.bias': torch.randn(out) * 0.1})
+    path.mkdir()
+    config.architectures = ['RobertaDot_NLL_LN']
+    config.save_pretrained(path)
+    torch.save(weights, path / 'pytorch_model.bin')
+    return body, weights
+
+
+def test_a_drhard_checkpoint_encodes_as_its_architecture(env, tmp_path):
+    """DRhard's STAR/ADORE layout is recognised: CLS pooling, then the Linear head, then the LayerNorm, no
+    normalisation (a directory without a tokenizer takes one as an argument)."""
+    body, weights = _drhard_checkpoint(tmp_path / 'drhard')
+    with pytest.raises(OSError, match='no tokenizer files'):
+        DenseEncoder(str(tmp_path / 'drhard'), device='cpu')
+    encoder = DenseEncoder(str(tmp_path / 'drhard'), tokenizer=str(env.bert_dir), device='cpu')
+    assert (encoder.pooling, encoder.normalize, encoder.dim) == ('cls', False, 24)
+    texts = ['apple juice is sweet', 'pear market']
+    batch = encoder.tokenizer(texts, padding=True, return_tensors='pt')
+    with torch.no_grad():
+        cls = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, 0]
+        expected = torch.nn.functional.layer_norm(cls @ weights['embeddingHead.weight'].T + weights['embeddingHead.bias'],
+                                                  (24,), weights['norm.weight'], weights['norm.bias'])
+    np.testing.assert_allclose(encoder.encode_docs(texts), expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_queries(texts), expected.numpy(), atol=1e-5)
+    encoder.save(tmp_path / 'saved')                          # saved with its projection, loaded back the same
+    again = DenseEncoder(str(tmp_path / 'saved'), device='cpu')
+    np.testing.assert_allclose(again.encode_docs(texts), expected.numpy(), atol=1e-5)
+    # ADORE trains the projection with the body (the query encoder's last layers are DRhard's head)
+    corpus = [{'docno': d['docno'], 'text': d['text']} for d in env.corpus]
+    index = DenseIndex(encoder, tmp_path / 'drhard.flex', verbose=False).index(corpus)
+    adore = Adore(index, encoder, k=10, **{**FAST, 'max_steps': 3})
+    before = adore.encoder.projection.linear.weight.detach().clone()
+    adore.fit(env.ds.get_topics('train'), env.ds.get_qrels('train'))
+    assert not torch.equal(adore.encoder.projection.linear.weight, before)
+
+
 def test_a_checkpoint_of_another_architecture_is_refused(env, tmp_path):
-    """A DRhard-style checkpoint (body under roberta.*, a projection head beside it) and a BERT checkpoint under a
-    RoBERTa config: loading either would compute with random or missing layers."""
-    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+    """A BERT checkpoint under a RoBERTa config: loading it would compute with random or missing layers."""
+    from transformers import BertConfig, BertModel, RobertaConfig
     config = RobertaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=130)
-    body = RobertaModel(config, add_pooling_layer=False)
-    weights = {f'roberta.{k}': v for k, v in body.state_dict().items()}
-    weights.update({'embeddingHead.weight': torch.randn(32, 32), 'embeddingHead.bias': torch.zeros(32),
-                    'norm.weight': torch.ones(32), 'norm.bias': torch.zeros(32)})
-    drhard = tmp_path / 'drhard'
-    drhard.mkdir()
-    config.save_pretrained(drhard)
-    torch.save(weights, drhard / 'pytorch_model.bin')
-    with pytest.raises(ValueError, match=r"does not fit its architecture \(RobertaModel\): 4 weights of the "
-                                         r"checkpoint do not belong .*embeddingHead.bias"):
-        DenseEncoder(str(drhard), tokenizer=str(env.bert_dir), device='cpu')
     wrong = tmp_path / 'wrong'
     wrong.mkdir()
     config.save_pretrained(wrong)
     bert = BertModel(BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=64))
     torch.save({f'bert.{k}': v for k, v in bert.state_dict().items()}, wrong / 'pytorch_model.bin')
-    with pytest.raises(ValueError, match=r'weights the model needs are not in the checkpoint'):
+    with pytest.raises(ValueError, match=r'does not fit its architecture .*weights the model needs are not in the '
+                                         r'checkpoint'):
         DenseEncoder(str(wrong), tokenizer=str(env.bert_dir), device='cpu')
     with pytest.raises(ValueError, match=r'MonoElectra: the checkpoint .*wrong.* does not fit'):
         MonoElectra(str(wrong), tokenizer=str(env.bert_dir), verbose=False)
+    half = tmp_path / 'half'                  # part of DRhard's head only: not its layout, an unexpected weight
+    _drhard_checkpoint(half)
+    weights = torch.load(half / 'pytorch_model.bin', weights_only=True)
+    del weights['norm.weight'], weights['norm.bias']
+    torch.save(weights, half / 'pytorch_model.bin')
+    with pytest.raises(ValueError, match=r"weights of the checkpoint do not belong .*embeddingHead"):
+        DenseEncoder(str(half), tokenizer=str(env.bert_dir), device='cpu')
 
 
 def test_unreadable_saved_files_name_the_file(env, tmp_path):
@@ -495,3 +537,25 @@ def test_runner_rebuilds_indexes_and_retrains_for_another_collection(tiny_run, t
 
 def env_encoder_for(args):
     return DenseEncoder(args[args.index('--base') + 1], device='cpu')
+
+
+def test_released_plain_hugging_face_directories_load_with_default_settings(env, tmp_path):
+    """from_pretrained/load of a directory this package did not write (a released query encoder, cross-encoder or
+    bi-encoder checkpoint): the component with its defaults, where a bare constructor would work too."""
+    from pyterrier_coder import Star
+    texts = ['apple juice', 'pear market']
+    coder = Coder.from_pretrained(str(env.bert_dir), index=env.dense, pooling='mean', normalize=True, device='cpu',
+                                  verbose=False)
+    np.testing.assert_allclose(coder.encoder.encode_queries(texts), env.encoder.encode_queries(texts), atol=1e-6)
+    assert coder.loss == 'listnet' and not coder.fitted
+    with pytest.raises(ValueError, match='plain Hugging Face model directory .*pass index='):
+        Adore.load(env.bert_dir)
+    electra = MonoElectra.from_pretrained(str(env.electra_dir), verbose=False, max_length=64)
+    frame = pd.DataFrame({'qid': ['1', '1'], 'query': ['apple'] * 2, 'docno': ['a', 'b'], 'text': texts})
+    np.testing.assert_allclose(electra(frame)['score'],
+                               MonoElectra(str(env.electra_dir), verbose=False, max_length=64)(frame)['score'])
+    star = Star.load(env.bert_dir, index_path=tmp_path / 'star.flex', pooling='mean', normalize=True,
+                     corpus=env.corpus, device='cpu', verbose=False)
+    assert star.encoder.pooling == 'mean' and not star.fitted
+    with pytest.raises(ValueError, match='pass index_path='):
+        Star.load(env.bert_dir)
