@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 
-from .artifacts import atomic_write_text
+from .artifacts import atomic_write_text, read_json
 from .embeddings import EmbeddingStore
+from .encoders import index_record
 from .frames import PAD, normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .validation import validate_columns
 
@@ -81,21 +82,28 @@ class CandidateSet:
         path = Path(path)
         if not (path / 'meta.json').exists():
             raise FileNotFoundError(f'{path} is not a complete saved CandidateSet (no meta.json)')
-        meta = json.loads((path / 'meta.json').read_text())
+        meta = read_json(path / 'meta.json', 'CandidateSet.load', 'candidate set description')
         if meta.get('format') != cls.FORMAT:
             raise ValueError(f'{path}: not a {cls.FORMAT} (format {meta.get("format")!r})')
-        topics = json.loads((path / 'topics.json').read_text())
+        topics = read_json(path / 'topics.json', 'CandidateSet.load', 'candidate set topics file')
         mode = 'r' if mmap else None
         return cls(topics['qids'], topics['queries'], np.load(path / 'docids.npy', mmap_mode=mode),
                    np.load(path / 'labels.npy', mmap_mode=mode), np.load(path / 'num_retrieved.npy'),
                    meta['stats'], meta.get('index'))
 
     def check_index(self, store: 'EmbeddingStore', component: str) -> None:
-        """Refuses a set whose row ids were mined against an index of another size."""
+        """Refuses a set whose row ids were mined against an index of another size or, where both indexes recorded
+        it, of another corpus: its row ids would point at other documents."""
         if self.index and self.index.get('docs') is not None and self.index['docs'] != len(store):
             raise ValueError(f'{component}: these candidates were mined against an index of {self.index["docs"]:,} '
                              f'documents ({self.index.get("path")}), not this one ({len(store):,} documents: '
                              f'{store.flex.index_path}); their row ids would point at other documents')
+        mined = (self.index or {}).get('corpus')
+        current = index_info(store).get('corpus')
+        if mined and current and mined != current:
+            raise ValueError(f'{component}: these candidates were mined against an index of another corpus (of the '
+                             f'same size: {self.index.get("path")}) than {store.flex.index_path}; their row ids would '
+                             f'point at other documents')
 
 
 class CandidateSetWriter:
@@ -257,7 +265,11 @@ def as_store(index) -> EmbeddingStore:
 
 
 def index_info(store: EmbeddingStore) -> dict:
-    return {'path': str(Path(store.flex.index_path).resolve()), 'docs': len(store)}
+    """What the row ids of a candidate set refer to: the index (its path, its size) and, when the index recorded it,
+    the corpus it was built from (the same corpus in the same order gives the same row ids)."""
+    record = index_record(store.flex)
+    info = {'path': str(Path(store.flex.index_path).resolve()), 'docs': len(store)}
+    return {**info, 'corpus': record['corpus']['sha256']} if record else info
 
 
 def _fingerprint(frame: pd.DataFrame) -> str:

@@ -559,3 +559,22 @@ def test_released_plain_hugging_face_directories_load_with_default_settings(env,
     assert star.encoder.pooling == 'mean' and not star.fitted
     with pytest.raises(ValueError, match='pass index_path='):
         Star.load(env.bert_dir)
+
+
+def test_candidates_mined_against_another_corpus_of_the_same_size_are_refused(env, tmp_path):
+    from pyterrier_coder.candidates import mine_candidates
+    from pyterrier_coder.embeddings import EmbeddingStore
+    res = (env.bm25 % 10)(env.ds.get_topics('train'))
+    candidates = mine_candidates(res, env.ds.get_qrels('train'), EmbeddingStore(env.dense.flex))
+    shuffled = env.corpus[1:] + env.corpus[:1]            # the same documents in another order: other row ids
+    other = DenseIndex(env.encoder, tmp_path / 'other.flex', verbose=False).index(shuffled)
+    with pytest.raises(ValueError, match='mined against an index of another corpus'):
+        Coder(other, env.encoder, **FAST).fit_candidates(candidates)
+    copy = tmp_path / 'copy.flex'                          # a copy of the same index: fine
+    shutil.copytree(env.dense.flex.index_path, copy)
+    assert Coder(copy, env.encoder, **FAST).fit_candidates(candidates).fitted
+    bad = tmp_path / 'bad'
+    candidates.save(bad)
+    (bad / 'meta.json').write_text('{"format": ')
+    with pytest.raises(ValueError, match="meta.json' is not a readable candidate set description"):
+        Coder(env.dense, env.encoder, **FAST).fit_candidates(bad)
