@@ -41,7 +41,7 @@ from .artifacts import (atomic_write_text, is_plain_model_directory, read_compon
                         write_component_config)
 from .devices import infer_device
 from .embeddings import EmbeddingStore
-from .encoders import DenseEncoder, DenseIndex, check_dimensions
+from .encoders import DenseEncoder, DenseIndex, check_dimensions, plain_directory_encoder
 from .evaluation import evaluate
 from .frames import normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
 from .hub import HubMixin
@@ -603,10 +603,7 @@ class BiEncoderTrainer(HubMixin, InspectableSettings, pt.Estimator):
             if index_path is None:
                 raise ValueError(f'{cls.COMPONENT}.load: {str(path)!r} is a plain Hugging Face model directory: pass '
                                  f'index_path= (where its corpus index is, or will be)')
-            encoder_settings = {k: overrides.pop(k) for k in ('pooling', 'normalize', 'query_max_length',
-                                                              'doc_max_length', 'tokenizer') if k in overrides}
-            return cls(DenseEncoder(str(path), device=device, **encoder_settings), index_path, device=device,
-                       **overrides)
+            return cls(plain_directory_encoder(path, device, overrides), index_path, device=device, **overrides)
         conf = read_component_config(path, cls.COMPONENT)
         encoder = DenseEncoder(str(path), device=device)
         settings = dict(conf['settings'])

@@ -388,6 +388,17 @@ def _checkpoint_weight_names(path: Path) -> set:
     return set()
 
 
+#: the DenseEncoder settings a component's ``load`` of a plain Hugging Face directory takes from its ``overrides``
+ENCODER_SETTINGS = ('pooling', 'normalize', 'query_max_length', 'doc_max_length', 'tokenizer')
+
+
+def plain_directory_encoder(path, device, overrides: dict) -> 'DenseEncoder':
+    """The encoder of a plain Hugging Face directory loaded by a component, with the encoder settings found in
+    ``overrides`` (removed from it: the rest are the component's)."""
+    settings = {name: overrides.pop(name) for name in ENCODER_SETTINGS if name in overrides}
+    return DenseEncoder(str(path), device=device, **settings)
+
+
 def _sentence_transformer_settings(model) -> dict:
     """The DenseEncoder settings that encode as a sentence-transformers model: its transformer and tokenizer, its
     pooling (CLS or mean), its normalisation and its maximum sequence length."""

@@ -26,7 +26,8 @@ from .artifacts import (atomic_write_text, is_plain_model_directory, read_compon
 from .corpora import describe_corpus
 from .devices import infer_device
 from .embeddings import EmbeddingStore, GatherPrefetcher
-from .encoders import DenseEncoder, DenseIndex, check_dimensions, flex_problem, index_record, same_encoder
+from .encoders import (DenseEncoder, DenseIndex, check_dimensions, flex_problem, index_record, plain_directory_encoder,
+                       same_encoder)
 from .evaluation import evaluate
 from .frames import group_order, normalisation_plan, normalise_frame, normalise_qrels, pad_groups
 from .hub import HubMixin
@@ -350,9 +351,7 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
             if index is None:
                 raise ValueError(f'{cls.COMPONENT}.load: {str(path)!r} is a plain Hugging Face model directory (a '
                                  f'query encoder without the index it was trained over): pass index=...')
-            encoder_settings = {k: overrides.pop(k) for k in ('pooling', 'normalize', 'query_max_length',
-                                                              'doc_max_length', 'tokenizer') if k in overrides}
-            return cls(index, DenseEncoder(str(path), device=device, **encoder_settings), device=device, **overrides)
+            return cls(index, plain_directory_encoder(path, device, overrides), device=device, **overrides)
         conf = read_component_config(path, cls.COMPONENT)
         if index is None and not Path(conf['index']).exists():
             raise FileNotFoundError(f'{cls.COMPONENT}: the document index this model was trained with '
