@@ -45,9 +45,9 @@ FULL = dict(
               eval_every=50, validation_queries=50, validation_depth=10, train_doc_max_length=128),
     # TAS-Balanced: 32 queries of one topic cluster per step, margin-balanced pairs from BM25's top 100, the fused
     # CODER as pairwise teacher and the single-stage CODER as in-batch teacher (docs/tasb.md)
-    tasb=dict(negative_depth=100, batch_size=32, lr=2e-5, warmup=0.1, max_steps=100, eval_every=50,
-              validation_queries=50, validation_depth=10, train_doc_max_length=128, pairwise_scale='auto',
-              in_batch_weight=0.75),
+    tasb=dict(negative_depth=100, batch_size=32, lr=2e-5, warmup=0.1, schedule='linear', max_steps=100,
+              eval_every=25, validation_queries=50, validation_depth=10, train_doc_max_length=128,
+              pairwise_scale='auto', in_batch_weight=0.75),
     rerank_depth=100, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=60,
     electra_dev_depth=30,
 )
