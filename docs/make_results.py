@@ -1,6 +1,7 @@
 """Regenerates the measured tables of the documentation from the experiment runner's outputs.
 
-    python docs/make_results.py runs/nfcorpus [runs/vaswani ...] [--ablations runs/nfcorpus-ablations] [--check]
+    python docs/make_results.py runs/nfcorpus [runs/vaswani ...] [--ablations runs/nfcorpus-ablations]
+        [--bi-encoders runs/nfcorpus-bi-encoders] [--check]
 
 Each RUN directory is the ``--out`` of one ``pyterrier-coder experiment`` (``results.csv``, ``comparisons.csv``,
 ``run_info.json``, and ``fusion_weights.json`` when it has fused rows). The script rewrites only the text between
@@ -12,9 +13,12 @@ marker comments, leaving everything around them as written by hand:
   summaries. DATASET is the last component of the run's ``--dataset`` (``nfcorpus``, ``vaswani``).
 - ``<!-- results:begin ablations -->`` in ``docs/results.md``: the ablation rows of the ``--ablations`` run, each
   against the full method it ablates (the rows of that run that the first RUN does not have).
+- ``<!-- results:begin bi-encoders -->`` in ``docs/results.md``: the rows the ``--bi-encoders`` run (the main job's
+  output with ``--components ...,star,tasb`` added) has beyond the first RUN's.
 - ``<!-- results:begin PAGE -->`` in ``README.md`` (PAGE ``readme``) and in the method pages (``retrievers``,
-  ``coder``, ``adore``, ``electra``, ``fusion``, ``training``, ``performance``): each page's rows of the first RUN
-  (and of the ablations run). A page without the markers is left alone.
+  ``coder``, ``adore``, ``electra``, ``fusion``, ``training``, ``performance``; ``star`` and ``tasb`` from the
+  ``--bi-encoders`` run): each page's rows of the first RUN (and of the ablations run). A page without the markers
+  is left alone.
 
 ``--check`` changes nothing and exits with 1 when a file is not what the outputs give (for CI). The script needs
 only pandas; it does not import pyterrier_coder.
@@ -285,7 +289,9 @@ def ablation_pairs(main: Run, ablations: Run) -> List[tuple]:
                               if s not in main.names and s in ablations.names))
 
 
-def ablations_block(main: Run, ablations: Run) -> str:
+def ablations_block(main: Run, ablations: Run, *, against: str = 'Each ablation against the full method',
+                    trained: str = 'Training of the ablation models:') -> str:
+    """The rows of ``ablations`` that ``main`` does not have, each with the row it is compared with."""
     pairs = ablation_pairs(main, ablations)
     names = []
     for reference in dict.fromkeys(r for _, r in pairs):   # each full method, then its ablations
@@ -294,12 +300,12 @@ def ablations_block(main: Run, ablations: Run) -> str:
                         f'- Machine: {machine(ablations)}',
                         f'- Wall time: {duration(ablations.info.get("wall_seconds"))}']),
              results_table(ablations, names, pvalues=False),
-             'Each ablation against the full method (paired t-test, uncorrected):',
+             f'{against} (paired t-test, uncorrected):',
              comparisons_table(ablations, pairs)]
     training = ablations.info.get('training') or {}
     new_models = [m for m in training if m not in (main.info.get('training') or {})]
     if new_models:
-        parts += ['Training of the ablation models:', training_table(ablations, new_models)]
+        parts += [trained, training_table(ablations, new_models)]
     return '\n\n'.join(parts)
 
 
@@ -321,6 +327,11 @@ PAGES: Dict[str, dict] = {
     'fusion': dict(rows=lambda n: n == 'BM25' or n.endswith('(+ BM25 score)') or n in ('BM25 >> CODER',
                                                                                         'BM25 >> MonoELECTRA'),
                    fusion=True),
+    'star': dict(rows=lambda n: n == 'Dense' or 'STAR' in n, ablations=lambda n: n.startswith('STAR ('),
+                 training=lambda m: m.startswith('star') or m == 'adore_star', source='bi-encoders'),
+    'tasb': dict(rows=lambda n: n in ('BM25', 'Dense') or 'TAS-Balanced' in n,
+                 ablations=lambda n: n.startswith('TAS-Balanced ('), training=lambda m: 'tasb' in m,
+                 source='bi-encoders'),
     'training': dict(rows=None, training=lambda m: True),
     'performance': dict(rows=lambda n: True, measures=('nDCG@10',), pvalues=False, comparisons=False,
                         timings=True),
@@ -391,14 +402,21 @@ def markers(text: str) -> List[str]:
     return [m.group(1) for m in MARKER.finditer(text)]
 
 
-def generate(runs: List[Run], ablations: Optional[Run], files: List[Path]) -> Dict[Path, str]:
-    """The new text of each of ``files`` (only the marked blocks change)."""
+def generate(runs: List[Run], ablations: Optional[Run], files: List[Path],
+             bi_encoders: Optional[Run] = None) -> Dict[Path, str]:
+    """The new text of each of ``files`` (only the marked blocks change). ``bi_encoders``: the run that adds the
+    STAR and TAS-Balanced components to the first run's (block ``bi-encoders``, and the star and tasb pages)."""
     blocks = {run.dataset: dataset_block(run) for run in runs}
     main = runs[0]
     if ablations is not None:
         blocks['ablations'] = ablations_block(main, ablations)
-    for page in PAGES:
-        blocks.setdefault(page, page_block(page, main, ablations))
+    if bi_encoders is not None:
+        blocks['bi-encoders'] = ablations_block(main, bi_encoders, against='Each against the model it starts from',
+                                                trained='Training of the STAR and TAS-Balanced models:')
+    for page, spec in PAGES.items():
+        source = bi_encoders if spec.get('source') == 'bi-encoders' else main
+        if source is not None:
+            blocks.setdefault(page, page_block(page, source, ablations))
     out = {}
     for path in files:
         text = path.read_text()
@@ -414,16 +432,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('runs', nargs='+', help="runner output directories (--out); the first one feeds the pages")
     parser.add_argument('--ablations', help='the output directory of the --ablations run')
+    parser.add_argument('--bi-encoders', help='the output directory of the run adding --components star,tasb')
     parser.add_argument('--root', default=str(ROOT), help='the repository root (README.md and docs/)')
     parser.add_argument('--check', action='store_true', help='change nothing; exit 1 if a file would change')
     args = parser.parse_args(argv)
     runs = [Run(p) for p in args.runs]
     ablations = Run(args.ablations) if args.ablations else None
+    bi_encoders = Run(args.bi_encoders) if args.bi_encoders else None
     root = Path(args.root)
-    new = generate(runs, ablations, default_files(root))
+    new = generate(runs, ablations, default_files(root), bi_encoders)
     found = {key for path in new for key in markers(path.read_text())}
     datasets = {run.dataset for run in runs}
-    missing = sorted((datasets | ({'ablations'} if ablations else set())) - found)
+    missing = sorted((datasets | ({'ablations'} if ablations else set()) |
+                      ({'bi-encoders'} if bi_encoders else set())) - found)
     if missing:
         print(f'make_results: no markers for {", ".join(missing)} in {root}/docs/results.md '
               f'(add <!-- results:begin KEY --> and <!-- results:end KEY -->)', file=sys.stderr)
