@@ -347,7 +347,7 @@ def test_pt_inspect_lists_settings_and_applies_changes_keeping_the_trained_weigh
     adore = Adore(dense, encoder, k=5, delta_metric='MRR@5', lr=1e-4, verbose=False)
     attributes = {a.name: a.value for a in pt.inspect.transformer_attributes(adore)}
     assert (attributes['k'], attributes['delta_metric']) == (5, 'MRR@5')
-    assert attributes['kwargs']['validate_with'] == 'retrieve'
+    assert attributes['validate_with'] == 'retrieve'
     assert pt.inspect.transformer_apply_attributes(adore, k=9).k == 9
     with pytest.raises(TypeError, match='Coder'):
         pt.inspect.transformer_apply_attributes(coder, no_such_setting=1)

@@ -234,7 +234,11 @@ def test_electra_ablations_reuse_the_main_row_and_match_its_pairs(nfcorpus_quick
     results = pd.read_csv(copy / 'results.csv')
     assert results['name'].tolist() == ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> MonoELECTRA',
                                         'BM25 >> MonoELECTRA (+ BM25 score)', 'BM25 >> MonoELECTRA (CE)',
-                                        'BM25 >> MonoELECTRA (LCE, n=2)']
+                                        'BM25 >> MonoELECTRA (hinge)', 'BM25 >> MonoELECTRA (LCE, n=2)',
+                                        'Dense >> MonoELECTRA', 'BM25 >> MonoELECTRA (dense negatives)',
+                                        'Dense >> MonoELECTRA (dense negatives)']
+    # the same model reranks both first stages: trained once
+    assert log.count('training electra_dense_negatives') == 1 and 'training electra:' not in log
     e = QUICK['electra']
     n2 = MonoElectra.load(copy / 'models' / 'electra_n2', device='cpu')
     ce = MonoElectra.load(copy / 'models' / 'electra_ce', device='cpu')
