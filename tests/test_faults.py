@@ -21,6 +21,8 @@ from pyterrier_coder.electra import MonoElectra
 from pyterrier_coder.encoders import DenseEncoder, DenseIndex, flex_problem
 from pyterrier_coder.fusion import Interpolate
 from pyterrier_coder.retrievers import BM25
+from pyterrier_coder.star import Star
+from pyterrier_coder.tasb import TasBalanced
 
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=None, max_steps=2, device='cpu',
             verbose=False)
@@ -175,8 +177,15 @@ def _components(env):
     coder = Coder(env.dense, env.encoder, num_results=5, verbose=False, device='cpu')
     adore = Adore(env.dense, env.encoder, num_results=5, verbose=False, device='cpu')
     electra = MonoElectra(str(env.electra_dir), verbose=False, max_length=64)
+    # the trainers of both towers serve from the index they encode (here: the untrained towers' index)
+    star = Star(env.encoder, env.root / 'star.flex', corpus=env.ds, num_results=5, verbose=False, device='cpu')
+    star.index()
+    tasb = TasBalanced(env.encoder, env.root / 'tasb.flex', corpus=env.ds, in_batch_teacher=env.encoder,
+                       supervision='in-batch', num_results=5, verbose=False, device='cpu')
+    tasb.index()
     text = env.bm25 % 8
-    return {'BM25': (env.bm25 % 8, None), 'DenseIndex.retriever': (env.dense.retriever(8), None),
+    return {'Star': (text >> star, star.encoder.model), 'Star.retriever': (star.retriever(8), star.encoder.model),
+            'TasBalanced': (text >> tasb, tasb.encoder.model),'BM25': (env.bm25 % 8, None), 'DenseIndex.retriever': (env.dense.retriever(8), None),
             'DenseIndex.scorer': (text >> env.dense.scorer(), env.encoder.model),
             'Coder': (text >> coder, coder.encoder.model), 'Coder.retriever': (coder.retriever(8), coder.encoder.model),
             'Adore': (text >> adore, adore.encoder.model), 'MonoElectra': (text >> electra, electra.model),
