@@ -40,9 +40,8 @@ FULL = dict(
                  max_steps=800, eval_every=100, patience=3, smoothing=2, train_batch_size=4, max_length=128),
     # STAR: both towers of the MiniLM bi-encoder, 16 queries per step, one static BM25 hard negative each from
     # BM25's top 30 plus the batch's other documents as random negatives, softmax cross-entropy, documents cut to
-    # 128 tokens for training. Validated only before and after its 150 steps: on NFCorpus the small pool's nDCG@10
-    # moved within +-0.01 from step 50 on, too little to choose a step by, and the step-50 weights it chose were no
-    # better than the start on test (docs/star.md); the final validation still rejects a run that made things worse
+    # 128 tokens for training. Validated only before and after its 150 steps: between steps, the 50-query pool's
+    # differences are within its noise (docs/star.md); the final validation still rejects a run that made things worse
     star=dict(batch_size=16, negatives_per_query=1, hard_negative_depth=30, loss='softmax', lr=2e-5, warmup=0.1,
               max_steps=150, eval_every=150, validation_queries=50, validation_depth=10, train_doc_max_length=128),
     # TAS-Balanced: 32 queries of one topic cluster per step, margin-balanced pairs from BM25's top 100, the fused
