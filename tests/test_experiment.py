@@ -479,6 +479,18 @@ def test_every_ablation_row_runs(tiny_collection, tiny_bert_dir, tiny_cross_enco
     assert set(zip(compared['system'], compared['reference'])) == expected
 
 
+def test_star_alone_trains_on_the_training_split(tiny_collection, tiny_bert_dir, tmp_path):
+    """--components bm25,dense,star (no other trainer) still reads the training and dev splits."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(['experiment', '--dataset', str(tiny_collection), '--quick', '--out', str(tmp_path / 'out'),
+                     '--device', 'cpu', '--base', str(tiny_bert_dir), '--components', 'bm25,dense,star'])
+    assert code == 0, stdout.getvalue()[-3000:]
+    names = pd.read_csv(tmp_path / 'out' / 'results.csv')['name'].tolist()
+    assert names == ['BM25', 'Dense', 'BM25 >> Dense', 'STAR', 'ADORE+STAR']
+    assert '- Positives: label >= 2' in (tmp_path / 'out' / 'report.md').read_text()
+
+
 def test_an_unknown_measure_fails_before_anything_runs(tmp_path, capsys):
     assert main(['experiment', '--dataset', 'unused', '--out', str(tmp_path), '--measures', 'nDCG@ten']) == 2
     assert "--measures: 'nDCG@ten' is not an ir_measures measure" in capsys.readouterr().err

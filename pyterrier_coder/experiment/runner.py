@@ -38,7 +38,7 @@ from ..query_trainer import DenseQueryTrainer
 from ..retrievers import BM25
 from ..star import Star
 from ..tasb import TasBalanced
-from .budgets import COMPONENTS, DEFAULT_COMPONENTS, FULL, QUICK, apply_overrides, fit_budget
+from .budgets import COMPONENTS, DEFAULT_COMPONENTS, FULL, QUICK, TRAINED, apply_overrides, fit_budget
 from .comparisons import BASELINE, FUSED_SUFFIX, measures, paired_comparisons
 from .plots import write_plots
 from .report import write_report, write_run_info
@@ -161,7 +161,7 @@ class ExperimentRunner:
                 AutoConfig.from_pretrained(path)
 
     def trains_anything(self) -> bool:
-        return bool({'coder', 'adore', 'electra'} & set(self.s.components))
+        return bool(set(TRAINED) & set(self.s.components))
 
     # --- indexes -------------------------------------------------------------------------------------------
     def _build_indexes(self):
