@@ -15,7 +15,7 @@ from pyterrier_coder.adore import Adore
 from pyterrier_coder.coder import Coder
 from pyterrier_coder.datasets import load_dataset
 from pyterrier_coder.encoders import DenseEncoder, DenseIndex
-from pyterrier_coder.candidates import CandidateSet, mine_candidates, mine_candidates_to_disk
+from pyterrier_coder.candidates import CandidateSet, index_info, mine_candidates, mine_candidates_to_disk
 from pyterrier_coder.embeddings import EmbeddingStore
 from pyterrier_coder.frames import normalise_frame
 from pyterrier_coder.retrievers import BM25
@@ -542,7 +542,9 @@ def test_candidate_set_round_trips_memory_mapped(scale, tmp_path):
         assert_same_set(loaded, mined)
         assert isinstance(loaded.docids, np.memmap) and isinstance(loaded.labels, np.memmap)
         assert loaded.docids.dtype == np.int32 and loaded.labels.dtype == np.float32
-        assert loaded.index == {'path': str(dense.flex.index_path.resolve()), 'docs': len(store)}
+        # the index the row ids refer to, and the corpus it was built from
+        assert loaded.index == index_info(store) and set(loaded.index) == {'path', 'docs', 'corpus'}
+        assert loaded.index['path'] == str(dense.flex.index_path.resolve()) and loaded.index['docs'] == len(store)
     assert not isinstance(CandidateSet.load(tmp_path / 'set', mmap=False).docids, np.memmap)
     width = mined.docids.shape[1]
     assert repr(saved) == (f'CandidateSet(9 queries x {width} candidates, memory-mapped, '
