@@ -119,25 +119,28 @@ def score_with_teacher(teacher: pt.Transformer, frame: pd.DataFrame, *, queries_
     return scores
 
 
+def _encode_in_chunks(encode, items: Sequence[str], dim: int, *, desc: str, unit: str, verbose: bool,
+                      chunk: int) -> np.ndarray:
+    """``encode`` of ``items``, ``chunk`` at a time under a progress bar, as one float32 array ``[len(items), dim]``."""
+    parts = []
+    with pt.tqdm(total=len(items), desc=desc, unit=unit, disable=not verbose) as progress:
+        for start in range(0, len(items), chunk):
+            parts.append(np.asarray(encode(list(items[start:start + chunk])), dtype=np.float32))
+            progress.update(len(parts[-1]))
+    return np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32)
+
+
 def encode_queries(encoder, queries: Sequence[str], *, desc: str, verbose: bool = True,
                    chunk: int = 256) -> np.ndarray:
     """``encoder.encode_queries`` of ``queries`` under a progress bar (``chunk`` queries at a time)."""
-    parts = []
-    with pt.tqdm(total=len(queries), desc=desc, unit='query', disable=not verbose) as progress:
-        for start in range(0, len(queries), chunk):
-            parts.append(np.asarray(encoder.encode_queries(list(queries[start:start + chunk])), dtype=np.float32))
-            progress.update(len(parts[-1]))
-    return np.concatenate(parts) if parts else np.empty((0, encoder.dim), dtype=np.float32)
+    return _encode_in_chunks(encoder.encode_queries, queries, encoder.dim, desc=desc, unit='query', verbose=verbose,
+                             chunk=chunk)
 
 
 def encode_passages(encoder, texts: Sequence[str], *, desc: str, verbose: bool = True, chunk: int = 256) -> np.ndarray:
     """``encoder.encode_docs`` of ``texts`` under a progress bar."""
-    parts = []
-    with pt.tqdm(total=len(texts), desc=desc, unit='passage', disable=not verbose) as progress:
-        for start in range(0, len(texts), chunk):
-            parts.append(np.asarray(encoder.encode_docs(list(texts[start:start + chunk])), dtype=np.float32))
-            progress.update(len(parts[-1]))
-    return np.concatenate(parts) if parts else np.empty((0, encoder.dim), dtype=np.float32)
+    return _encode_in_chunks(encoder.encode_docs, texts, encoder.dim, desc=desc, unit='passage', verbose=verbose,
+                             chunk=chunk)
 
 
 def dense_teacher_embeddings(teacher, queries: Sequence[str], docnos: Sequence[str],
