@@ -8,7 +8,6 @@ import torch
 
 from pyterrier_coder import losses
 from pyterrier_coder.adore import Adore
-from pyterrier_coder.datasets import load_dataset
 from pyterrier_coder.encoders import _PROBE_TEXT, DenseEncoder, DenseIndex
 from pyterrier_coder.embeddings import EmbeddingStore
 from pyterrier_coder.retrievers import BM25
@@ -18,13 +17,8 @@ FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=5, 
 
 
 @pytest.fixture(scope='module')
-def setup(tiny_bert_dir, tiny_collection, tmp_path_factory, one_thread):
-    ds = load_dataset(tiny_collection)
-    root = tmp_path_factory.mktemp('star')
-    encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
-    base = DenseIndex(encoder, root / 'base.flex', verbose=False).index(ds.get_corpus_iter(verbose=False))
-    bm25 = BM25(root / 'bm25').index(ds.get_corpus_iter(verbose=False))
-    return ds, encoder, base, bm25
+def setup(bi_encoder_setup):
+    return bi_encoder_setup
 
 
 def quiet(fn, *args, **kwargs):

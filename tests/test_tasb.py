@@ -229,9 +229,7 @@ def test_teacher_cache_keeps_arrays_in_memory_and_on_disk(tmp_path):
 import warnings   # noqa: E402
 
 from pyterrier_coder.coder import Coder   # noqa: E402
-from pyterrier_coder.datasets import load_dataset   # noqa: E402
-from pyterrier_coder.encoders import DenseEncoder, DenseIndex   # noqa: E402
-from pyterrier_coder.retrievers import BM25   # noqa: E402
+from pyterrier_coder.encoders import DenseEncoder   # noqa: E402
 from pyterrier_coder.tasb import TasBalanced   # noqa: E402
 
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=5, device='cpu', verbose=False)
@@ -258,13 +256,8 @@ class TextTeacher(pt.Transformer):
 
 
 @pytest.fixture(scope='module')
-def setup(tiny_bert_dir, tiny_collection, tmp_path_factory, one_thread):
-    ds = load_dataset(tiny_collection)
-    root = tmp_path_factory.mktemp('tasb')
-    encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
-    base = DenseIndex(encoder, root / 'base.flex', verbose=False).index(ds.get_corpus_iter(verbose=False))
-    bm25 = BM25(root / 'bm25').index(ds.get_corpus_iter(verbose=False))
-    return ds, encoder, base, bm25
+def setup(bi_encoder_setup):
+    return bi_encoder_setup
 
 
 def quiet(fn, *args, **kwargs):
