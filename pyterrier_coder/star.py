@@ -9,7 +9,7 @@ scored against
   never refreshed; each step draws ``negatives_per_query`` of each query's top ``hard_negative_depth``
   candidates that are not judged relevant;
 * **random in-batch negatives**: the documents of the other queries of the batch -- their positives and, as in the
-  authors' code, their hard negatives --
+  authors' code, their hard negatives (``share_hard_negatives=False``: their positives only) --
 
 where no document judged relevant to a query is ever its negative. The paper's loss scores every (positive,
 negative) pair with a pairwise logistic (RankNet) loss averaged over all pairs of the batch
@@ -40,14 +40,16 @@ LOSSES = ('pairwise', 'softmax')
 _LOSS_FUNCTIONS = {'pairwise': losses.in_batch_pairwise_logistic, 'softmax': losses.in_batch_softmax}
 
 
-def negative_mask(documents: np.ndarray, excluded: list, *, hard_negatives: bool, random_negatives: bool) -> tuple:
+def negative_mask(documents: np.ndarray, excluded: list, *, hard_negatives: bool, random_negatives: bool,
+                  share_hard_negatives: bool = True) -> tuple:
     """Which documents of a batch are negatives for which query.
 
     ``documents [B, 1 + h]``: per query of the batch, its positive then its ``h`` hard negatives, as document ids
     (-1 = none); ``excluded``: per query, the sorted ids never to be its negatives (the documents judged relevant to
     it). Returns ``(unique ids [N], the column of each query's positive [B], negatives [B, N] bool)``: a query's own
-    hard negatives (``hard_negatives``) and every document another query of the batch brought
-    (``random_negatives``), except its positive and the documents excluded for it."""
+    hard negatives (``hard_negatives``) and the documents the other queries of the batch brought
+    (``random_negatives``: their positives, and their hard negatives if ``share_hard_negatives``), except its positive
+    and the documents excluded for it."""
     present = documents >= 0
     unique, inverse = np.unique(documents[present], return_inverse=True)
     columns = np.full(documents.shape, -1, dtype=np.int64)
@@ -61,6 +63,9 @@ def negative_mask(documents: np.ndarray, excluded: list, *, hard_negatives: bool
         r, c = np.nonzero(present[:, 1:])
         negatives[r, columns[:, 1:][r, c]] = True
     if random_negatives:
+        if not share_hard_negatives:
+            brought = np.zeros_like(brought)
+            brought[rows, columns[:, 0]] = True
         negatives |= (brought.sum(0, keepdims=True) - brought) > 0
     for i, judged in enumerate(excluded):
         if len(judged):
@@ -84,6 +89,8 @@ class Star(BiEncoderTrainer):
         encoder, index_path: the starting encoder and where the trained document encoder encodes the corpus.
         hard_negatives: use the static hard negatives (False: the paper's "random negatives only" ablation).
         random_negatives: use the other queries' documents as negatives (False: "hard negatives only").
+        share_hard_negatives: the other queries' documents include their hard negatives, as in the authors' code
+            (False: their positives only).
         negatives_per_query: hard negatives drawn per query and step (paper: 1).
         hard_negative_depth: they are drawn from the preceding stage's top this-many candidates (paper: 200).
         loss: ``'pairwise'`` (the paper's RankNet over all pairs) or ``'softmax'`` (listwise cross-entropy).
@@ -112,14 +119,16 @@ class Star(BiEncoderTrainer):
             raise ValueError(f"{component}: temperature must be > 0 or None, got {values['temperature']!r}")
 
     def __init__(self, encoder: DenseEncoder, index_path, *, hard_negatives: bool = True,
-                 random_negatives: bool = True, negatives_per_query: int = 1, hard_negative_depth: int = 200,
-                 loss: str = 'pairwise', temperature: Optional[float] = None, **kwargs):
+                 random_negatives: bool = True, share_hard_negatives: bool = True, negatives_per_query: int = 1,
+                 hard_negative_depth: int = 200, loss: str = 'pairwise', temperature: Optional[float] = None,
+                 **kwargs):
         Star._check_values(dict(loss=loss, hard_negatives=hard_negatives, random_negatives=random_negatives,
                                 negatives_per_query=negatives_per_query, hard_negative_depth=hard_negative_depth,
                                 temperature=temperature), 'Star')
         super().__init__(encoder, index_path, **kwargs)
         self.hard_negatives = hard_negatives
         self.random_negatives = random_negatives
+        self.share_hard_negatives = share_hard_negatives
         self.negatives_per_query = negatives_per_query
         self.hard_negative_depth = hard_negative_depth
         self.loss = loss
@@ -172,7 +181,7 @@ class Star(BiEncoderTrainer):
         queries = batch[:, 0]
         unique, positives, negatives = negative_mask(
             batch[:, 1:], [data.excluded[i] for i in queries], hard_negatives=self.hard_negatives,
-            random_negatives=self.random_negatives)
+            random_negatives=self.random_negatives, share_hard_negatives=self.share_hard_negatives)
         q = self._encode_training_queries([data.queries[i] for i in queries])
         d = self._encode_training_docs([data.texts[j] for j in unique])
         scores = self._inner_products(q, d) / self.temperature
@@ -188,6 +197,7 @@ class Star(BiEncoderTrainer):
     # --- persistence -------------------------------------------------------------------------------------------
     def settings(self) -> dict:
         return super().settings() | dict(hard_negatives=self.hard_negatives, random_negatives=self.random_negatives,
+                                         share_hard_negatives=self.share_hard_negatives,
                                          negatives_per_query=self.negatives_per_query,
                                          hard_negative_depth=self.hard_negative_depth, loss=self.loss,
                                          temperature=self.temperature)
@@ -195,4 +205,5 @@ class Star(BiEncoderTrainer):
     def _repr_args(self) -> str:
         ablation = ('' if self.hard_negatives and self.random_negatives else
                     ', random_negatives=False' if self.hard_negatives else ', hard_negatives=False')
-        return f', loss={self.loss!r}{ablation}'
+        shared = '' if self.share_hard_negatives else ', share_hard_negatives=False'
+        return f', loss={self.loss!r}{ablation}{shared}'

@@ -89,6 +89,12 @@ def test_the_negatives_of_a_batch():
     assert negatives.astype(int).tolist() == [[0, 1, 1, 1, 1],     # the others' positives and hard negatives
                                               [0, 0, 1, 1, 1],     # 10 is judged relevant to query 1: masked
                                               [1, 1, 0, 1, 1]]
+    # not shared: a query's own hard negatives, and of the other queries only their positives
+    _, _, unshared = negative_mask(documents, excluded, hard_negatives=True, random_negatives=True,
+                                   share_hard_negatives=False)
+    assert unshared.astype(int).tolist() == [[0, 1, 1, 1, 0],
+                                             [0, 0, 1, 0, 1],
+                                             [1, 1, 0, 0, 0]]
     _, _, hard_only = negative_mask(documents, excluded, hard_negatives=True, random_negatives=False)
     assert hard_only.astype(int).tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]]
     _, _, random_only = negative_mask(documents[:, :1], excluded, hard_negatives=False, random_negatives=True)
@@ -100,12 +106,13 @@ def test_the_negatives_of_a_batch():
     assert negatives.astype(int).tolist() == [[0, 1], [1, 0]]
 
 
-def test_the_training_loss_is_the_loss_of_the_batch_scores(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize('share', [True, False])
+def test_the_training_loss_is_the_loss_of_the_batch_scores(setup, tmp_path, monkeypatch, share):
     """Star._loss scores each query of the batch against every document the batch brought, encoded by the document
     tower at train_doc_max_length, divides by the temperature and masks with negative_mask."""
     import pyterrier_coder.star as star_module
     model = star(setup, tmp_path / 's.flex', max_steps=1, eval_every=None, lr=0.0, temperature=0.5, batch_size=3,
-                 train_doc_max_length=8)
+                 train_doc_max_length=8, share_hard_negatives=share)
     for module in model.encoder.model.modules():      # no dropout: the scores are those of the eval-mode encoders
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -120,7 +127,8 @@ def test_the_training_loss_is_the_loss_of_the_batch_scores(setup, tmp_path, monk
     batch, data = seen['batch'], seen['data']
     scores, positives, negatives = seen['args']
     unique, expected_positives, expected_negatives = negative_mask(
-        batch[:, 1:], [data.excluded[i] for i in batch[:, 0]], hard_negatives=True, random_negatives=True)
+        batch[:, 1:], [data.excluded[i] for i in batch[:, 0]], hard_negatives=True, random_negatives=True,
+        share_hard_negatives=share)
     q = model.encoder.encode_queries([data.queries[i] for i in batch[:, 0]])
     d = model.doc_encoder.apply_attributes(doc_max_length=8).encode_docs([data.texts[j] for j in unique])
     np.testing.assert_allclose(scores.numpy(), q @ d.T / 0.5, atol=1e-4)
@@ -301,7 +309,8 @@ def test_an_index_it_did_not_write_is_never_overwritten(setup, tmp_path):
 @pytest.mark.parametrize('separate', [False, True])
 def test_save_load_round_trip_and_a_plain_encoder_directory(setup, tmp_path, separate):
     ds, encoder, base, bm25 = setup
-    model = fitted(setup, tmp_path / 's.flex', separate_towers=separate, min_label=2, loss='softmax')
+    model = fitted(setup, tmp_path / 's.flex', separate_towers=separate, min_label=2, loss='softmax',
+                   share_hard_negatives=False)
     model.save(tmp_path / 'model')
     texts = ['apple market', 'sweet ripe peach']
     as_encoder = DenseEncoder(str(tmp_path / 'model'), device='cpu')
@@ -411,6 +420,8 @@ def test_input_columns_empty_frames_and_repr(setup, tmp_path):
     assert repr(model.retriever(5)) == f'{model!r}.retriever(k=5)'
     assert repr(star(setup, tmp_path / 'h.flex', random_negatives=False, separate_towers=True)).endswith(
         "separate_towers=True, loss='pairwise', random_negatives=False)")
+    assert repr(star(setup, tmp_path / 'u.flex', share_hard_negatives=False)).endswith(
+        "loss='pairwise', share_hard_negatives=False)")
 
 
 @pytest.mark.parametrize('bad', [dict(loss='listnet'), dict(hard_negatives=False, random_negatives=False),
