@@ -38,12 +38,14 @@ FULL = dict(
     # scoring time)
     electra=dict(group_size=8, negatives_from=100, loss='lce', lr=5e-5, head_lr=2e-3, warmup=0.1, epochs=4.0,
                  max_steps=800, eval_every=100, patience=3, smoothing=2, train_batch_size=4, max_length=128),
-    # STAR: both towers of the MiniLM bi-encoder, 16 queries per step, one static BM25 hard negative each from
-    # BM25's top 30 plus the other queries' positives as random negatives (their BM25 negatives, which the authors'
-    # code shares too, are not: docs/star.md), softmax cross-entropy, documents cut to 128 tokens for training.
+    # STAR: both towers of the MiniLM bi-encoder, 16 queries per step, one static hard negative each from the
+    # starting encoder's own top 200 (the paper's: its warm-up dense model's top 200; the runner fits STAR on plain
+    # topics over the zero-shot index) plus the other queries' positives as random negatives, softmax
+    # cross-entropy, documents cut to 128 tokens for training. BM25's top 30 as the hard negatives, or the other
+    # queries' hard negatives shared as random ones, trained worse on NFCorpus' dev queries (docs/star.md).
     # Validated only before and after its 150 steps: between steps, the 50-query pool's differences are within its
-    # noise (docs/star.md); the final validation still rejects a run that made things worse
-    star=dict(batch_size=16, negatives_per_query=1, hard_negative_depth=30, share_hard_negatives=False,
+    # noise; the final validation still rejects a run that made things worse
+    star=dict(batch_size=16, negatives_per_query=1, hard_negative_depth=200, share_hard_negatives=False,
               loss='softmax', lr=2e-5, warmup=0.1, max_steps=150, eval_every=150, validation_queries=50,
               validation_depth=10, train_doc_max_length=128),
     # TAS-Balanced: 32 queries of one topic cluster per step, margin-balanced pairs from BM25's top 100, the fused

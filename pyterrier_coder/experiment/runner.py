@@ -292,16 +292,17 @@ class ExperimentRunner:
         return self._star() if name == 'star' else self._tasb()
 
     def _star(self, name='star', **overrides):
-        """STAR: both towers trained on BM25's static hard negatives and in-batch random negatives; the corpus is
-        then encoded into ``indexes/<name>.flex``."""
+        """STAR: both towers trained on static hard negatives from the starting encoder's own index (fitted on plain
+        topics, as the paper took them from its warm-up dense model) and on the other queries' positives as random
+        negatives; the corpus is then encoded into ``indexes/<name>.flex``."""
         kwargs = {**self.budget['star'], **overrides}
         index_path = self.out / 'indexes' / f'{name}.flex'
-        depth = kwargs['hard_negative_depth']
         return self._train_or_load(
-            name, Star, self._spec(name, kwargs),
+            name, Star, self._spec(name, kwargs, hard_negatives_from='dense'),
             lambda: Star(self.encoder, index_path, corpus=self.dataset, texts=self.bm25.text_loader(),
-                         seed=self.s.seed, device=self.s.device, verbose=self.s.verbose, **kwargs),
-            lambda m: (self.bm25 % depth >> m).fit(self.train, self.train_qrels, self.dev, self.dev_qrels),
+                         base_index=self.dense, seed=self.s.seed, device=self.s.device, verbose=self.s.verbose,
+                         **kwargs),
+            lambda m: m.fit(self.train, self.train_qrels, self.dev, self.dev_qrels),
             load_kwargs={'index_path': index_path, 'corpus': self.dataset})
 
     def _tasb(self, name='tasb', **overrides):
