@@ -3,6 +3,7 @@ on the fixture text, a small synthetic collection in the dataset layout, and the
 ../shared/datasets when present (tests using them skip with a reason otherwise)."""
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,15 @@ from benchmarks.fixtures import save_tiny_bert, save_tiny_electra, train_wordpie
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+
+
+def quiet(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with its warnings silenced (what the data skipped or ignored: tests of other things)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return fn(*args, **kwargs)
+
 
 DATASETS = Path(os.environ.get('PTC_DATASETS', Path(__file__).resolve().parents[1].parent / 'shared' / 'datasets'))
 

@@ -20,6 +20,8 @@ from pyterrier_coder.embeddings import EmbeddingStore
 from pyterrier_coder.frames import normalise_frame
 from pyterrier_coder.retrievers import BM25
 
+from conftest import quiet
+
 FAST = dict(lr=1e-3, optimizer='adamw', warmup=0, schedule='constant', batch_size=4, eval_every=10,
             device='cpu', verbose=False)
 
@@ -482,12 +484,6 @@ def tied_index(setup, tmp_path_factory):
     flex = pyterrier_dr.FlexIndex(str(tmp_path_factory.mktemp('tied') / 'tied.flex'), verbose=False)
     flex.indexer(mode='overwrite').index([{'docno': f'{i}', 'doc_vec': vecs[i % 6]} for i in range(60)])
     return flex
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        return fn(*args, **kwargs)
 
 
 def test_rerank_matches_pandas_ranking_on_messy_frames(setup, tied_index):

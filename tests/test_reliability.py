@@ -24,6 +24,8 @@ from pyterrier_coder.embeddings import EmbeddingStore
 from pyterrier_coder.frames import normalise_qrels
 from pyterrier_coder.retrievers import BM25
 
+from conftest import quiet
+
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=None, max_steps=2, device='cpu',
             verbose=False)
 RETRIEVERS = ['BM25', 'DenseIndex.retriever']
@@ -82,12 +84,6 @@ def trainer(name, env, index=None, **kwargs):
     return MonoElectra(str(env.electra_dir), max_length=64, group_size=4, negatives_from=10, **options)
 
 
-def quietly(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        return fn(*args, **kwargs)
-
-
 def scores_by(out):
     return out.set_index(['qid', 'docno'])['score'].sort_index()
 
@@ -114,7 +110,7 @@ def test_fit_missing_columns_name_the_component_and_the_columns(env, name, which
     else:
         args[1], match = env.qrels.drop(columns='label'), rf"^{name}(\.fit)?: the qrels frame .*missing \['label'\]"
     with pytest.raises(InputValidationError, match=match):
-        quietly(trainer(name, env).fit, *args)
+        quiet(trainer(name, env).fit, *args)
 
 
 # --- bad input: empty frames ----------------------------------------------------------------------------------
@@ -135,13 +131,13 @@ def test_empty_input_gives_empty_output_with_the_right_columns(env, name):
 @pytest.mark.parametrize('name', TRAINERS)
 def test_fit_on_an_empty_frame_fails_clearly(env, name):
     with pytest.raises(ValueError, match=rf'^{name}\.fit: no training query'):
-        quietly(trainer(name, env).fit, env.train.iloc[:0], env.qrels)
+        quiet(trainer(name, env).fit, env.train.iloc[:0], env.qrels)
 
 
 @pytest.mark.parametrize('name', TRAINERS)
 def test_no_positive_at_min_label_names_the_threshold(env, name):
     with pytest.raises(ValueError, match=rf'^{name}\.fit: no training query has a judged positive \(label >= 5\)'):
-        quietly(trainer(name, env, min_label=5).fit, env.train, env.qrels)
+        quiet(trainer(name, env, min_label=5).fit, env.train, env.qrels)
 
 
 # --- bad input: docnos absent from the index -----------------------------------------------------------------
@@ -207,7 +203,7 @@ def test_fit_drops_duplicated_rows_and_qrels(env, name):
     if name != 'Adore':       # ADORE uses only the topics of the training frame
         assert any(m.startswith(f'{name}: dropped 3 duplicated (qid, docno) rows') for m in messages), messages
     assert model.history['training_data']['train_queries'] == 10
-    kept = quietly(normalise_qrels, qrels, name)
+    kept = quiet(normalise_qrels, qrels, name)
     assert len(kept) == len(env.qrels)
     assert kept.set_index(['qid', 'docno'])['label'].to_dict() == \
         env.qrels.set_index(['qid', 'docno'])['label'].to_dict()
@@ -239,7 +235,7 @@ def test_fit_with_empty_or_nan_queries(env, name):
     train = env.train.copy()
     train.loc[train['qid'] == 'q00', 'query'] = np.nan
     train.loc[train['qid'] == 'q01', 'query'] = ''
-    model = quietly(trainer(name, env).fit, train, env.qrels, train, env.qrels)
+    model = quiet(trainer(name, env).fit, train, env.qrels, train, env.qrels)
     assert model.history['steps'] == 2 and model.history['training_data']['train_queries'] == 10
     assert all(np.isfinite(loss) for _, loss in model.history['loss'])
 
@@ -274,7 +270,7 @@ def test_fit_with_int_qids_and_docnos(env, numeric, name):
         index = numeric
         train = pd.DataFrame({'qid': [1, 2, 3], 'query': ['apple juice', 'banana', 'cherry tree']})
         qrels = pd.DataFrame({'qid': [1, 2, 3, 3], 'docno': [0, 5, 7, 8], 'label': [1, 2, 1, 1]})
-    model = quietly(trainer(name, env, index=index, eval_every=1).fit, train, qrels, train, qrels)
+    model = quiet(trainer(name, env, index=index, eval_every=1).fit, train, qrels, train, qrels)
     h = model.history
     assert h['training_data']['train_queries'] == train['qid'].nunique()
     assert h['training_data']['skipped_no_positive'] == 0 and h['training_data']['qrels_for_unknown_queries'] == 0
@@ -294,7 +290,7 @@ def test_amp_on_cpu_trains_under_bf16_autocast_and_only_when_asked(env, name):
         hook = module.register_forward_pre_hook(lambda m, args: states.append(
             (m.training, torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16)))
         try:
-            quietly(t.fit, env.train, env.qrels, env.train, env.qrels)
+            quiet(t.fit, env.train, env.qrels, env.train, env.qrels)
         finally:
             hook.remove()
         assert all(np.isfinite(v) for _, v in t.history['loss'])
@@ -320,7 +316,7 @@ def test_same_seed_same_history_other_seed_other_history(env, name):
         options['random_negatives'] = 5
 
     def run(seed):
-        h = quietly(trainer(name, env, seed=seed, **options).fit, env.train, env.qrels, env.train, env.qrels).history
+        h = quiet(trainer(name, env, seed=seed, **options).fit, env.train, env.qrels, env.train, env.qrels).history
         return [v for _, v in h['eval']], [v for _, v in h['loss']]
     first, again, other = run(1), run(1), run(2)
     assert len(first[0]) == 4
@@ -338,7 +334,7 @@ def test_a_second_fit_continues_from_the_weights_of_the_first(env, name, monkeyp
     def weights():
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
     before = weights()
-    quietly(model.fit, env.train, env.qrels)
+    quiet(model.fit, env.train, env.qrels)
     after_first = weights()
     assert any(not torch.equal(before[k], after_first[k]) for k in before)
     at_first_step, original = [], model._loss
@@ -348,7 +344,7 @@ def test_a_second_fit_continues_from_the_weights_of_the_first(env, name, monkeyp
             at_first_step.append(weights())
         return original(batch)
     monkeypatch.setattr(model, '_loss', record)
-    quietly(model.fit, env.train, env.qrels)
+    quiet(model.fit, env.train, env.qrels)
     assert all(torch.equal(at_first_step[0][k], after_first[k]) for k in after_first)
     assert model.history['steps'] == FAST['max_steps']     # history describes the latest call
 
@@ -384,7 +380,7 @@ def fitted(env):
 
     def get(name):
         if name not in cache:
-            cache[name] = quietly(trainer(name, env).fit, env.train, env.qrels)
+            cache[name] = quiet(trainer(name, env).fit, env.train, env.qrels)
         return cache[name]
     return get
 
@@ -498,7 +494,7 @@ def test_a_5000_word_query_is_truncated_as_configured(env, single_token_words, n
 def test_fit_with_a_5000_word_training_query(env, name):
     train = env.train.copy()
     train.loc[train['qid'] == 'q00', 'query'] = 'apple ' + words(5000)
-    model = quietly(trainer(name, env).fit, train, env.qrels)
+    model = quiet(trainer(name, env).fit, train, env.qrels)
     assert model.history['steps'] == 2 and all(np.isfinite(loss) for _, loss in model.history['loss'])
 
 

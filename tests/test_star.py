@@ -1,5 +1,4 @@
 """STAR (and the bi-encoder training it is built on) with a tiny random BERT over the synthetic collection."""
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -13,18 +12,14 @@ from pyterrier_coder.embeddings import EmbeddingStore
 from pyterrier_coder.retrievers import BM25
 from pyterrier_coder.star import Star, negative_mask
 
+from conftest import quiet
+
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=5, device='cpu', verbose=False)
 
 
 @pytest.fixture(scope='module')
 def setup(bi_encoder_setup):
     return bi_encoder_setup
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        return fn(*args, **kwargs)
 
 
 def star(setup, path, **options):

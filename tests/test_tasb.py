@@ -226,11 +226,11 @@ def test_teacher_cache_keeps_arrays_in_memory_and_on_disk(tmp_path):
 
 # --- the estimator ------------------------------------------------------------------------------------------------
 
-import warnings   # noqa: E402
-
 from pyterrier_coder.coder import Coder   # noqa: E402
 from pyterrier_coder.encoders import DenseEncoder   # noqa: E402
 from pyterrier_coder.tasb import TasBalanced   # noqa: E402
+
+from conftest import quiet   # noqa: E402
 
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=5, device='cpu', verbose=False)
 
@@ -258,12 +258,6 @@ class TextTeacher(pt.Transformer):
 @pytest.fixture(scope='module')
 def setup(bi_encoder_setup):
     return bi_encoder_setup
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        return fn(*args, **kwargs)
 
 
 def tasb(setup, path, **options):
