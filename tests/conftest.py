@@ -23,6 +23,19 @@ def quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def crash_at_loss(trainer, n: int) -> None:
+    """Makes ``trainer``'s ``n``-th training loss raise KeyboardInterrupt: a run stopped mid-training (an instance
+    attribute: only this trainer is affected)."""
+    original, calls = trainer._loss, {'n': 0}
+
+    def crash(batch):
+        calls['n'] += 1
+        if calls['n'] == n:
+            raise KeyboardInterrupt
+        return original(batch)
+    trainer._loss = crash
+
+
 DATASETS = Path(os.environ.get('PTC_DATASETS', Path(__file__).resolve().parents[1].parent / 'shared' / 'datasets'))
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pyterrier_coder.embeddings import EmbeddingStore
 from pyterrier_coder.frames import normalise_frame
 from pyterrier_coder.retrievers import BM25
 
-from conftest import quiet
+from conftest import crash_at_loss, quiet
 
 FAST = dict(lr=1e-3, optimizer='adamw', warmup=0, schedule='constant', batch_size=4, eval_every=10,
             device='cpu', verbose=False)
@@ -410,21 +410,14 @@ def test_embedding_store_lookup_gather_and_search_paths(setup, monkeypatch):
         assert (got_i == expected.indices).all()
 
 
-def test_coder_resume_matches_uninterrupted_run(setup, tmp_path, monkeypatch):
+def test_coder_resume_matches_uninterrupted_run(setup, tmp_path):
     ds, encoder, dense, bm25 = setup
     res = (bm25 % 20)(ds.get_topics('train'))
     qrels = ds.get_qrels('train')
     options = dict(num_candidates=20, max_steps=9, **{**FAST, 'batch_size': 3, 'eval_every': 4})
     reference = Coder(dense, encoder, **options).fit(res, qrels, res, qrels)
     crashing = Coder(dense, encoder, checkpoint_dir=str(tmp_path / 'c'), checkpoint_every=4, **options)
-    original, calls = crashing._loss, {'n': 0}
-
-    def crash(batch):
-        calls['n'] += 1
-        if calls['n'] == 6:
-            raise KeyboardInterrupt
-        return original(batch)
-    monkeypatch.setattr(crashing, '_loss', crash)
+    crash_at_loss(crashing, 6)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit(res, qrels, res, qrels)
     resumed = Coder(dense, encoder, checkpoint_dir=str(tmp_path / 'c'), checkpoint_every=4, **options)

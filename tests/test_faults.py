@@ -24,6 +24,8 @@ from pyterrier_coder.retrievers import BM25
 from pyterrier_coder.star import Star
 from pyterrier_coder.tasb import TasBalanced
 
+from conftest import crash_at_loss
+
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=None, max_steps=2, device='cpu',
             verbose=False)
 
@@ -286,14 +288,7 @@ def test_fit_without_resume_never_overwrites_a_checkpoint(env, tmp_path):
     res, qrels = _train_data(env)
     options = dict(FAST, max_steps=6, checkpoint_every=2)
     crashing = Coder(env.dense, env.encoder, num_candidates=10, checkpoint_dir=str(tmp_path), **options)
-    original, calls = crashing._loss, {'n': 0}
-
-    def crash(batch):
-        calls['n'] += 1
-        if calls['n'] == 4:
-            raise KeyboardInterrupt
-        return original(batch)
-    crashing._loss = crash
+    crash_at_loss(crashing, 4)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit(res, qrels)
     saved = (tmp_path / 'checkpoint.pt').read_bytes()

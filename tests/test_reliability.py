@@ -24,7 +24,7 @@ from pyterrier_coder.embeddings import EmbeddingStore
 from pyterrier_coder.frames import normalise_qrels
 from pyterrier_coder.retrievers import BM25
 
-from conftest import quiet
+from conftest import crash_at_loss, quiet
 
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=None, max_steps=2, device='cpu',
             verbose=False)
@@ -349,19 +349,12 @@ def test_a_second_fit_continues_from_the_weights_of_the_first(env, name, monkeyp
     assert model.history['steps'] == FAST['max_steps']     # history describes the latest call
 
 
-def test_coder_resume_with_random_negatives_matches_an_uninterrupted_run(env, tmp_path, monkeypatch):
+def test_coder_resume_with_random_negatives_matches_an_uninterrupted_run(env, tmp_path):
     """The random negatives are drawn from the loop's generator, which a checkpoint restores."""
     options = dict(max_steps=6, eval_every=2, batch_size=3, random_negatives=5, checkpoint_every=2)
     reference = trainer('Coder', env, **options).fit(env.train, env.qrels, env.train, env.qrels)
     crashing = trainer('Coder', env, checkpoint_dir=str(tmp_path), **options)
-    original, calls = crashing._loss, {'n': 0}
-
-    def crash(batch):
-        calls['n'] += 1
-        if calls['n'] == 4:
-            raise KeyboardInterrupt
-        return original(batch)
-    monkeypatch.setattr(crashing, '_loss', crash)
+    crash_at_loss(crashing, 4)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit(env.train, env.qrels, env.train, env.qrels)
     resumed = trainer('Coder', env, checkpoint_dir=str(tmp_path), **options)

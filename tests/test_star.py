@@ -12,7 +12,7 @@ from pyterrier_coder.embeddings import EmbeddingStore
 from pyterrier_coder.retrievers import BM25
 from pyterrier_coder.star import Star, negative_mask
 
-from conftest import quiet
+from conftest import crash_at_loss, quiet
 
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=5, device='cpu', verbose=False)
 
@@ -205,7 +205,7 @@ def test_hard_negatives_from_the_base_index_for_plain_topics(setup, tmp_path):
         star(setup, base.flex.index_path, base_index=base)
 
 
-def test_resume_after_an_interruption_gives_the_same_weights(setup, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_gives_the_same_weights(setup, tmp_path):
     ds, encoder, base, bm25 = setup
     train, qrels = ds.get_topics('train'), ds.get_qrels('train')
     res = (bm25 % 20)(train)
@@ -214,14 +214,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(setup, tmp_path, mo
     quiet(reference.fit, res, qrels, res, qrels)
     checkpoints = dict(checkpoint_dir=str(tmp_path / 'ckpt'), checkpoint_every=4)
     crashing = star(setup, tmp_path / 'run.flex', **options, **checkpoints)
-    original, calls = crashing._loss, {'n': 0}
-
-    def crash(batch):
-        calls['n'] += 1
-        if calls['n'] == 6:
-            raise KeyboardInterrupt
-        return original(batch)
-    monkeypatch.setattr(crashing, '_loss', crash)
+    crash_at_loss(crashing, 6)
     with pytest.raises(KeyboardInterrupt):
         quiet(crashing.fit, res, qrels, res, qrels)
     assert not DenseIndex(encoder, tmp_path / 'run.flex').built()     # nothing encoded from unfinished training

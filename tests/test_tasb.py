@@ -230,7 +230,7 @@ from pyterrier_coder.coder import Coder   # noqa: E402
 from pyterrier_coder.encoders import DenseEncoder   # noqa: E402
 from pyterrier_coder.tasb import TasBalanced   # noqa: E402
 
-from conftest import quiet   # noqa: E402
+from conftest import crash_at_loss, quiet   # noqa: E402
 
 FAST = dict(lr=1e-3, warmup=0, schedule='constant', batch_size=4, eval_every=5, device='cpu', verbose=False)
 
@@ -363,7 +363,7 @@ def test_batches_come_from_one_topic_and_pairs_from_balanced_margins(setup, tmp_
         list(range(len(data)))
 
 
-def test_teacher_scores_are_computed_once_and_reused_from_the_cache(setup, tmp_path, monkeypatch):
+def test_teacher_scores_are_computed_once_and_reused_from_the_cache(setup, tmp_path):
     frame, qrels = candidates(setup)
     model = tasb(setup, tmp_path / 'a.flex', max_steps=2, eval_every=None)
     teacher = model.pairwise_teacher
@@ -392,22 +392,14 @@ def test_teacher_scores_are_computed_once_and_reused_from_the_cache(setup, tmp_p
     assert pairs_rows['pairs'] > 0
 
 
-def test_resume_after_an_interruption_gives_the_same_weights_without_asking_the_teacher(setup, tmp_path,
-                                                                                        monkeypatch):
+def test_resume_after_an_interruption_gives_the_same_weights_without_asking_the_teacher(setup, tmp_path):
     frame, qrels = candidates(setup)
     options = dict(max_steps=9, batch_size=3, eval_every=4)
     reference = tasb(setup, tmp_path / 'ref.flex', **options)
     quiet(reference.fit, frame, qrels, frame, qrels)
     checkpoints = dict(checkpoint_dir=str(tmp_path / 'ckpt'), checkpoint_every=4, teacher_cache=tmp_path / 'cache')
     crashing = tasb(setup, tmp_path / 'run.flex', **options, **checkpoints)
-    original, calls = crashing._loss, {'n': 0}
-
-    def crash(batch):
-        calls['n'] += 1
-        if calls['n'] == 6:
-            raise KeyboardInterrupt
-        return original(batch)
-    monkeypatch.setattr(crashing, '_loss', crash)
+    crash_at_loss(crashing, 6)
     with pytest.raises(KeyboardInterrupt):
         quiet(crashing.fit, frame, qrels, frame, qrels)
     teacher = TextTeacher()
@@ -494,7 +486,7 @@ def test_save_and_load_round_trip(setup, tmp_path):
 
 def test_in_batch_teachers_give_inner_product_embeddings(setup, tmp_path):
     ds, encoder, base, bm25 = setup
-    docnos, texts = ['d000', 'd011', 'd152'], None
+    docnos = ['d000', 'd011', 'd152']
     text_of = {d['docno']: d['text'] for d in ds.get_corpus_iter(verbose=False)}
     lookup = lambda docnos: [text_of[d] for d in docnos]   # noqa: E731
     queries = ['apple the', 'banana a']
