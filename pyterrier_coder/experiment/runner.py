@@ -423,10 +423,7 @@ class ExperimentRunner:
                       lambda: self._topics(self.s.dev_split, self.budget['electra_dev_queries']))
         if 'star' in comps:
             add('STAR', None, lambda: self._star().retriever(1000))
-            # twice ADORE's step budget: over STAR's index ADORE's dev nDCG@10 still rose at ADORE's own cap
-            adore = self.budget['adore']
-            longer = {k: 2 * adore[k] for k in ('max_steps', 'epochs') if adore.get(k) is not None}
-            add('ADORE+STAR', None, lambda: self._adore('adore_star', over='star', **longer).retriever(1000))
+            add('ADORE+STAR', None, lambda: self._adore('adore_star', over='star').retriever(1000))
         if 'tasb' in comps:
             add('TAS-Balanced', None, lambda: self._tasb().retriever(1000))
             add('CODER+TAS-Balanced', None, lambda: self._coder_over('coder_tasb', 'tasb').retriever(1000))
