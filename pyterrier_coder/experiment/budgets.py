@@ -41,8 +41,8 @@ FULL = dict(
     # STAR: both towers of the MiniLM bi-encoder, 16 queries per step, one static hard negative each from the
     # starting encoder's own top 200 (the paper's: its warm-up dense model's top 200; the runner fits STAR on plain
     # topics over the zero-shot index) plus the other queries' positives as random negatives, softmax
-    # cross-entropy, documents cut to 128 tokens for training. BM25's top 30 as the hard negatives, or the other
-    # queries' hard negatives shared as random ones, trained worse on NFCorpus' dev queries (docs/star.md).
+    # cross-entropy, documents cut to 128 tokens for training. With BM25's top 30 as the hard negatives it trained
+    # worse on NFCorpus' dev queries (docs/star.md); sharing the other queries' hard negatives changed nothing there.
     # Validated only before and after its 150 steps: between steps, the 50-query pool's differences are within its
     # noise; the final validation still rejects a run that made things worse
     star=dict(batch_size=16, negatives_per_query=1, hard_negative_depth=200, share_hard_negatives=False,
