@@ -118,18 +118,24 @@ def one_thread():
 
 
 @pytest.fixture(scope='module')
-def bi_encoder_setup(tiny_bert_dir, tiny_collection, tmp_path_factory, one_thread):
-    """What the trainers of both towers (Star, TasBalanced) start from: the tiny collection, a tiny encoder, its
-    index and a BM25 index (no text stored) -- built once per test module."""
+def tiny_indexes(tiny_bert_dir, tiny_collection, tmp_path_factory):
+    """``(dataset, encoder, dense index, BM25 index)``: the tiny collection, a tiny mean-pooled encoder, its index and
+    a BM25 index (no text stored) -- built once per test module."""
     from pyterrier_coder.datasets import load_dataset
     from pyterrier_coder.encoders import DenseEncoder, DenseIndex
     from pyterrier_coder.retrievers import BM25
     ds = load_dataset(tiny_collection)
-    root = tmp_path_factory.mktemp('bi-encoder')
+    root = tmp_path_factory.mktemp('indexes')
     encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
-    base = DenseIndex(encoder, root / 'base.flex', verbose=False).index(ds.get_corpus_iter(verbose=False))
+    dense = DenseIndex(encoder, root / 'dense.flex', verbose=False).index(ds.get_corpus_iter(verbose=False))
     bm25 = BM25(root / 'bm25').index(ds.get_corpus_iter(verbose=False))
-    return ds, encoder, base, bm25
+    return ds, encoder, dense, bm25
+
+
+@pytest.fixture(scope='module')
+def bi_encoder_setup(tiny_indexes, one_thread):
+    """What the trainers of both towers (Star, TasBalanced) start from: :func:`tiny_indexes`, on one thread."""
+    return tiny_indexes
 
 
 def require_dataset(name: str) -> Path:

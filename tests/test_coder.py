@@ -13,12 +13,9 @@ from pyterrier_coder import losses
 from pyterrier_coder.evaluation import evaluate
 from pyterrier_coder.adore import Adore
 from pyterrier_coder.coder import Coder
-from pyterrier_coder.datasets import load_dataset
-from pyterrier_coder.encoders import DenseEncoder, DenseIndex
 from pyterrier_coder.candidates import CandidateSet, index_info, mine_candidates, mine_candidates_to_disk
 from pyterrier_coder.embeddings import EmbeddingStore
 from pyterrier_coder.frames import normalise_frame
-from pyterrier_coder.retrievers import BM25
 
 from conftest import crash_at_loss, quiet
 
@@ -27,13 +24,8 @@ FAST = dict(lr=1e-3, optimizer='adamw', warmup=0, schedule='constant', batch_siz
 
 
 @pytest.fixture(scope='module')
-def setup(tiny_bert_dir, tiny_collection, tmp_path_factory):
-    ds = load_dataset(tiny_collection)
-    root = tmp_path_factory.mktemp('coder')
-    encoder = DenseEncoder(str(tiny_bert_dir), pooling='mean', normalize=True, device='cpu')
-    dense = DenseIndex(encoder, root / 'dense.flex', verbose=False).index(ds.get_corpus_iter(verbose=False))
-    bm25 = BM25(root / 'bm25').index(ds.get_corpus_iter(verbose=False))
-    return ds, encoder, dense, bm25
+def setup(tiny_indexes):
+    return tiny_indexes
 
 
 def _file_hash(path):
