@@ -127,7 +127,7 @@ each epoch is not). Step time = TrainingLoop seconds / steps.""")
     dense = torch.from_numpy(np.array(adore.store.vecs)).to(device)
     k = size['adore_k']
     st = interleaved({'store': lambda: adore.store.search(q, k),
-                      'floor': lambda: torch.topk(q @ dense.T, k, dim=1)},
+                      'floor': lambda x=dense: torch.topk(q @ x.T, k, dim=1)},
                      warmup=1, repeats=max(5, size['repeats']), sync=sync)
     ms, mf = statistics.median(st['store']), statistics.median(st['floor'])
     report.value('adore_search_ms', 'ADORE exact search: EmbeddingStore.search (reads the memory map)', ms * 1e3, 'ms',

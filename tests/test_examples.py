@@ -4,8 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pyterrier as pt
-import pytest
-from pyterrier.measures import RR, R, nDCG
+from pyterrier.measures import RR, nDCG
 
 from pyterrier_coder import BM25, Coder, DenseEncoder, DenseIndex, load_dataset
 from pyterrier_coder.candidates import CandidateSet
