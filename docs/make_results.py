@@ -357,7 +357,8 @@ def page_block(page: str, run: Run, ablations: Optional[Run]) -> str:
                                        pvalues=spec.get('pvalues', True)))
         if extra:
             references = list(dict.fromkeys(r for s, r in ablation_pairs(run, ablations) if s in extra))
-            parts += ['Ablations (from the `--ablations` run):',
+            parts += [f'Ablations, from `{command(ablations)}` ({commit_phrase(ablations)}; '
+                      f'[the ablations run](results.md#ablations---ablations)):',
                       results_table(ablations, references + extra, pvalues=False)]
         if spec.get('comparisons', True):
             pairs = [(s, r) for s, r in zip(run.comparisons['system'], run.comparisons['reference'])
