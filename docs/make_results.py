@@ -314,15 +314,22 @@ def _has(*words: str) -> Callable[[str], bool]:
     return lambda name: any(w in name for w in words)
 
 
+def _ablation_of(*words: str) -> Callable[[str], bool]:
+    """The ablation rows of a method page: rows naming the method, except those over a trained bi-encoder's index
+    (``CODER+TAS-Balanced``), which the ablations run compares with that bi-encoder, not with the method: they are
+    on the star and tasb pages."""
+    return lambda name: _has(*words)(name) and not _has('STAR', 'TAS-Balanced')(name)
+
+
 PAGES: Dict[str, dict] = {
     'readme': dict(rows=lambda n: True, measures=('nDCG@10', 'RR@10', 'R@1000'), pvalues=False,
                    comparisons=False),
     'retrievers': dict(rows=lambda n: n in ('BM25', 'Dense', 'BM25 >> Dense'), comparisons=False),
-    'coder': dict(rows=lambda n: n in ('BM25', 'Dense', 'BM25 >> Dense') or 'CODER' in n, ablations=_has('CODER'),
-                  training=lambda m: m.startswith('coder')),
-    'adore': dict(rows=lambda n: n in ('Dense',) or 'ADORE' in n, ablations=lambda n: n.startswith('ADORE'),
+    'coder': dict(rows=lambda n: n in ('BM25', 'Dense', 'BM25 >> Dense') or 'CODER' in n,
+                  ablations=_ablation_of('CODER'), training=lambda m: m.startswith('coder')),
+    'adore': dict(rows=lambda n: n in ('Dense',) or 'ADORE' in n, ablations=lambda n: n.startswith('ADORE ('),
                   training=lambda m: 'adore' in m),
-    'electra': dict(rows=lambda n: n == 'BM25' or 'MonoELECTRA' in n, ablations=_has('MonoELECTRA'),
+    'electra': dict(rows=lambda n: n == 'BM25' or 'MonoELECTRA' in n, ablations=_ablation_of('MonoELECTRA'),
                     training=lambda m: m.startswith('electra')),
     'fusion': dict(rows=lambda n: n == 'BM25' or n.endswith('(+ BM25 score)') or n in ('BM25 >> CODER',
                                                                                         'BM25 >> MonoELECTRA'),
