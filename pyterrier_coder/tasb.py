@@ -53,7 +53,7 @@ SUPERVISIONS = ('dual', 'pairwise', 'in-batch')
 class TasbTrainingData:
     """The training queries that have a (positive, negative) pair, with everything their batches draw on."""
     training: TrainingQueries            #: the usable queries (their documents' ids index ``training.docnos``)
-    pairs: MarginPairs                   #: per query, its pairs and the pairwise teacher's margins (scaled)
+    pairs: MarginPairs                   #: per query, its pairs and their teacher margins (scaled; see fit)
     clusters: Optional[np.ndarray]       #: each query's topic cluster (None for random sampling)
     teacher_queries: Optional[np.ndarray]    #: the in-batch teacher's query embeddings [Q, D] (scaled)
     teacher_docs: Optional[np.ndarray]       #: and passage embeddings [N, D], by document id
@@ -88,7 +88,9 @@ class TasBalanced(BiEncoderTrainer):
         pairwise_teacher: a transformer scoring result frames (``qid``, ``query``, ``docno``, the text, and the
             preceding stage's columns such as its ``score``), e.g. a trained MonoElectra or ``Interpolate(...)``;
             it scores every training query's positives and negatives once (judged positives the preceding stage
-            did not retrieve come with NaN in its columns). Needed unless ``supervision='in-batch'``.
+            did not retrieve come with NaN in its columns). Needed unless ``supervision='in-batch'``; there it is
+            optional, and when given its margins still decide which pairs ``sampling='tas-balanced'`` draws (as in
+            the paper); without it the in-batch teacher's margins do.
         in_batch_teacher: a dense model (DenseEncoder, DenseIndex, fitted Coder/Adore, ...) whose inner products
             score every query of a batch against every passage of it. Needed unless ``supervision='pairwise'``.
         supervision: ``'dual'`` (``L_pair + in_batch_weight * L_in-batch``), ``'pairwise'`` (``L_pair`` alone) or
@@ -207,11 +209,21 @@ class TasBalanced(BiEncoderTrainer):
                 self.in_batch_teacher, data.queries, data.docnos, lambda docnos: [text_of[d] for d in docnos],
                 verbose=self.verbose, component=self.COMPONENT)
             teacher_queries = teacher_queries * np.float32(self.in_batch_scale)
-        margins_of = self._pairwise_scores(frame, data) if self.uses_pairwise_teacher else None
-        if margins_of is None:   # in-batch supervision only: pairs are drawn, their margin is not used
+        balanced = self.sampling == 'tas-balanced'
+        # the paper balances by the static pairwise-teacher margins whatever teaches the loss, so with in-batch
+        # supervision a given pairwise teacher still scores the pairs; without one, its in-batch teacher's margins do
+        asks_pairwise = self.pairwise_teacher is not None and (self.uses_pairwise_teacher or balanced)
+        margins_of = self._pairwise_scores(frame, data) if asks_pairwise else None
+        if margins_of is None:
             margins_of = ([np.zeros(len(p)) for p in data.positives], [np.zeros(len(n)) for n in data.negatives])
         query, pos, neg, margin = pair_arrays(data.positives, data.negatives, *margins_of)
         scale = self.pairwise_scale
+        if not asks_pairwise:
+            scale = 1.0   # these margins only balance the draw: no L_pair
+            if balanced:
+                margin = dense_margins(query, pos, neg, teacher_queries, teacher_docs)
+        if balanced:
+            stats['balanced_by'] = 'pairwise teacher' if asks_pairwise else 'in-batch teacher'
         if scale == 'auto':
             scale = stats['pairwise_scale'] = matched_scale(margin, query, pos, neg, teacher_queries, teacher_docs)
         if not self.uses_in_batch_teacher:   # embedded only to find the scale
@@ -334,13 +346,22 @@ class TasBalanced(BiEncoderTrainer):
         return f', sampling={self.sampling!r}, supervision={self.supervision!r}'
 
 
+def dense_margins(query: np.ndarray, positives: np.ndarray, negatives: np.ndarray, teacher_queries: np.ndarray,
+                  teacher_docs: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """A dense teacher's margins ``<q, d+> - <q, d->`` of the pairs (one per pair), from its embeddings of the
+    training queries and passages."""
+    if not len(query):
+        return np.empty(0, dtype=np.float32)
+    return np.concatenate([np.einsum('ij,ij->i', teacher_queries[query[i:i + chunk]],
+                                     teacher_docs[positives[i:i + chunk]] - teacher_docs[negatives[i:i + chunk]])
+                           for i in range(0, len(query), chunk)])
+
+
 def matched_scale(margins: np.ndarray, query: np.ndarray, positives: np.ndarray, negatives: np.ndarray,
-                  teacher_queries: np.ndarray, teacher_docs: np.ndarray, chunk: int = 65536) -> float:
+                  teacher_queries: np.ndarray, teacher_docs: np.ndarray) -> float:
     """The factor that gives ``margins`` (a pairwise teacher's, one per pair) the standard deviation of the in-batch
     teacher's margins ``<q, d+> - <q, d->`` of the same pairs (1 when the pairwise margins are all equal)."""
-    other = np.concatenate([np.einsum('ij,ij->i', teacher_queries[query[i:i + chunk]],
-                                      teacher_docs[positives[i:i + chunk]] - teacher_docs[negatives[i:i + chunk]])
-                            for i in range(0, len(margins), chunk)]) if len(margins) else np.empty(0)
+    other = dense_margins(query, positives, negatives, teacher_queries, teacher_docs)
     spread = float(np.std(margins))
     return float(np.std(other)) / spread if spread > 0 else 1.0
 

@@ -363,6 +363,46 @@ def test_batches_come_from_one_topic_and_pairs_from_balanced_margins(setup, tmp_
         list(range(len(data)))
 
 
+@pytest.mark.parametrize('pairwise', [True, False])
+def test_in_batch_supervision_still_balances_pairs_by_teacher_margins(setup, tmp_path, pairwise):
+    """With the in-batch teacher alone in the loss, ``tas-balanced`` still draws pairs by margin range: by the
+    pairwise teacher's margins when one is given (the paper's static scores), else by the in-batch teacher's."""
+    ds, encoder, base, bm25 = setup
+    frame, qrels = candidates(setup)
+    teacher = TextTeacher() if pairwise else None
+    model = tasb(setup, tmp_path / 'x.flex', supervision='in-batch', pairwise_teacher=teacher, in_batch_scale=2.0)
+    model._data = data = quiet(training_data, model, frame, qrels)
+    pairs = data.pairs
+    query = np.repeat(np.arange(len(data)), np.diff(pairs.offsets))
+    if pairwise:
+        texts, queries = data.training.texts, data.training.queries
+        expected = [TextTeacher.score(queries[q], texts[p]) - TextTeacher.score(queries[q], texts[n])
+                    for q, p, n in zip(query, pairs.positives, pairs.negatives)]
+        assert teacher.calls == 1
+    else:
+        expected = np.einsum('ij,ij->i', data.teacher_queries[query],
+                             data.teacher_docs[pairs.positives] - data.teacher_docs[pairs.negatives])
+    np.testing.assert_allclose(pairs.margins, expected, rtol=1e-4, atol=1e-5)
+    assert data.stats['balanced_by'] == ('pairwise teacher' if pairwise else 'in-batch teacher')
+    # the draw is flat over each query's filled margin ranges, not over its pairs
+    counts = np.zeros((len(data), pairs.num_bins))
+    rng = np.random.default_rng(0)
+    for epoch in range(300):
+        rows = np.concatenate([b[:, 1] for b in model._sample_batches(epoch, rng)])
+        np.add.at(counts, (query[rows], pairs.bins[rows]), 1)
+    filled = np.zeros_like(counts, dtype=bool)
+    filled[query, pairs.bins] = True
+    assert (filled.sum(1) > 1).all()                     # real margins: more than one range per query
+    share = counts / counts.sum(1, keepdims=True)
+    expected_share = filled / filled.sum(1, keepdims=True)
+    np.testing.assert_allclose(share, expected_share, atol=0.1)
+    # the unbalanced cells neither need nor ask the pairwise teacher
+    teacher = TextTeacher()
+    quiet(training_data, tasb(setup, tmp_path / 'y.flex', supervision='in-batch', sampling='tas',
+                              pairwise_teacher=teacher), frame, qrels)
+    assert teacher.calls == 0
+
+
 def test_teacher_scores_are_computed_once_and_reused_from_the_cache(setup, tmp_path):
     frame, qrels = candidates(setup)
     model = tasb(setup, tmp_path / 'a.flex', max_steps=2, eval_every=None)
