@@ -31,7 +31,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import pandas as pd
 
@@ -282,17 +282,21 @@ def dataset_block(run: Run) -> str:
     return '\n\n'.join(parts)
 
 
-def ablation_pairs(main: Run, ablations: Run) -> List[tuple]:
-    """(ablation, full method) pairs: comparisons of the ablations run whose system the main run does not have."""
+def ablation_pairs(ablations: Run, *methods: Run) -> List[tuple]:
+    """(ablation, full method) pairs: comparisons of the ablations run whose system none of the ``methods`` runs
+    (the main run, and the run adding the bi-encoders) has."""
+    known = set().union(*(run.names for run in methods))
     c = ablations.comparisons
     return list(dict.fromkeys((s, r) for s, r in zip(c['system'], c['reference'])
-                              if s not in main.names and s in ablations.names))
+                              if s not in known and s in ablations.names))
 
 
-def ablations_block(main: Run, ablations: Run, *, against: str = 'Each ablation against the full method',
+def ablations_block(main: Run, ablations: Run, *, besides: Sequence[Run] = (),
+                    against: str = 'Each ablation against the full method',
                     trained: str = 'Training of the ablation models:') -> str:
-    """The rows of ``ablations`` that ``main`` does not have, each with the row it is compared with."""
-    pairs = ablation_pairs(main, ablations)
+    """The rows of ``ablations`` that neither ``main`` nor the runs ``besides`` have, each with the row it is
+    compared with."""
+    pairs = ablation_pairs(ablations, main, *besides)
     names = []
     for reference in dict.fromkeys(r for _, r in pairs):   # each full method, then its ablations
         names += [reference] + [s for s, r in pairs if r == reference]
@@ -314,30 +318,23 @@ def _has(*words: str) -> Callable[[str], bool]:
     return lambda name: any(w in name for w in words)
 
 
-def _ablation_of(*words: str) -> Callable[[str], bool]:
-    """The ablation rows of a method page: rows naming the method, except those over a trained bi-encoder's index
-    (``CODER+TAS-Balanced``), which the ablations run compares with that bi-encoder, not with the method: they are
-    on the star and tasb pages."""
-    return lambda name: _has(*words)(name) and not _has('STAR', 'TAS-Balanced')(name)
-
-
 PAGES: Dict[str, dict] = {
     'readme': dict(rows=lambda n: True, measures=('nDCG@10', 'RR@10', 'R@1000'), pvalues=False,
                    comparisons=False),
     'retrievers': dict(rows=lambda n: n in ('BM25', 'Dense', 'BM25 >> Dense'), comparisons=False),
     'coder': dict(rows=lambda n: n in ('BM25', 'Dense', 'BM25 >> Dense') or 'CODER' in n,
-                  ablations=_ablation_of('CODER'), training=lambda m: m.startswith('coder')),
-    'adore': dict(rows=lambda n: n in ('Dense',) or 'ADORE' in n, ablations=lambda n: n.startswith('ADORE ('),
+                  ablations=_has('CODER'), training=lambda m: m.startswith('coder')),
+    'adore': dict(rows=lambda n: n in ('Dense',) or 'ADORE' in n, ablations=lambda n: n.startswith('ADORE'),
                   training=lambda m: 'adore' in m),
-    'electra': dict(rows=lambda n: n == 'BM25' or 'MonoELECTRA' in n, ablations=_ablation_of('MonoELECTRA'),
+    'electra': dict(rows=lambda n: n == 'BM25' or 'MonoELECTRA' in n, ablations=_has('MonoELECTRA'),
                     training=lambda m: m.startswith('electra')),
     'fusion': dict(rows=lambda n: n == 'BM25' or n.endswith('(+ BM25 score)') or n in ('BM25 >> CODER',
                                                                                         'BM25 >> MonoELECTRA'),
                    fusion=True),
-    'star': dict(rows=lambda n: n == 'Dense' or 'STAR' in n, ablations=lambda n: n.startswith('STAR ('),
+    'star': dict(rows=lambda n: n == 'Dense' or 'STAR' in n, ablations=_has('STAR'),
                  training=lambda m: m.startswith('star') or m == 'adore_star', source='bi-encoders'),
     'tasb': dict(rows=lambda n: n in ('BM25', 'Dense') or 'TAS-Balanced' in n,
-                 ablations=lambda n: n.startswith('TAS-Balanced ('), training=lambda m: 'tasb' in m,
+                 ablations=_has('TAS-Balanced'), training=lambda m: 'tasb' in m,
                  source='bi-encoders'),
     'training': dict(rows=None, training=lambda m: True),
     'performance': dict(rows=lambda n: True, measures=('nDCG@10',), pvalues=False, comparisons=False,
@@ -345,7 +342,9 @@ PAGES: Dict[str, dict] = {
 }
 
 
-def page_block(page: str, run: Run, ablations: Optional[Run]) -> str:
+def page_block(page: str, run: Run, ablations: Optional[Run], methods: Sequence[Run] = ()) -> str:
+    """A method page's block from ``run``; its ablations are the rows of ``ablations`` that none of ``run`` and
+    ``methods`` has."""
     spec = PAGES[page]
     source = f'`{command(run)}` ({commit_phrase(run)})'
     parts = [f'From {source}; {run.info.get("test_queries", "?")} test queries '
@@ -358,12 +357,13 @@ def page_block(page: str, run: Run, ablations: Optional[Run]) -> str:
         names = [n for n in run.names if spec['rows'](n)]
         extra = []
         if ablations is not None and spec.get('ablations'):
-            extra = [s for s, _ in ablation_pairs(run, ablations) if spec['ablations'](s)]
+            ablation_rows = ablation_pairs(ablations, run, *methods)
+            extra = [s for s, _ in ablation_rows if spec['ablations'](s)]
         if names:
             parts.append(results_table(run, names, measures=spec.get('measures', MEASURES),
                                        pvalues=spec.get('pvalues', True)))
         if extra:
-            references = list(dict.fromkeys(r for s, r in ablation_pairs(run, ablations) if s in extra))
+            references = list(dict.fromkeys(r for s, r in ablation_rows if s in extra))
             parts += [f'Ablations, from `{command(ablations)}` ({commit_phrase(ablations)}; '
                       f'[the ablations run](results.md#ablations---ablations)):',
                       results_table(ablations, references + extra, pvalues=False)]
@@ -371,7 +371,7 @@ def page_block(page: str, run: Run, ablations: Optional[Run]) -> str:
             pairs = [(s, r) for s, r in zip(run.comparisons['system'], run.comparisons['reference'])
                      if s in names and r in names]
             if ablations is not None and extra:
-                pairs_ab = [(s, r) for s, r in ablation_pairs(run, ablations) if s in extra]
+                pairs_ab = [(s, r) for s, r in ablation_rows if s in extra]
             else:
                 pairs_ab = []
             if pairs:
@@ -417,14 +417,14 @@ def generate(runs: List[Run], ablations: Optional[Run], files: List[Path],
     blocks = {run.dataset: dataset_block(run) for run in runs}
     main = runs[0]
     if ablations is not None:
-        blocks['ablations'] = ablations_block(main, ablations)
+        blocks['ablations'] = ablations_block(main, ablations, besides=[r for r in (bi_encoders,) if r is not None])
     if bi_encoders is not None:
         blocks['bi-encoders'] = ablations_block(main, bi_encoders, against='Each against the model it starts from',
                                                 trained='Training of the STAR and TAS-Balanced models:')
     for page, spec in PAGES.items():
         source = bi_encoders if spec.get('source') == 'bi-encoders' else main
         if source is not None:
-            blocks.setdefault(page, page_block(page, source, ablations))
+            blocks.setdefault(page, page_block(page, source, ablations, [r for r in (main, bi_encoders) if r is not None]))
     out = {}
     for path in files:
         text = path.read_text()

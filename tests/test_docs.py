@@ -262,7 +262,7 @@ def _make_results():
     return module
 
 
-def _synthetic_run(out: Path, names, *, ablations=False, seed=0):
+def _synthetic_run(out: Path, names, *, ablations=False, seed=0, more_pairs=()):
     """A runner output directory as ``pyterrier-coder experiment`` writes it: results.csv, comparisons.csv,
     fusion_weights.json and run_info.json, with made-up figures."""
     import json
@@ -286,6 +286,7 @@ def _synthetic_run(out: Path, names, *, ablations=False, seed=0):
     pairs = [('BM25 >> CODER', 'BM25'), ('CODER', 'Dense'), ('BM25 >> CODER (+ BM25 score)', 'BM25')]
     if ablations:
         pairs += [('BM25 >> CODER (margin loss)', 'BM25 >> CODER'), ('ADORE (static negatives)', 'ADORE')]
+    pairs += list(more_pairs)
     comparisons = [{'system': s, 'reference': r, 'measure': m, 'system value': rng.uniform(), 'reference value':
                     rng.uniform(), 'difference': rng.uniform(-0.1, 0.1), 'wins': int(rng.integers(0, 150)),
                     'losses': int(rng.integers(0, 150)), 'p-value': rng.uniform(1e-8, 1)}
@@ -415,6 +416,29 @@ def test_make_results_generates_the_tables_from_the_run_outputs(tmp_path):
     assert make_results.main(args + ['--check']) == 0
     (root / 'docs' / 'coder.md').write_text(coder_md.replace('| BM25 |', '| BM25 (edited) |', 1))
     assert make_results.main(args + ['--check']) == 1
+
+
+def test_ablations_are_the_rows_neither_the_main_nor_the_bi_encoder_run_has(tmp_path):
+    """A row the bi-encoder run adds (``ADORE+STAR``, compared with ``STAR``) is a method, not an ablation, even when
+    the ablations run (a superset of both) compares it too."""
+    make_results = _make_results()
+    main_names = ['BM25', 'Dense', 'BM25 >> CODER', 'CODER', 'ADORE']
+    star = [('STAR', 'Dense'), ('ADORE+STAR', 'STAR'), ('STAR (random negatives only)', 'STAR')]
+    main = make_results.Run(_synthetic_run(tmp_path / 'main', main_names))
+    bi = make_results.Run(_synthetic_run(tmp_path / 'bi', main_names + ['STAR', 'ADORE+STAR'], more_pairs=star[:2]))
+    ablations = make_results.Run(_synthetic_run(
+        tmp_path / 'ab', main_names + ['STAR', 'ADORE+STAR', 'BM25 >> CODER (margin loss)',
+                                       'STAR (random negatives only)'], ablations=True, more_pairs=star))
+    assert make_results.ablation_pairs(ablations, main, bi) == [
+        ('BM25 >> CODER (margin loss)', 'BM25 >> CODER'), ('STAR (random negatives only)', 'STAR')]
+    assert ('ADORE+STAR', 'STAR') in make_results.ablation_pairs(ablations, main)   # without the bi-encoder run
+    block = make_results.ablations_block(main, ablations, besides=[bi])
+    systems = [(r['system'], r['reference']) for r in _markdown_tables(block)[1]]
+    assert systems == [('BM25 >> CODER (margin loss)', 'BM25 >> CODER'), ('STAR (random negatives only)', 'STAR')]
+    star_page = make_results.page_block('star', bi, ablations, [main, bi])
+    assert 'STAR (random negatives only)' in star_page
+    coder_page = make_results.page_block('coder', main, ablations, [main, bi])
+    assert 'BM25 >> CODER (margin loss)' in coder_page and 'STAR' not in coder_page
 
 
 def test_make_results_refuses_incomplete_outputs(tmp_path):
