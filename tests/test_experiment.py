@@ -1,6 +1,7 @@
 """The main job (`pyterrier-coder experiment --quick`) on the real NFCorpus: outputs exist, parse and agree."""
 import contextlib
 import io
+import re
 import json
 
 import matplotlib.image
@@ -477,6 +478,28 @@ def test_every_ablation_row_runs(tiny_collection, tiny_bert_dir, tiny_cross_enco
     compared = pd.read_csv(tmp_path / 'out' / 'comparisons.csv')
     expected = {(a, b) for a, b in COMPARISONS if a in names and b in names}
     assert set(zip(compared['system'], compared['reference'])) == expected
+
+
+def test_models_no_pipeline_holds_are_released_and_read_again_not_retrained(tiny_collection, tiny_bert_dir,
+                                                                            tmp_path):
+    """An --ablations run builds many models: the runner keeps a model in memory only while a pipeline or another
+    model holds it, and reads it again from models/<name> when a later pipeline asks for it, even under --retrain
+    (each model is trained once per run)."""
+    import gc
+    from pyterrier_coder.experiment import ExperimentRunner, ExperimentSettings
+    runner = ExperimentRunner(ExperimentSettings(
+        dataset=str(tiny_collection), out=str(tmp_path / 'out'), base=str(tiny_bert_dir), quick=True, ablations=True,
+        retrain=True, device='cpu', components=('bm25', 'dense', 'coder', 'adore', 'star')))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        runner.run()
+    log = stdout.getvalue()
+    trained = re.findall(r'\] training (\w+):', log)
+    assert len(trained) == len(set(trained)) >= 8, trained             # each trained once
+    assert 'reusing trained' not in log
+    assert sum(runner.system_models.values(), []).count('coder') > 1   # coder serves several pipelines
+    gc.collect()
+    assert len(runner._models) < len(trained) / 2, sorted(runner._models)   # the others were released
 
 
 def test_star_alone_trains_on_the_training_split(tiny_collection, tiny_bert_dir, tmp_path):

@@ -7,6 +7,7 @@ TREC runs under ``runs/``, ``report.md``, and PNG plots of training curves and p
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import re
 import json
@@ -14,6 +15,7 @@ import os
 import shutil
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -95,7 +97,10 @@ class ExperimentRunner:
         self.timings: Dict[str, float] = {}
         self.histories: Dict[str, dict] = {}
         self.fusion_weights: Dict[str, dict] = {}   # pipeline name -> Interpolate.history (weight chosen on dev)
-        self._models: Dict[str, object] = {}
+        # a model stays in memory while a pipeline or another model holds it, and is read again from models/<name>
+        # when a later pipeline asks for it: an --ablations run builds dozens of models, which do not fit at once
+        self._models: 'weakref.WeakValueDictionary[str, object]' = weakref.WeakValueDictionary()
+        self._trained_now: set = set()   # trained (and saved) by this run: read again, never retrained
         self._used_models: List[str] = []
         weights = self.out / 'fusion_weights.json'   # weights chosen by a previous invocation (see _fused)
         self._saved_fusion_weights = json.loads(weights.read_text()) if weights.exists() and not settings.retrain \
@@ -218,16 +223,18 @@ class ExperimentRunner:
         with ``make()``, trains with ``fit(model)`` and saves. ``load_kwargs`` go to ``cls.load`` (default: the
         dense index, for the query-encoder trainers)."""
         self._used_models.append(name)
-        if name in self._models:   # already trained or loaded in this run
-            return self._models[name]
+        model = self._models.get(name)
+        if model is not None:   # trained or loaded in this run, and still in use
+            return model
         path = self._model_dir(name)
         saved = self._saved_spec(name) if path.exists() else None
-        if saved == spec and not self.s.retrain:
-            _log(f'reusing trained {name} from {path}')
+        if saved == spec and (not self.s.retrain or name in self._trained_now):
             if load_kwargs is None:
                 load_kwargs = {'index': self.dense.flex} if issubclass(cls, DenseQueryTrainer) else {}
             model = cls.load(path, **load_kwargs, device=self.s.device)
-            self.timings[f'train: {name}'] = (model.history or {}).get('seconds', float('nan'))
+            if f'train: {name}' not in self.timings:   # its first use in this run (else it is read again)
+                _log(f'reusing trained {name} from {path}')
+                self.timings[f'train: {name}'] = (model.history or {}).get('seconds', float('nan'))
         else:
             if path.exists() and not self.s.retrain:
                 changed = sorted(k for k in set(spec) | set(saved or {}) if (saved or {}).get(k) != spec.get(k))
@@ -248,6 +255,7 @@ class ExperimentRunner:
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise
+            self._trained_now.add(name)
         if model.history is not None:
             self.histories[name] = model.history
         self._models[name] = model
@@ -555,6 +563,8 @@ class ExperimentRunner:
             manifest[name] = {**entry, 'key': self._run_key(name, first), 'file': path.name}
             runs[name] = res
             atomic_write_text(manifest_path, json.dumps({**old, **manifest}, indent=2))
+            del transformer
+            gc.collect()   # frees the models only this pipeline held (see self._models)
         for name, (first, _) in systems.items():   # the state the next invocation will find
             manifest[name]['key'] = self._run_key(name, first)
         for stale in set(p.name for p in runs_dir.glob('*.res.gz')) - {e['file'] for e in manifest.values()}:
