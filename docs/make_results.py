@@ -416,15 +416,16 @@ def generate(runs: List[Run], ablations: Optional[Run], files: List[Path],
     STAR and TAS-Balanced components to the first run's (block ``bi-encoders``, and the star and tasb pages)."""
     blocks = {run.dataset: dataset_block(run) for run in runs}
     main = runs[0]
+    methods = [r for r in (main, bi_encoders) if r is not None]   # their rows are methods, not ablations
     if ablations is not None:
-        blocks['ablations'] = ablations_block(main, ablations, besides=[r for r in (bi_encoders,) if r is not None])
+        blocks['ablations'] = ablations_block(main, ablations, besides=methods)
     if bi_encoders is not None:
         blocks['bi-encoders'] = ablations_block(main, bi_encoders, against='Each against the model it starts from',
                                                 trained='Training of the STAR and TAS-Balanced models:')
     for page, spec in PAGES.items():
         source = bi_encoders if spec.get('source') == 'bi-encoders' else main
         if source is not None:
-            blocks.setdefault(page, page_block(page, source, ablations, [r for r in (main, bi_encoders) if r is not None]))
+            blocks.setdefault(page, page_block(page, source, ablations, methods))
     out = {}
     for path in files:
         text = path.read_text()
