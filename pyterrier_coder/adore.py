@@ -6,7 +6,9 @@ retrieved from the fixed index: the retrieved non-relevant documents are the dyn
 (relevant d+, negative d-) pair contributes ``ΔM · log(1 + exp(f(q,d-) - f(q,d+)))`` where ΔM is the change of
 the target metric if d+ and d- swapped ranks (LambdaRank). Judged positives that were not retrieved are placed
 at rank k+1, just below the retrieved list (so a positive the model misses still yields pairs with every
-retrieved negative, weighted by how much pulling it up would gain).
+retrieved negative, weighted by how much pulling it up would gain). With graded qrels, ``lower_labels='ignore'``
+keeps the retrieved documents judged below ``min_label`` (but above 0) out of the negatives: they are partly
+relevant, and training them down would cost a graded evaluation.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .candidates import CandidateSet
 from .devices import check_faiss_gpu_k, faiss_gpu_count, faiss_to_gpus
 from .encoders import DenseEncoder
 from .frames import normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
+from .labels import check_lower_labels
 from .query_trainer import DenseQueryTrainer
 from .training import Timers, TrainingConfig, is_number_at_least
 
@@ -64,6 +67,8 @@ class Adore(DenseQueryTrainer):
         lambda_weighting: False gives the paper's RankNet ablation (all pairs weight 1).
         dynamic: False retrieves the negatives once, with the base encoder, before training (static baseline).
         min_label: judged documents with ``label >= min_label`` are relevant.
+        lower_labels: judged documents with ``0 < label < min_label``: ``'negative'`` (retrieved, they are negatives
+            like any other) or ``'ignore'`` (never paired with a positive).
         search: ``'exact'`` (blocked torch matmul over the memory-mapped index, on the training device) or
             ``'faiss'`` (faiss flat, or ``'faiss:<factory>'`` e.g. ``'faiss:IVF256,PQ32'`` to train against the
             compressed index that will be deployed; sharded over all GPUs when present).
@@ -84,11 +89,13 @@ class Adore(DenseQueryTrainer):
                              f"got {search!r}")
         if not is_number_at_least(values['k'], 1):
             raise ValueError(f"{component}: k must be >= 1, got {values['k']!r}")
+        check_lower_labels(values['lower_labels'], component)
 
     def __init__(self, index, encoder: DenseEncoder, *, k: int = 200, delta_metric: str = 'MRR@200',
-                 lambda_weighting: bool = True, dynamic: bool = True, min_label: int = 1, search: str = 'exact',
-                 temperature: Optional[float] = None, validate_with: str = 'retrieve', **kwargs):
-        Adore._check_values(dict(k=k, delta_metric=delta_metric, search=search), 'Adore')
+                 lambda_weighting: bool = True, dynamic: bool = True, min_label: int = 1,
+                 lower_labels: str = 'negative', search: str = 'exact', temperature: Optional[float] = None,
+                 validate_with: str = 'retrieve', **kwargs):
+        Adore._check_values(dict(k=k, delta_metric=delta_metric, search=search, lower_labels=lower_labels), 'Adore')
         # validation by retrieval by default: ADORE trains a single-stage retriever
         super().__init__(index, encoder, validate_with=validate_with, **kwargs)
         self.delta_name, self.delta_k = parse_delta_metric(delta_metric)
@@ -97,6 +104,7 @@ class Adore(DenseQueryTrainer):
         self.lambda_weighting = lambda_weighting
         self.dynamic = dynamic
         self.min_label = min_label
+        self.lower_labels = lower_labels
         self.search = search
         self.temperature = temperature if temperature is not None else (0.05 if self.encoder.normalize else 1.0)
         self._faiss = None
@@ -144,9 +152,9 @@ class Adore(DenseQueryTrainer):
         # rank (1-based) of each positive in the retrieved list, k+1 when it was not retrieved
         hit = (pos_ids[:, :, None] == retrieved[:, None, :]) & pos_mask[:, :, None]
         pos_rank = np.where(hit.any(-1), hit.argmax(-1) + 1, k + 1)
-        is_pos = (retrieved[:, :, None] == pos_ids[:, None, :]).any(-1)
+        is_pos = _in_rows(retrieved, pos_ids)
         neg_rank = np.broadcast_to(np.arange(1, k + 1), retrieved.shape)
-        neg_mask = ~is_pos
+        neg_mask = ~is_pos & ~_in_rows(retrieved, self._lower[batch_idx])
 
         s_pos = self._dot_candidates(q, np.where(pos_mask, pos_ids, 0)) / self.temperature
         s_neg = self._dot_candidates(q, retrieved) / self.temperature
@@ -175,52 +183,53 @@ class Adore(DenseQueryTrainer):
         topics = normalise_frame(train[['qid', 'query']], 'Adore').drop_duplicates('qid')
         qrels = normalise_qrels(train_qrels, 'Adore')
         unknown = unknown_qrels(qrels, topics['qid'], 'Adore')
-        relevant = qrels[qrels['label'] >= self.min_label]
-        ids = self.store.ids(relevant['docno'].values, component='Adore', on_missing='drop')
-        relevant = relevant.assign(_id=ids)[ids >= 0]
-        by_qid = {qid: (g['_id'].to_numpy(), g['label'].to_numpy(np.float32)) for qid, g in relevant.groupby('qid')}
+        judged = qrels[qrels['label'] > 0]
+        ids = self.store.ids(judged['docno'].values, component='Adore', on_missing='drop')
+        judged = judged.assign(_id=ids)[ids >= 0]
+        by_qid = {qid: (g['_id'].to_numpy(), g['label'].to_numpy(np.float32)) for qid, g in judged.groupby('qid')}
         empty = (np.empty(0, np.int64), np.empty(0, np.float32))
-        return self._fit_positives(topics['query'].tolist(), [by_qid.get(qid, empty) for qid in topics['qid']],
-                                   {'qrels_for_unknown_queries': unknown}, valid, valid_qrels, resume)
+        return self._fit_judged(topics['query'].tolist(), [by_qid.get(qid, empty) for qid in topics['qid']],
+                                {'qrels_for_unknown_queries': unknown}, valid, valid_qrels, resume)
 
     def fit_candidates(self, candidates, valid: Optional[pd.DataFrame] = None,
                        valid_qrels: Optional[pd.DataFrame] = None, *, resume: bool = False) -> 'Adore':
         """Trains on the queries and judged positives of a mined :class:`~pyterrier_coder.candidates.CandidateSet`
         (or the directory of a saved one, opened memory-mapped), e.g. the set mined for CODER: its rows with
         ``label >= min_label`` are the positives (ADORE retrieves its negatives itself). The set holds every
-        positive when it was mined with injected positives and a ``min_label`` no higher than this one's."""
+        positive when it was mined with injected positives and a ``min_label`` no higher than this one's; with
+        ``lower_labels='ignore'`` the lower grades kept out of the negatives are those the set holds."""
         if not isinstance(candidates, CandidateSet):
             candidates = CandidateSet.load(candidates)
         candidates.check_index(self.store, 'Adore')
-        positives = []
+        judged = []
         for start in range(0, len(candidates), 4096):      # a block of rows at a time: the set may be on disk
             ids = np.asarray(candidates.docids[start:start + 4096], dtype=np.int64)
             labels = np.asarray(candidates.labels[start:start + 4096])
-            keep = (labels >= self.min_label) & (ids >= 0)
-            positives += [(i[k], l[k]) for i, l, k in zip(ids, labels, keep)]
-        return self._fit_positives(list(candidates.queries), positives,
-                                   {'qrels_for_unknown_queries': candidates.stats.get('qrels_for_unknown_queries', 0)},
-                                   valid, valid_qrels, resume)
+            keep = (labels > 0) & (ids >= 0)
+            judged += [(i[k], l[k]) for i, l, k in zip(ids, labels, keep)]
+        return self._fit_judged(list(candidates.queries), judged,
+                                {'qrels_for_unknown_queries': candidates.stats.get('qrels_for_unknown_queries', 0)},
+                                valid, valid_qrels, resume)
 
-    def _fit_positives(self, queries: list, positives: list, training_data: dict, valid, valid_qrels,
-                       resume: bool) -> 'Adore':
-        """Trains on ``queries`` and their judged positives (``(row ids, labels)`` per query); queries without any
-        are skipped (counted, warned)."""
+    def _fit_judged(self, queries: list, judged: list, training_data: dict, valid, valid_qrels,
+                    resume: bool) -> 'Adore':
+        """Trains on ``queries`` and their judged documents (``(row ids, labels)`` per query, labels > 0): those with
+        ``label >= min_label`` are the positives, the others are negatives or ignored (``lower_labels``). Queries
+        without a positive are skipped (counted, warned)."""
         self._prepare_device()
+        positives = [(ids[labels >= self.min_label], labels[labels >= self.min_label]) for ids, labels in judged]
         keep = [i for i, (ids, _) in enumerate(positives) if len(ids)]
         skipped = len(queries) - len(keep)
         warn_skipped(skipped, len(queries), 'Adore', f'label >= {self.min_label} in the index')
         if not keep:
             raise ValueError(f'Adore.fit: no training query has a judged positive (label >= {self.min_label}) '
                              f'in the index')
-        width = max(len(positives[i][0]) for i in keep)
-        self._positives = np.full((len(keep), width), -1, dtype=np.int64)
-        self._gains = np.zeros((len(keep), width), dtype=np.float32)
-        for row, i in enumerate(keep):
-            ids, labels = positives[i]
-            self._positives[row, :len(ids)] = ids
-            self._gains[row, :len(ids)] = labels
+        self._positives = _padded([positives[i][0] for i in keep], -1, np.int64)
+        self._gains = _padded([positives[i][1] for i in keep], 0, np.float32)
+        lower = [ids[labels < self.min_label] if self.lower_labels == 'ignore' else ids[:0] for ids, labels in judged]
+        self._lower = _padded([lower[i] for i in keep], -1, np.int64)
         self._queries = [queries[i] for i in keep]
+        ignored = int((self._lower >= 0).sum())
         self._timers = Timers.for_device(self.encoder.device)
         if not self.dynamic:
             with self._timers('static_retrieval'):
@@ -229,22 +238,37 @@ class Adore(DenseQueryTrainer):
             history = self._run(self._loss, self._batches_of_queries(len(self._queries)),
                                 self._validation_fn(valid, valid_qrels),
                                 name=f'ADORE ({"dynamic" if self.dynamic else "static"})', resume=resume,
-                                training_data=(self._queries, self._positives, self._gains))
+                                training_data=(self._queries, self._positives, self._gains, self._lower))
         finally:
-            for name in ('_positives', '_gains', '_queries', '_static'):
+            for name in ('_positives', '_gains', '_lower', '_queries', '_static'):
                 self.__dict__.pop(name, None)
         timing = history['timing']
         timing.update(self._timers.seconds)
         step_time = timing.get('forward_backward', 0.0) + timing.get('optimizer', 0.0)
         history['retrieval_share'] = timing.get('retrieval', 0.0) / step_time if step_time else 0.0
-        history['training_data'] = {'train_queries': len(keep), 'skipped_no_positive': skipped, **training_data}
+        history['training_data'] = {'train_queries': len(keep), 'skipped_no_positive': skipped,
+                                    'lower_grades_ignored': ignored, **training_data}
         return self
 
     # --- persistence -------------------------------------------------------------------------------------------
     def settings(self) -> dict:
         return super().settings() | dict(k=self.k, delta_metric=self.delta_metric,
                                          lambda_weighting=self.lambda_weighting, dynamic=self.dynamic,
-                                         min_label=self.min_label, search=self.search, temperature=self.temperature)
+                                         min_label=self.min_label, lower_labels=self.lower_labels, search=self.search,
+                                         temperature=self.temperature)
 
     def _repr_args(self) -> str:
         return f', k={self.k}, delta_metric={self.delta_metric!r}, dynamic={self.dynamic}'
+
+
+def _padded(rows: list, fill, dtype) -> np.ndarray:
+    """Per-query arrays of different lengths as one ``[len(rows), max length]`` array (at least one column)."""
+    out = np.full((len(rows), max([len(r) for r in rows] + [1])), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def _in_rows(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``[B, K]`` mask: whether each of row i's ``values`` is among row i of ``ids`` (``[B, M]``, -1 padded)."""
+    return (values[:, :, None] == ids[:, None, :]).any(-1)

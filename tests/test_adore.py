@@ -103,6 +103,33 @@ def test_a_retrieved_positive_is_not_paired_with_itself(setup, monkeypatch):
     assert (~seen['mask'][0, 0]).nonzero().flatten().tolist() == [position]
 
 
+@pytest.mark.parametrize('lower_labels', ['negative', 'ignore'])
+def test_lower_grades_are_negatives_or_kept_out_of_the_pairs(setup, monkeypatch, lower_labels):
+    """With min_label=2 a retrieved label-1 document is paired with the positive as a negative, unless
+    lower_labels='ignore'; documents of other queries' qrels are negatives either way."""
+    ds, encoder, dense = setup
+    from pyterrier_coder import losses
+    from pyterrier_coder.embeddings import EmbeddingStore
+    store = EmbeddingStore(dense.flex)
+    adore = Adore(dense, encoder, k=len(store), max_steps=1, min_label=2, lower_labels=lower_labels, **FAST)
+    seen, retrieved = {}, []
+    original_loss, original_search = losses.weighted_pairwise_logistic, adore._search_ids
+
+    def spy(pos, neg, weights, mask):
+        seen['mask'] = mask.clone()
+        return original_loss(pos, neg, weights, mask)
+    monkeypatch.setattr(losses, 'weighted_pairwise_logistic', spy)
+    monkeypatch.setattr(adore, '_search_ids', lambda q, k: retrieved.append(original_search(q, k)) or retrieved[-1])
+    qrels = pd.DataFrame({'qid': ['q00', 'q00', 'q00', 'q01'], 'docno': ['d000', 'd001', 'd002', 'd003'],
+                          'label': [2, 1, 1, 1]})
+    adore.fit(ds.get_topics('train').query('qid == "q00"'), qrels)
+    order = retrieved[0][0].tolist()
+    unpaired = sorted((~seen['mask'][0, 0]).nonzero().flatten().tolist())
+    expected = ['d000'] + (['d001', 'd002'] if lower_labels == 'ignore' else [])
+    assert unpaired == sorted(order.index(int(i)) for i in store.ids(expected))
+    assert adore.history['training_data']['lower_grades_ignored'] == (2 if lower_labels == 'ignore' else 0)
+
+
 def test_ndcg_weights_use_the_ideal_dcg_of_the_sorted_labels(setup, monkeypatch):
     ds, encoder, dense = setup
     from pyterrier_coder import losses
@@ -118,8 +145,8 @@ def test_ndcg_weights_use_the_ideal_dcg_of_the_sorted_labels(setup, monkeypatch)
 
 def test_save_load_keeps_every_setting(setup, tmp_path):
     ds, encoder, dense = setup
-    chosen = dict(k=13, delta_metric='nDCG@10', lambda_weighting=False, dynamic=False, min_label=2, search='faiss',
-                  temperature=0.5)
+    chosen = dict(k=13, delta_metric='nDCG@10', lambda_weighting=False, dynamic=False, min_label=2,
+                  lower_labels='ignore', search='faiss', temperature=0.5)
     adore = Adore(dense, encoder, verbose=False, device='cpu', **chosen)
     adore.save(tmp_path / 'adore')
     loaded = Adore.load(tmp_path / 'adore', device='cpu', verbose=False)
@@ -155,6 +182,8 @@ def test_bad_arguments(setup):
         Adore(dense, encoder, delta_metric='P@10')
     with pytest.raises(ValueError, match='search'):
         Adore(dense, encoder, search='annoy')
+    with pytest.raises(ValueError, match='lower_labels'):
+        Adore(dense, encoder, lower_labels='drop')
     with pytest.raises(ValueError, match='no training query'):
         Adore(dense, encoder, **FAST).fit(ds.get_topics('train'), pd.DataFrame(
             {'qid': ['zz'], 'docno': ['d000'], 'label': [1]}))

@@ -425,12 +425,32 @@ def test_vaswani_binary_labels_end_to_end(vaswani_dataset, tiny_bert_dir, tiny_c
     assert '- Positives: label >= 1, lower grades train as negatives' in report and '## Validation curves' in report
     for model in ('coder', 'coder_single_stage', 'adore', 'electra'):
         spec = json.loads((out / 'models' / model / 'experiment_spec.json').read_text())
-        assert spec['settings']['min_label'] == 1, model
+        assert (spec['settings']['min_label'], spec['settings']['lower_labels']) == (1, 'negative'), model
     info = json.loads((out / 'run_info.json').read_text())
     assert info['label_scale']['min_label'] == 1 and info['test_queries'] == 24 and info['wall_seconds'] > 0
     assert info['machine']['cores'] >= 1 and set(info['training']) == {'coder', 'coder_single_stage', 'adore',
                                                                           'electra'}
     assert info['training']['coder']['eval'][0][0] == 0
+
+
+def test_every_trainer_takes_the_collections_label_scale_unless_set():
+    """Graded qrels (NFCorpus-like: grades 1 and 2): every trainer, ADORE included, counts label 2 as positive and
+    keeps label-1 documents out of its negatives; a --set value wins over the scale."""
+    import copy
+    from pyterrier_coder.experiment.budgets import FULL, TRAINED, apply_overrides, fit_budget
+    from pyterrier_coder.labels import choose_label_scale
+    qrels = pd.DataFrame({'qid': ['a', 'a', 'b', 'c'], 'docno': ['d1', 'd2', 'd1', 'd3'], 'label': [2, 1, 2, 1]})
+    topics = pd.DataFrame({'qid': ['a', 'b', 'c'], 'query': ['x', 'y', 'z']})
+    scale = choose_label_scale(qrels, topics)
+    assert (scale.min_label, scale.lower_labels) == (2, 'ignore')
+    overrides = {'adore': {'lower_labels': 'negative'}}
+    budget = apply_overrides(copy.deepcopy(FULL), overrides)
+    fit_budget(budget, overrides, 100, (scale, topics, qrels))
+    chosen = {component: (budget[component]['min_label'], budget[component]['lower_labels']) for component in TRAINED}
+    assert chosen == {**{component: (2, 'ignore') for component in TRAINED}, 'adore': (2, 'negative')}
+    budget = copy.deepcopy(FULL)
+    fit_budget(budget, {}, 100, (scale, topics, qrels))
+    assert budget['adore']['lower_labels'] == 'ignore'
 
 
 def test_a_small_collection_clips_the_full_budget(tiny_collection, tiny_bert_dir, tiny_cross_encoder_dir, tmp_path):

@@ -188,7 +188,7 @@ def fit_budget(budget: dict, overrides: dict, documents: int, training: Optional
     for component in TRAINED:
         settings, given = budget[component], overrides.get(component, {})
         for name, value in scale.settings().items():
-            if name not in given and (name != 'lower_labels' or component != 'adore'):
+            if name not in given:
                 settings[name] = value
         positives = set(qrels.loc[qrels['label'] >= settings.get('min_label', scale.min_label), 'qid'].astype(str))
         n_train = int(train_qids.isin(positives).sum())
