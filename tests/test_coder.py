@@ -667,8 +667,23 @@ def test_adore_trains_from_a_stored_set(scale, tmp_path):
     from_disk = Adore(dense, encoder, k=10, **SCALE_FAST).fit_candidates(tmp_path / 'set', topics, qrels)
     assert_same_training(_trained(from_disk), _trained(in_memory))
     assert from_disk.history['training_data'] == {'train_queries': 9, 'skipped_no_positive': 0,
-                                                  'qrels_for_unknown_queries': 1}
+                                                  'lower_grades_ignored': 0, 'qrels_for_unknown_queries': 1}
     assert from_disk.history['steps'] == SCALE_FAST['max_steps']
+
+
+def test_adore_from_a_stored_set_keeps_the_sets_lower_grades_out_of_its_negatives(scale):
+    """Graded qrels (alternately 2 and 1): with min_label=2 and lower_labels='ignore', the label-1 rows the set
+    holds for queries with a label-2 positive are the documents ADORE keeps out of its negatives."""
+    ds, encoder, dense, bm25, topics, qrels = scale
+    graded = qrels.assign(label=np.where(np.arange(len(qrels)) % 2 == 0, 2, 1))
+    mined = quiet(mine_candidates, (bm25 % 10)(topics), graded, EmbeddingStore(dense.flex), num_candidates=10)
+    labels, ids = np.asarray(mined.labels), np.asarray(mined.docids)
+    has_positive = ((labels >= 2) & (ids >= 0)).any(1)
+    expected = int((((labels == 1) & (ids >= 0)).sum(1) * has_positive).sum())
+    assert expected > 0
+    adore = Adore(dense, encoder, k=10, min_label=2, lower_labels='ignore', **SCALE_FAST).fit_candidates(mined)
+    assert adore.history['training_data']['lower_grades_ignored'] == expected
+    assert adore.history['training_data']['train_queries'] == int(has_positive.sum())
 
 
 def test_a_set_mined_against_another_index_is_refused(scale, tmp_path):
