@@ -84,12 +84,15 @@ def test_delta_weights_use_the_retrieved_ranks(setup, monkeypatch):
     assert m.all() and torch.allclose(w, expected)
 
 
-def test_a_retrieved_positive_is_not_paired_with_itself(setup, monkeypatch):
+def _first_step_unpaired(setup, monkeypatch, topics, qrels, **options):
+    """Fits ADORE for one step retrieving the whole corpus (every judged document is retrieved); returns the
+    store and, for the first query, the retrieved row ids and the positions the loss's pair mask leaves unpaired
+    with its first positive."""
     ds, encoder, dense = setup
     from pyterrier_coder import losses
     from pyterrier_coder.embeddings import EmbeddingStore
     store = EmbeddingStore(dense.flex)
-    adore = Adore(dense, encoder, k=len(store), max_steps=1, **FAST)   # the whole corpus: the positive is retrieved
+    adore = Adore(dense, encoder, k=len(store), max_steps=1, **options, **FAST)
     seen, retrieved = {}, []
     original_loss, original_search = losses.weighted_pairwise_logistic, adore._search_ids
 
@@ -98,35 +101,29 @@ def test_a_retrieved_positive_is_not_paired_with_itself(setup, monkeypatch):
         return original_loss(pos, neg, weights, mask)
     monkeypatch.setattr(losses, 'weighted_pairwise_logistic', spy)
     monkeypatch.setattr(adore, '_search_ids', lambda q, k: retrieved.append(original_search(q, k)) or retrieved[-1])
-    adore.fit(ds.get_topics('train'), pd.DataFrame({'qid': ['q00'], 'docno': ['d000'], 'label': [1]}))
-    position = retrieved[0][0].tolist().index(int(store.ids(['d000'])[0]))
-    assert (~seen['mask'][0, 0]).nonzero().flatten().tolist() == [position]
+    adore.fit(topics, qrels)
+    return adore, store, retrieved[0][0].tolist(), (~seen['mask'][0, 0]).nonzero().flatten().tolist()
+
+
+def test_a_retrieved_positive_is_not_paired_with_itself(setup, monkeypatch):
+    ds = setup[0]
+    _, store, order, unpaired = _first_step_unpaired(
+        setup, monkeypatch, ds.get_topics('train'), pd.DataFrame({'qid': ['q00'], 'docno': ['d000'], 'label': [1]}))
+    assert unpaired == [order.index(int(store.ids(['d000'])[0]))]
 
 
 @pytest.mark.parametrize('lower_labels', ['negative', 'ignore'])
 def test_lower_grades_are_negatives_or_kept_out_of_the_pairs(setup, monkeypatch, lower_labels):
     """With min_label=2 a retrieved label-1 document is paired with the positive as a negative, unless
     lower_labels='ignore'; documents of other queries' qrels are negatives either way."""
-    ds, encoder, dense = setup
-    from pyterrier_coder import losses
-    from pyterrier_coder.embeddings import EmbeddingStore
-    store = EmbeddingStore(dense.flex)
-    adore = Adore(dense, encoder, k=len(store), max_steps=1, min_label=2, lower_labels=lower_labels, **FAST)
-    seen, retrieved = {}, []
-    original_loss, original_search = losses.weighted_pairwise_logistic, adore._search_ids
-
-    def spy(pos, neg, weights, mask):
-        seen['mask'] = mask.clone()
-        return original_loss(pos, neg, weights, mask)
-    monkeypatch.setattr(losses, 'weighted_pairwise_logistic', spy)
-    monkeypatch.setattr(adore, '_search_ids', lambda q, k: retrieved.append(original_search(q, k)) or retrieved[-1])
+    ds = setup[0]
     qrels = pd.DataFrame({'qid': ['q00', 'q00', 'q00', 'q01'], 'docno': ['d000', 'd001', 'd002', 'd003'],
                           'label': [2, 1, 1, 1]})
-    adore.fit(ds.get_topics('train').query('qid == "q00"'), qrels)
-    order = retrieved[0][0].tolist()
-    unpaired = sorted((~seen['mask'][0, 0]).nonzero().flatten().tolist())
+    adore, store, order, unpaired = _first_step_unpaired(
+        setup, monkeypatch, ds.get_topics('train').query('qid == "q00"'), qrels, min_label=2,
+        lower_labels=lower_labels)
     expected = ['d000'] + (['d001', 'd002'] if lower_labels == 'ignore' else [])
-    assert unpaired == sorted(order.index(int(i)) for i in store.ids(expected))
+    assert sorted(unpaired) == sorted(order.index(int(i)) for i in store.ids(expected))
     assert adore.history['training_data']['lower_grades_ignored'] == (2 if lower_labels == 'ignore' else 0)
 
 
