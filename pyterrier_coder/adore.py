@@ -23,7 +23,7 @@ from . import losses
 from .candidates import CandidateSet
 from .devices import check_faiss_gpu_k, faiss_gpu_count, faiss_to_gpus
 from .encoders import DenseEncoder
-from .frames import normalise_frame, normalise_qrels, unknown_qrels, warn_skipped
+from .frames import normalise_frame, normalise_qrels, pad_rows, unknown_qrels, warn_skipped
 from .labels import check_lower_labels
 from .query_trainer import DenseQueryTrainer
 from .training import Timers, TrainingConfig, is_number_at_least
@@ -224,10 +224,10 @@ class Adore(DenseQueryTrainer):
         if not keep:
             raise ValueError(f'Adore.fit: no training query has a judged positive (label >= {self.min_label}) '
                              f'in the index')
-        self._positives = _padded([positives[i][0] for i in keep], -1, np.int64)
-        self._gains = _padded([positives[i][1] for i in keep], 0, np.float32)
+        self._positives = pad_rows([positives[i][0] for i in keep], -1, np.int64)
+        self._gains = pad_rows([positives[i][1] for i in keep], 0, np.float32)
         lower = [ids[labels < self.min_label] if self.lower_labels == 'ignore' else ids[:0] for ids, labels in judged]
-        self._lower = _padded([lower[i] for i in keep], -1, np.int64)
+        self._lower = pad_rows([lower[i] for i in keep], -1, np.int64)
         self._queries = [queries[i] for i in keep]
         ignored = int((self._lower >= 0).sum())
         self._timers = Timers.for_device(self.encoder.device)
@@ -259,14 +259,6 @@ class Adore(DenseQueryTrainer):
 
     def _repr_args(self) -> str:
         return f', k={self.k}, delta_metric={self.delta_metric!r}, dynamic={self.dynamic}'
-
-
-def _padded(rows: list, fill, dtype) -> np.ndarray:
-    """Per-query arrays of different lengths as one ``[len(rows), max length]`` array (at least one column)."""
-    out = np.full((len(rows), max([len(r) for r in rows] + [1])), fill, dtype=dtype)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return out
 
 
 def _in_rows(values: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from . import losses
 from .artifacts import load_tensors
 from .candidates import CandidateSet, CandidateSetWriter, mine_candidates, mine_candidates_to_disk
 from .encoders import DenseEncoder
-from .frames import normalise_frame
+from .frames import normalise_frame, pad_rows
 from .labels import check_lower_labels
 from .query_trainer import DenseQueryTrainer
 from .training import TrainingConfig, is_number_at_least
@@ -254,10 +254,7 @@ class Coder(DenseQueryTrainer):
             others = [shared[o] for o in range(len(rows)) if o != b]
             pool = np.unique(np.concatenate(others)) if others else np.empty(0, np.int64)
             extra.append(np.setdiff1d(pool[pool >= 0], own))
-        padded = np.full((len(rows), max((len(e) for e in extra), default=0)), -1, dtype=np.int64)
-        for b, e in enumerate(extra):
-            padded[b, :len(e)] = e
-        return padded
+        return pad_rows(extra, -1, np.int64)
 
     def _loss(self, batch) -> torch.Tensor:
         data = self._train

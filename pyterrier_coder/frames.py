@@ -92,6 +92,14 @@ def pad_groups(codes: np.ndarray, values: np.ndarray, n_groups: int, fill=PAD) -
     return padded, order, positions
 
 
+def pad_rows(rows: list, fill, dtype) -> np.ndarray:
+    """Arrays of different lengths as the rows of one ``[len(rows), longest]`` array, ``fill`` padded."""
+    padded = np.full((len(rows), max((len(row) for row in rows), default=0)), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = row
+    return padded
+
+
 def group_order(codes: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """The stable order of ``np.lexsort((keys, codes))`` (codes 0..G-1; float keys, NaN last), computed as a sort
     of each group's keys in a padded matrix (3x faster than the lexsort for groups of 1000), or found already in
