@@ -436,7 +436,6 @@ def test_vaswani_binary_labels_end_to_end(vaswani_dataset, tiny_bert_dir, tiny_c
 def test_every_trainer_takes_the_collections_label_scale_unless_set():
     """Graded qrels (NFCorpus-like: grades 1 and 2): every trainer, ADORE included, counts label 2 as positive and
     keeps label-1 documents out of its negatives; a --set value wins over the scale."""
-    import copy
     from pyterrier_coder.experiment.budgets import FULL, TRAINED, apply_overrides, fit_budget
     from pyterrier_coder.labels import choose_label_scale
     qrels = pd.DataFrame({'qid': ['a', 'a', 'b', 'c'], 'docno': ['d1', 'd2', 'd1', 'd3'], 'label': [2, 1, 2, 1]})
@@ -444,11 +443,11 @@ def test_every_trainer_takes_the_collections_label_scale_unless_set():
     scale = choose_label_scale(qrels, topics)
     assert (scale.min_label, scale.lower_labels) == (2, 'ignore')
     overrides = {'adore': {'lower_labels': 'negative'}}
-    budget = apply_overrides(copy.deepcopy(FULL), overrides)
+    budget = apply_overrides(FULL, overrides)          # a copy
     fit_budget(budget, overrides, 100, (scale, topics, qrels))
     chosen = {component: (budget[component]['min_label'], budget[component]['lower_labels']) for component in TRAINED}
     assert chosen == {**{component: (2, 'ignore') for component in TRAINED}, 'adore': (2, 'negative')}
-    budget = copy.deepcopy(FULL)
+    budget = apply_overrides(FULL, {})
     fit_budget(budget, {}, 100, (scale, topics, qrels))
     assert budget['adore']['lower_labels'] == 'ignore'
 
