@@ -34,6 +34,7 @@ ADORE_DEFAULTS = TrainingConfig(lr=5e-6, optimizer='adamw', weight_decay=0.01, w
                                 batch_size=32, grad_clip=1.0, eval_every=200, metric='nDCG@10')
 
 SEARCH_BACKENDS = ('exact', 'faiss')
+MRR_DELTAS = ('each_relevant', 'first_relevant')
 
 
 def parse_delta_metric(spec: str) -> tuple:
@@ -64,6 +65,11 @@ class Adore(DenseQueryTrainer):
         encoder: the base query encoder (a copy is trained).
         k: documents retrieved per query and step (paper: 200).
         delta_metric: the metric whose swap change weights each pair: ``'MRR@k'`` or ``'nDCG@k'`` (graded).
+        mrr_delta: how ``'MRR@k'`` weighs a pair when a query has several relevant documents: ``'each_relevant'``
+            (the positive's own change of reciprocal rank, ``|1/r+ - 1/r-|``, as if it were the only relevant
+            document: the weights of ADORE's reference implementation) or ``'first_relevant'`` (the exact change of
+            the query's reciprocal rank: only pairs that move its first relevant document count). The same with one
+            relevant document.
         lambda_weighting: False gives the paper's RankNet ablation (all pairs weight 1).
         dynamic: False retrieves the negatives once, with the base encoder, before training (static baseline).
         min_label: judged documents with ``label >= min_label`` are relevant.
@@ -78,6 +84,7 @@ class Adore(DenseQueryTrainer):
 
     COMPONENT = 'Adore'
     DEFAULTS = ADORE_DEFAULTS
+    SETTINGS_OF_OLDER_SAVES = {'mrr_delta': 'first_relevant'}
 
     @staticmethod
     def _check_values(values: dict, component: str) -> None:
@@ -90,17 +97,22 @@ class Adore(DenseQueryTrainer):
         if not is_number_at_least(values['k'], 1):
             raise ValueError(f"{component}: k must be >= 1, got {values['k']!r}")
         check_lower_labels(values['lower_labels'], component)
+        if values['mrr_delta'] not in MRR_DELTAS:
+            raise ValueError(f"{component}: mrr_delta must be 'each_relevant' or 'first_relevant', "
+                             f"got {values['mrr_delta']!r}")
 
     def __init__(self, index, encoder: DenseEncoder, *, k: int = 200, delta_metric: str = 'MRR@200',
-                 lambda_weighting: bool = True, dynamic: bool = True, min_label: int = 1,
-                 lower_labels: str = 'negative', search: str = 'exact', temperature: Optional[float] = None,
-                 validate_with: str = 'retrieve', **kwargs):
-        Adore._check_values(dict(k=k, delta_metric=delta_metric, search=search, lower_labels=lower_labels), 'Adore')
+                 mrr_delta: str = 'each_relevant', lambda_weighting: bool = True, dynamic: bool = True,
+                 min_label: int = 1, lower_labels: str = 'negative', search: str = 'exact',
+                 temperature: Optional[float] = None, validate_with: str = 'retrieve', **kwargs):
+        Adore._check_values(dict(k=k, delta_metric=delta_metric, search=search, lower_labels=lower_labels,
+                                 mrr_delta=mrr_delta), 'Adore')
         # validation by retrieval by default: ADORE trains a single-stage retriever
         super().__init__(index, encoder, validate_with=validate_with, **kwargs)
         self.delta_name, self.delta_k = parse_delta_metric(delta_metric)
         self.k = k
         self.delta_metric = delta_metric
+        self.mrr_delta = mrr_delta
         self.lambda_weighting = lambda_weighting
         self.dynamic = dynamic
         self.min_label = min_label
@@ -165,7 +177,8 @@ class Adore(DenseQueryTrainer):
         if not self.lambda_weighting:
             weights = torch.ones(pair_mask.shape, device=device)
         elif self.delta_name == 'MRR':
-            weights = losses.delta_mrr(t(pos_rank), t(neg_rank), t(pos_mask), self.delta_k)
+            delta = losses.delta_rr_each if self.mrr_delta == 'each_relevant' else losses.delta_mrr
+            weights = delta(t(pos_rank), t(neg_rank), t(pos_mask), self.delta_k)
         else:
             ideal_gains = -np.sort(-pos_gain, axis=1)[:, :self.delta_k]
             ideal = (ideal_gains / np.log2(np.arange(2, ideal_gains.shape[1] + 2))).sum(1)
@@ -252,7 +265,7 @@ class Adore(DenseQueryTrainer):
 
     # --- persistence -------------------------------------------------------------------------------------------
     def settings(self) -> dict:
-        return super().settings() | dict(k=self.k, delta_metric=self.delta_metric,
+        return super().settings() | dict(k=self.k, delta_metric=self.delta_metric, mrr_delta=self.mrr_delta,
                                          lambda_weighting=self.lambda_weighting, dynamic=self.dynamic,
                                          min_label=self.min_label, lower_labels=self.lower_labels, search=self.search,
                                          temperature=self.temperature)

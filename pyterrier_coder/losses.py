@@ -91,6 +91,17 @@ def delta_mrr(pos_ranks: torch.Tensor, neg_ranks: torch.Tensor, pos_mask: torch.
     return delta.abs() * pos_mask.unsqueeze(-1)
 
 
+def delta_rr_each(pos_ranks: torch.Tensor, neg_ranks: torch.Tensor, pos_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """``|1/r+ - 1/r-|`` within the cut-off k (0 beyond it): each relevant document's own change of reciprocal rank
+    if it swapped places with the non-relevant one, as if it were the query's only relevant document. This is the
+    weight ADORE's reference implementation gives every pair; with one relevant document it equals
+    :func:`delta_mrr`, with several it also moves the relevant documents below the first. Shapes as
+    :func:`delta_mrr`."""
+    rr_pos = reciprocal_rank(pos_ranks, k).unsqueeze(-1)
+    rr_neg = reciprocal_rank(neg_ranks, k).unsqueeze(-2)
+    return (rr_pos - rr_neg).abs() * pos_mask.unsqueeze(-1)
+
+
 def delta_ndcg(pos_ranks, neg_ranks, pos_gains, pos_mask, k: int, ideal_dcg: torch.Tensor) -> torch.Tensor:
     """|ΔnDCG@k| when a relevant document (gain g, rank r+) swaps with a non-relevant one (gain 0, rank r-):
     ``g * |D(r+) - D(r-)| / IDCG`` with ``D(r) = 1/log2(r+1)`` within the cut-off."""

@@ -95,6 +95,9 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
 
     COMPONENT = 'DenseQueryTrainer'
     DEFAULTS = TrainingConfig()
+    #: settings added after models were first saved, with the value that reproduces how a model saved without them
+    #: was trained (their default for new models may differ): ``load`` fills them in
+    SETTINGS_OF_OLDER_SAVES: dict = {}
 
     @staticmethod
     def _check_values(values: dict, component: str) -> None:
@@ -364,7 +367,8 @@ class DenseQueryTrainer(HubMixin, InspectableSettings, pt.Estimator):
         training.pop('device', None)   # the machine it was trained on may have other devices: choose afresh
         if device is not None:
             training['device'] = device
-        model = cls(index if index is not None else conf['index'], encoder, **{**conf['settings'], **training, **overrides})
+        settings = {**cls.SETTINGS_OF_OLDER_SAVES, **conf['settings']}
+        model = cls(index if index is not None else conf['index'], encoder, **{**settings, **training, **overrides})
         model.encoder = encoder   # the clone made by __init__ is not needed: the loaded encoder is ours
         model._load_extra(path)
         model.fitted = conf.get('fitted', False)

@@ -1,5 +1,6 @@
 """ADORE on a tiny random BERT over the synthetic collection."""
 import hashlib
+import json
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ import torch
 
 from pyterrier_coder.evaluation import evaluate
 from pyterrier_coder.adore import Adore
+from pyterrier_coder.artifacts import CONFIG_FILE
 from pyterrier_coder.coder import Coder
 from pyterrier_coder.datasets import load_dataset
 from pyterrier_coder.encoders import DenseEncoder, DenseIndex
@@ -29,8 +31,8 @@ def _ndcg(retriever, ds):
     return evaluate(retriever(topics), ds.get_qrels('train'), 'nDCG@10', topics['qid'])
 
 
-@pytest.mark.parametrize('options', [dict(), dict(delta_metric='nDCG@10'), dict(lambda_weighting=False),
-                                     dict(dynamic=False), dict(search='faiss')])
+@pytest.mark.parametrize('options', [dict(), dict(mrr_delta='first_relevant'), dict(delta_metric='nDCG@10'),
+                                     dict(lambda_weighting=False), dict(dynamic=False), dict(search='faiss')])
 def test_adore_learns_and_keeps_documents_fixed(setup, options):
     if options.get('search') == 'faiss':
         pytest.importorskip('faiss')
@@ -142,13 +144,37 @@ def test_ndcg_weights_use_the_ideal_dcg_of_the_sorted_labels(setup, monkeypatch)
 
 def test_save_load_keeps_every_setting(setup, tmp_path):
     ds, encoder, dense = setup
-    chosen = dict(k=13, delta_metric='nDCG@10', lambda_weighting=False, dynamic=False, min_label=2,
-                  lower_labels='ignore', search='faiss', temperature=0.5)
+    chosen = dict(k=13, delta_metric='nDCG@10', mrr_delta='first_relevant', lambda_weighting=False, dynamic=False,
+                  min_label=2, lower_labels='ignore', search='faiss', temperature=0.5)
     adore = Adore(dense, encoder, verbose=False, device='cpu', **chosen)
     adore.save(tmp_path / 'adore')
     loaded = Adore.load(tmp_path / 'adore', device='cpu', verbose=False)
     assert loaded.settings() == adore.settings()
     assert {name: loaded.settings()[name] for name in chosen} == chosen     # every value differs from its default
+
+
+def test_a_model_saved_before_mrr_delta_existed_loads_with_the_weights_it_was_trained_with(setup, tmp_path):
+    ds, encoder, dense = setup
+    Adore(dense, encoder, verbose=False, device='cpu').save(tmp_path / 'adore')
+    config = tmp_path / 'adore' / CONFIG_FILE
+    saved = json.loads(config.read_text())
+    del saved['settings']['mrr_delta']
+    config.write_text(json.dumps(saved))
+    assert Adore.load(tmp_path / 'adore', device='cpu', verbose=False).mrr_delta == 'first_relevant'
+    assert Adore(dense, encoder, verbose=False).mrr_delta == 'each_relevant'     # the default of a new model
+
+
+@pytest.mark.parametrize('mrr_delta, weights', [('each_relevant', 'delta_rr_each'), ('first_relevant', 'delta_mrr')])
+def test_mrr_pairs_are_weighted_by_the_chosen_change(setup, monkeypatch, mrr_delta, weights):
+    ds, encoder, dense = setup
+    from pyterrier_coder import losses
+    called = []
+    for name in ('delta_rr_each', 'delta_mrr'):
+        original = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda *args, _name=name, _f=original: called.append(_name) or _f(*args))
+    Adore(dense, encoder, k=5, max_steps=1, mrr_delta=mrr_delta, **FAST).fit(ds.get_topics('train'),
+                                                                             ds.get_qrels('train'))
+    assert called and set(called) == {weights}
 
 
 def test_save_load_round_trip_and_cross_type_error(setup, tmp_path):
@@ -181,6 +207,8 @@ def test_bad_arguments(setup):
         Adore(dense, encoder, search='annoy')
     with pytest.raises(ValueError, match='lower_labels'):
         Adore(dense, encoder, lower_labels='drop')
+    with pytest.raises(ValueError, match='mrr_delta'):
+        Adore(dense, encoder, mrr_delta='last_relevant')
     with pytest.raises(ValueError, match='no training query'):
         Adore(dense, encoder, **FAST).fit(ds.get_topics('train'), pd.DataFrame(
             {'qid': ['zz'], 'docno': ['d000'], 'label': [1]}))

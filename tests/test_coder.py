@@ -800,7 +800,7 @@ def test_loaded_model_does_not_keep_the_training_device(setup, tmp_path):
     ('Coder', dict(num_candidates=0)), ('Coder', dict(refresh_every=0)), ('Coder', dict(validate_with='both')),
     ('Coder', dict(on_missing='skip')), ('Coder', dict(schedule='cosine')), ('Coder', dict(batch_size=None)),
     ('Adore', dict(delta_metric='P@10')), ('Adore', dict(search='annoy')), ('Adore', dict(k=0)),
-    ('Adore', dict(optimizer='sgd')),
+    ('Adore', dict(optimizer='sgd')), ('Adore', dict(mrr_delta='last_relevant')),
     ('MonoElectra', dict(loss='listnet')), ('MonoElectra', dict(group_size=None)),
     ('MonoElectra', dict(group_size=1)), ('MonoElectra', dict(negatives_from=0)),
     ('MonoElectra', dict(query_max_length=61, max_length=64)), ('MonoElectra', dict(train_batch_size=0)),

@@ -91,6 +91,36 @@ def test_delta_mrr_and_ndcg_match_brute_force_swaps(seed):
         assert d_ndcg[0, a, b].item() == pytest.approx(abs(_dcg(swapped, k) - _dcg(gains, k)) / ideal, abs=1e-6)
 
 
+@pytest.mark.parametrize('seed', range(5))
+def test_delta_rr_each_is_each_relevant_documents_own_swap_change(seed):
+    rng = np.random.default_rng(seed)
+    n, k = 12, 8
+    pos_positions = rng.choice(n, size=3, replace=False)
+    neg_positions = [i for i in range(n) if i not in pos_positions]
+    pos_ranks = torch.tensor([[p + 1 for p in pos_positions]])
+    neg_ranks = torch.tensor([[p + 1 for p in neg_positions]])
+    pos_mask = torch.ones_like(pos_ranks, dtype=torch.bool)
+    d_each = losses.delta_rr_each(pos_ranks, neg_ranks, pos_mask, k)
+    for (a, p), (b, q) in itertools.product(enumerate(pos_positions), enumerate(neg_positions)):
+        alone = np.zeros(n)                      # this relevant document as the query's only one
+        alone[p] = 1
+        swapped = alone.copy()
+        swapped[p], swapped[q] = 0, 1
+        assert d_each[0, a, b].item() == pytest.approx(abs(_rr(swapped, k) - _rr(alone, k)), abs=1e-6)
+    # with a single relevant document it is the exact change of the query's reciprocal rank
+    one = pos_ranks[:, :1]
+    assert torch.allclose(losses.delta_rr_each(one, neg_ranks, pos_mask[:, :1], k),
+                          losses.delta_mrr(one, neg_ranks, pos_mask[:, :1], k))
+
+
+def test_delta_rr_each_moves_the_relevant_documents_below_the_first():
+    # relevant at ranks 1 and 3, a negative at rank 2: the exact ΔMRR of the second one is 0, its own change 1/2 - 1/3
+    pos_ranks, neg_ranks = torch.tensor([[1, 3]]), torch.tensor([[2]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    assert losses.delta_mrr(pos_ranks, neg_ranks, mask, 10)[0, 1, 0].item() == 0
+    assert losses.delta_rr_each(pos_ranks, neg_ranks, mask, 10)[0, :, 0].tolist() == pytest.approx([0.5, 1 / 6])
+
+
 def test_weighted_pairwise_logistic_weights_pairs():
     pos = torch.tensor([[1.0]])
     neg = torch.tensor([[0.0, 2.0]])
