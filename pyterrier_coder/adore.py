@@ -271,7 +271,8 @@ class Adore(DenseQueryTrainer):
                                          temperature=self.temperature)
 
     def _repr_args(self) -> str:
-        return f', k={self.k}, delta_metric={self.delta_metric!r}, dynamic={self.dynamic}'
+        mrr_delta = f', mrr_delta={self.mrr_delta!r}' if self.delta_name == 'MRR' else ''
+        return f', k={self.k}, delta_metric={self.delta_metric!r}{mrr_delta}, dynamic={self.dynamic}'
 
 
 def _in_rows(values: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -172,9 +172,11 @@ def test_mrr_pairs_are_weighted_by_the_chosen_change(setup, monkeypatch, mrr_del
     for name in ('delta_rr_each', 'delta_mrr'):
         original = getattr(losses, name)
         monkeypatch.setattr(losses, name, lambda *args, _name=name, _f=original: called.append(_name) or _f(*args))
-    Adore(dense, encoder, k=5, max_steps=1, mrr_delta=mrr_delta, **FAST).fit(ds.get_topics('train'),
-                                                                             ds.get_qrels('train'))
+    adore = Adore(dense, encoder, k=5, max_steps=1, mrr_delta=mrr_delta, **FAST)
+    adore.fit(ds.get_topics('train'), ds.get_qrels('train'))
     assert called and set(called) == {weights}
+    assert f'mrr_delta={mrr_delta!r}' in repr(adore)
+    assert 'mrr_delta' not in repr(Adore(dense, encoder, delta_metric='nDCG@10', mrr_delta=mrr_delta, **FAST))
 
 
 def test_save_load_round_trip_and_cross_type_error(setup, tmp_path):
