@@ -17,8 +17,10 @@ marker comments, leaving everything around them as written by hand:
   output with ``--components ...,star,tasb`` added) has beyond the first RUN's.
 - ``<!-- results:begin PAGE -->`` in ``README.md`` (PAGE ``readme``) and in the method pages (``retrievers``,
   ``coder``, ``adore``, ``electra``, ``fusion``, ``training``, ``performance``; ``star`` and ``tasb`` from the
-  ``--bi-encoders`` run): each page's rows of the first RUN (and of the ablations run). A page without the markers
-  is left alone.
+  ``--bi-encoders`` run): each page's rows of the first RUN. A page without the markers is left alone.
+- ``<!-- results:begin PAGE-ablations -->`` in the method pages (``coder``, ``adore``, ``electra``, ``star``,
+  ``tasb``): the page's rows of the ``--ablations`` run. Without ``--ablations`` these blocks, like every block
+  whose run is not given, are left as they are.
 
 ``--check`` changes nothing and exits with 1 when a file is not what the outputs give (for CI). The script needs
 only pandas; it does not import pyterrier_coder.
@@ -342,9 +344,9 @@ PAGES: Dict[str, dict] = {
 }
 
 
-def page_block(page: str, run: Run, ablations: Optional[Run], methods: Sequence[Run] = ()) -> str:
-    """A method page's block from ``run``; its ablations are the rows of ``ablations`` that none of ``run`` and
-    ``methods`` has."""
+def page_block(page: str, run: Run) -> str:
+    """A method page's block (``<!-- results:begin PAGE -->``): its rows of ``run``, their comparisons, fusion
+    weights and training."""
     spec = PAGES[page]
     source = f'`{command(run)}` ({commit_phrase(run)})'
     parts = [f'From {source}; {run.info.get("test_queries", "?")} test queries '
@@ -355,29 +357,14 @@ def page_block(page: str, run: Run, ablations: Optional[Run], methods: Sequence[
         parts[0] += ' A `--quick` smoke run: its figures are not results.'
     if spec.get('rows'):
         names = [n for n in run.names if spec['rows'](n)]
-        extra = []
-        if ablations is not None and spec.get('ablations'):
-            ablation_rows = ablation_pairs(ablations, run, *methods)
-            extra = [s for s, _ in ablation_rows if spec['ablations'](s)]
         if names:
             parts.append(results_table(run, names, measures=spec.get('measures', MEASURES),
                                        pvalues=spec.get('pvalues', True)))
-        if extra:
-            references = list(dict.fromkeys(r for s, r in ablation_rows if s in extra))
-            parts += [f'Ablations, from `{command(ablations)}` ({commit_phrase(ablations)}; '
-                      f'[the ablations run](results.md#ablations---ablations)):',
-                      results_table(ablations, references + extra, pvalues=False)]
         if spec.get('comparisons', True):
             pairs = [(s, r) for s, r in zip(run.comparisons['system'], run.comparisons['reference'])
                      if s in names and r in names]
-            if ablations is not None and extra:
-                pairs_ab = [(s, r) for s, r in ablation_rows if s in extra]
-            else:
-                pairs_ab = []
             if pairs:
                 parts += ['Paired comparisons (paired t-test, uncorrected):', comparisons_table(run, pairs)]
-            if pairs_ab:
-                parts += ['Each ablation against the full method:', comparisons_table(ablations, pairs_ab)]
         if spec.get('fusion'):
             weights = fusion_lines(run, names)
             if weights:
@@ -394,6 +381,25 @@ def page_block(page: str, run: Run, ablations: Optional[Run], methods: Sequence[
             parts += ['Indexing and training time:', table(['what', 'seconds'],
                                                           [[k, fmt(v, 1)] for k, v in timings.items()])]
     return '\n\n'.join(parts)
+
+
+def page_ablations_block(page: str, ablations: Run, methods: Sequence[Run]) -> Optional[str]:
+    """A method page's ablations block (``<!-- results:begin PAGE-ablations -->``): its rows of the ``ablations``
+    run that none of the ``methods`` runs has, each beside and against its full method; None when the page has
+    none. A block of its own, so that the pages' main tables can be regenerated from a new main job while the
+    ablations stay as their (longer) run gave them."""
+    spec = PAGES[page]
+    if not spec.get('ablations'):
+        return None
+    ablation_rows = [(s, r) for s, r in ablation_pairs(ablations, *methods) if spec['ablations'](s)]
+    if not ablation_rows:
+        return None
+    extra = [s for s, _ in ablation_rows]
+    references = list(dict.fromkeys(r for _, r in ablation_rows))
+    return '\n\n'.join([f'Ablations, from `{command(ablations)}` ({commit_phrase(ablations)}; '
+                         f'[the ablations run](results.md#ablations---ablations)):',
+                         results_table(ablations, references + extra, pvalues=False),
+                         'Each ablation against the full method:', comparisons_table(ablations, ablation_rows)])
 
 
 # --- writing ----------------------------------------------------------------------------------------------------
@@ -425,7 +431,11 @@ def generate(runs: List[Run], ablations: Optional[Run], files: List[Path],
     for page, spec in PAGES.items():
         source = bi_encoders if spec.get('source') == 'bi-encoders' else main
         if source is not None:
-            blocks.setdefault(page, page_block(page, source, ablations, methods))
+            blocks.setdefault(page, page_block(page, source))
+        if ablations is not None:
+            block = page_ablations_block(page, ablations, methods)
+            if block is not None:
+                blocks[f'{page}-ablations'] = block
     out = {}
     for path in files:
         text = path.read_text()

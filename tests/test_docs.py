@@ -348,7 +348,8 @@ def test_make_results_generates_the_tables_from_the_run_outputs(tmp_path):
         '<!-- results:end synthetic -->\n\n## Ablations\n\n<!-- results:begin ablations -->\n'
         '<!-- results:end ablations -->\n\n## Findings\n\nHand-written findings.\n')
     (root / 'docs' / 'coder.md').write_text('# CODER\n\n<!-- results:begin coder -->\n<!-- results:end coder -->\n'
-                                            '\nAfter the table.\n')
+                                            '\nBetween the tables.\n\n<!-- results:begin coder-ablations -->\n'
+                                            '<!-- results:end coder-ablations -->\n\nAfter the table.\n')
     (root / 'docs' / 'plain.md').write_text('# A page without markers\n')
     args = [str(run), '--ablations', str(ablation_run), '--root', str(root)]
     assert make_results.main(args) == 0
@@ -401,9 +402,12 @@ def test_make_results_generates_the_tables_from_the_run_outputs(tmp_path):
     # the method page and the README get their rows; text outside the markers is kept
     coder_md = (root / 'docs' / 'coder.md').read_text()
     assert coder_md.startswith('# CODER\n') and coder_md.endswith('\nAfter the table.\n')
+    assert '\nBetween the tables.\n' in coder_md
     coder_rows = [r['pipeline'] for r in _markdown_tables(coder_md)[0]]
     assert coder_rows == ['BM25', 'Dense', 'BM25 >> Dense', 'BM25 >> CODER', 'BM25 >> CODER (+ BM25 score)', 'CODER']
-    assert 'BM25 >> CODER (margin loss)' in coder_md and 'ADORE (static negatives)' not in coder_md
+    page_main, page_ablations = coder_md.split('<!-- results:begin coder-ablations -->')
+    assert 'BM25 >> CODER (margin loss)' not in page_main
+    assert 'BM25 >> CODER (margin loss)' in page_ablations and 'ADORE (static negatives)' not in page_ablations
     readme = (root / 'README.md').read_text()
     assert [r['pipeline'] for r in _markdown_tables(readme)[0]] == main_names
     assert '(docs/results.md)' in readme
@@ -416,6 +420,12 @@ def test_make_results_generates_the_tables_from_the_run_outputs(tmp_path):
     assert make_results.main(args + ['--check']) == 0
     (root / 'docs' / 'coder.md').write_text(coder_md.replace('| BM25 |', '| BM25 (edited) |', 1))
     assert make_results.main(args + ['--check']) == 1
+
+    # without --ablations the pages' ablation blocks (and the ablations block) stay as they are
+    (root / 'docs' / 'coder.md').write_text(coder_md)
+    assert make_results.main([str(run), '--root', str(root)]) == 0
+    assert (root / 'docs' / 'coder.md').read_text() == coder_md
+    assert make_results.main(args + ['--check']) == 0
 
 
 def test_ablations_are_the_rows_neither_the_main_nor_the_bi_encoder_run_has(tmp_path):
@@ -435,10 +445,11 @@ def test_ablations_are_the_rows_neither_the_main_nor_the_bi_encoder_run_has(tmp_
     block = make_results.ablations_block(main, ablations, besides=[bi])
     systems = [(r['system'], r['reference']) for r in _markdown_tables(block)[1]]
     assert systems == [('BM25 >> CODER (margin loss)', 'BM25 >> CODER'), ('STAR (random negatives only)', 'STAR')]
-    star_page = make_results.page_block('star', bi, ablations, [main, bi])
-    assert 'STAR (random negatives only)' in star_page
-    coder_page = make_results.page_block('coder', main, ablations, [main, bi])
+    star_page = make_results.page_ablations_block('star', ablations, [main, bi])
+    assert 'STAR (random negatives only)' in star_page and 'ADORE+STAR' not in star_page
+    coder_page = make_results.page_ablations_block('coder', ablations, [main, bi])
     assert 'BM25 >> CODER (margin loss)' in coder_page and 'STAR' not in coder_page
+    assert make_results.page_ablations_block('retrievers', ablations, [main, bi]) is None   # the page has none
 
 
 def test_make_results_refuses_incomplete_outputs(tmp_path):
