@@ -450,6 +450,13 @@ def test_ablations_are_the_rows_neither_the_main_nor_the_bi_encoder_run_has(tmp_
     coder_page = make_results.page_ablations_block('coder', ablations, [main, bi])
     assert 'BM25 >> CODER (margin loss)' in coder_page and 'STAR' not in coder_page
     assert make_results.page_ablations_block('retrievers', ablations, [main, bi]) is None   # the page has none
+    # without the bi-encoder run, the star page (both its blocks) is left alone: ADORE+STAR is no ablation of STAR
+    star_md = tmp_path / 'star.md'
+    star_md.write_text('<!-- results:begin star -->\nold\n<!-- results:end star -->\n\n'
+                       '<!-- results:begin star-ablations -->\nold\n<!-- results:end star-ablations -->\n')
+    assert make_results.generate([main], ablations, [star_md])[star_md] == star_md.read_text()
+    with_bi = make_results.generate([main], ablations, [star_md], bi)[star_md].split('star-ablations -->', 1)[1]
+    assert 'STAR (random negatives only)' in with_bi and 'ADORE+STAR' not in with_bi
 
 
 def test_make_results_refuses_incomplete_outputs(tmp_path):
