@@ -276,7 +276,11 @@ def test_set_overrides_parse_and_validate():
                        (['electra.loss=foo'], "--set: MonoElectra: loss must be one of"),
                        (['electra.group_size=None'], 'MonoElectra: group_size and negatives_from must be >= 1'),
                        (['coder.schedule=cosine'], 'Coder: schedule must be one of'),
-                       (['adore.k=0'], 'Adore: k must be >= 1')]:
+                       (['adore.k=0'], 'Adore: k must be >= 1'),
+                       # CODER over a trained bi-encoder: changes to the coder budget, checked as a Coder's
+                       (['coder_over.refresh_every=0'], 'Coder: refresh_every must be >= 1'),
+                       (['coder_over.refresh_evry=5'], 'refresh_evry'),
+                       (['coder_over.lr=fast'], 'coder_over.lr must be a number')]:
         with pytest.raises(ValueError, match=match):
             apply_overrides(FULL, parse_overrides(bad))
     # an integer where a number is expected, None, and settings without a typed default are accepted
@@ -284,6 +288,8 @@ def test_set_overrides_parse_and_validate():
                                                     'electra.amp=True', 'coder.temperature=2.0', 'test_queries=None']))
     assert (budget['coder']['warmup'], budget['coder']['max_steps'], budget['electra']['amp']) == (5, None, True)
     assert apply_overrides(QUICK, parse_overrides(['test_queries=None']))['test_queries'] is None   # all of them
+    budget = apply_overrides(FULL, parse_overrides(['coder_over.lr=5e-5', 'coder_over.refresh_every=None']))
+    assert budget['coder_over'] == {'lr': 5e-5, 'refresh_every': None} and budget['coder']['lr'] == FULL['coder']['lr']
     # a fraction where the quick budget's default is 0 steps (an int): the full budget's 0.1 says a number is fine
     assert apply_overrides(QUICK, parse_overrides(['coder.warmup=0.05']))['coder']['warmup'] == 0.05
 
@@ -479,7 +485,7 @@ def test_a_small_collection_clips_the_full_budget(tiny_collection, tiny_bert_dir
 def test_every_ablation_row_runs(tiny_collection, tiny_bert_dir, tiny_cross_encoder_dir, tmp_path):
     """--ablations on the tiny collection and models with every component: every row is trained, run and compared
     with its reference (the figures mean nothing)."""
-    from pyterrier_coder.experiment import COMPARISONS
+    from pyterrier_coder.experiment import COMPARISONS, QUICK
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(['experiment', '--dataset', str(tiny_collection), '--quick', '--ablations', '--out',
@@ -497,6 +503,13 @@ def test_every_ablation_row_runs(tiny_collection, tiny_bert_dir, tiny_cross_enco
     compared = pd.read_csv(tmp_path / 'out' / 'comparisons.csv')
     expected = {(a, b) for a, b in COMPARISONS if a in names and b in names}
     assert set(zip(compared['system'], compared['reference'])) == expected
+    # CODER over the TAS-Balanced index trains with the coder budget changed by coder_over (refreshed candidates)
+    settings = {name: json.loads((tmp_path / 'out' / 'models' / name / 'pyterrier_coder.json').read_text())['settings']
+                for name in ('coder', 'coder_tasb')}
+    assert settings['coder']['refresh_every'] is None
+    assert settings['coder_tasb']['refresh_every'] == QUICK['coder_over']['refresh_every']
+    assert {k: v for k, v in settings['coder_tasb'].items() if k not in ('refresh_every', 'validate_with')} == \
+        {k: v for k, v in settings['coder'].items() if k not in ('refresh_every', 'validate_with')}
 
 
 def test_models_no_pipeline_holds_are_released_and_read_again_not_retrained(tiny_collection, tiny_bert_dir,

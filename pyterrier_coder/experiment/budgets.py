@@ -56,6 +56,11 @@ FULL = dict(
     tasb=dict(negative_depth=100, batch_size=32, lr=2e-5, warmup=0.1, schedule='linear', max_steps=100,
               eval_every=25, validation_queries=50, validation_depth=10, train_doc_max_length=128,
               pairwise_scale='auto', in_batch_weight=0.75),
+    # CODER over a trained bi-encoder's index (CODER+TAS-Balanced): the coder budget with these changes. Its
+    # candidates are re-retrieved by the query encoder being trained every 100 steps (dynamic candidates, the CODER
+    # paper's future work): over an index distilled from CODER's own scores, CODER with its static candidates
+    # validated lower (docs/tasb.md)
+    coder_over=dict(refresh_every=100),
     rerank_depth=100, train_queries=None, dev_queries=None, test_queries=None, electra_dev_queries=60,
     electra_dev_depth=30,
 )
@@ -71,6 +76,7 @@ QUICK = dict(
               eval_every=2, validation_queries=10, validation_depth=5, train_doc_max_length=64),
     tasb=dict(negative_depth=10, batch_size=8, lr=2e-5, warmup=0, max_steps=4, eval_every=2, validation_queries=10,
               validation_depth=5, train_doc_max_length=64, pairwise_scale='auto'),
+    coder_over=dict(refresh_every=5),
     rerank_depth=10, train_queries=200, dev_queries=30, test_queries=60, electra_dev_queries=10,
     electra_dev_depth=10,
 )
@@ -105,7 +111,11 @@ def parse_overrides(items) -> dict:
     return overrides
 
 #: the class of each trained component, whose constructor checks its settings
-COMPONENT_CLASSES = {'coder': Coder, 'adore': Adore, 'electra': MonoElectra, 'star': Star, 'tasb': TasBalanced}
+COMPONENT_CLASSES = {'coder': Coder, 'adore': Adore, 'electra': MonoElectra, 'star': Star, 'tasb': TasBalanced,
+                     'coder_over': Coder}
+#: budget entries that are changes to another component's budget: ``coder_over`` is CODER over a trained
+#: bi-encoder's index, trained with the coder budget (as fitted to the collection) updated by it
+CHANGES_TO = {'coder_over': 'coder'}
 
 
 def apply_overrides(budget: dict, overrides: dict) -> dict:
@@ -131,7 +141,7 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
                     b[key].get(name) for b in (FULL, QUICK)), defaults[name]])
             budget[key].update(value)
             try:   # the values the constructor would refuse (loss='foo', group_size=None ...), refused now
-                check_settings(cls, budget[key])
+                check_settings(cls, {**budget.get(CHANGES_TO.get(key), {}), **budget[key]})
             except ValueError as error:
                 raise ValueError(f'--set: {error}') from None
         else:

@@ -334,8 +334,8 @@ class ExperimentRunner:
 
     def _coder_over(self, name: str, over: str):
         """CODER over a trained bi-encoder's index, starting from its query encoder, trained for single-stage
-        retrieval (the CODER paper's setting with M_D = TAS-B)."""
-        kwargs = dict(self.budget['coder'])
+        retrieval (the CODER paper's setting with M_D = TAS-B), with the coder budget changed by ``coder_over``."""
+        kwargs = {**self.budget['coder'], **self.budget['coder_over']}
         trainer = self._bi_encoder(over)
         index = trainer.dense_index
         spec = self._spec(name, kwargs, single_stage=True, over=over, over_spec=self._saved_spec(over))
