@@ -280,7 +280,9 @@ def test_set_overrides_parse_and_validate():
                        # CODER over a trained bi-encoder: changes to the coder budget, checked as a Coder's
                        (['coder_over.refresh_every=0'], 'Coder: refresh_every must be >= 1'),
                        (['coder_over.refresh_evry=5'], 'refresh_evry'),
-                       (['coder_over.lr=fast'], 'coder_over.lr must be a number')]:
+                       (['coder_over.lr=fast'], 'coder_over.lr must be a number'),
+                       # checked with the coder settings it changes, whichever of the two is set last
+                       (['coder_over.target=softmax', 'coder.loss=margin'], "Coder: target='softmax' is a distribution")]:
         with pytest.raises(ValueError, match=match):
             apply_overrides(FULL, parse_overrides(bad))
     # an integer where a number is expected, None, and settings without a typed default are accepted

@@ -111,11 +111,17 @@ def parse_overrides(items) -> dict:
     return overrides
 
 #: the class of each trained component, whose constructor checks its settings
-COMPONENT_CLASSES = {'coder': Coder, 'adore': Adore, 'electra': MonoElectra, 'star': Star, 'tasb': TasBalanced,
-                     'coder_over': Coder}
+COMPONENT_CLASSES = {'coder': Coder, 'adore': Adore, 'electra': MonoElectra, 'star': Star, 'tasb': TasBalanced}
 #: budget entries that are changes to another component's budget: ``coder_over`` is CODER over a trained
 #: bi-encoder's index, trained with the coder budget (as fitted to the collection) updated by it
 CHANGES_TO = {'coder_over': 'coder'}
+
+
+def component_settings(budget: dict, key: str) -> dict:
+    """The settings the budget entry ``key`` builds its component with: the entry, over the entry it changes
+    (:data:`CHANGES_TO`)."""
+    base = CHANGES_TO.get(key)
+    return {**(budget[base] if base else {}), **budget[key]}
 
 
 def apply_overrides(budget: dict, overrides: dict) -> dict:
@@ -127,7 +133,7 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
         if isinstance(budget[key], dict):
             if not isinstance(value, dict):
                 raise ValueError(f'--set: {key} is a component; set its settings as {key}.<name>=<value>')
-            cls = COMPONENT_CLASSES[key]
+            cls = COMPONENT_CLASSES[CHANGES_TO.get(key, key)]
             # the runner passes the index, models, device, seed and texts itself
             defaults = setting_defaults(cls)
             accepted = set(defaults) - {'index', 'encoder', 'model', 'device', 'seed', 'verbose', 'texts', 'corpus',
@@ -140,10 +146,6 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
                 _check_override_type(f'{key}.{name}', item, [budget[key].get(name), *(
                     b[key].get(name) for b in (FULL, QUICK)), defaults[name]])
             budget[key].update(value)
-            try:   # the values the constructor would refuse (loss='foo', group_size=None ...), refused now
-                check_settings(cls, {**budget.get(CHANGES_TO.get(key), {}), **budget[key]})
-            except ValueError as error:
-                raise ValueError(f'--set: {error}') from None
         else:
             defaults = [budget[key], FULL[key], QUICK[key]]
             if value is None and None not in defaults:   # the runner's own entries: None only where a budget has it
@@ -153,6 +155,15 @@ def apply_overrides(budget: dict, overrides: dict) -> dict:
                 raise ValueError(f'--set: {key} must be >= 1' + (' or None' if None in defaults else '') +
                                  f', got {value!r}')
             budget[key] = value
+    # the values the constructor would refuse (loss='foo', group_size=None ...), refused now: each changed component
+    # with the settings it will be built with, so an entry of CHANGES_TO also when only the entry it changes was set
+    changed = [key for key in overrides if isinstance(budget[key], dict)]
+    changed += [key for key, base in CHANGES_TO.items() if base in changed and key not in changed]
+    for key in changed:
+        try:
+            check_settings(COMPONENT_CLASSES[CHANGES_TO.get(key, key)], component_settings(budget, key))
+        except ValueError as error:
+            raise ValueError(f'--set: {error}') from None
     return budget
 
 

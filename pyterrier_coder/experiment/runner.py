@@ -40,7 +40,8 @@ from ..query_trainer import DenseQueryTrainer
 from ..retrievers import BM25
 from ..star import Star
 from ..tasb import TasBalanced
-from .budgets import COMPONENTS, DEFAULT_COMPONENTS, FULL, QUICK, TRAINED, apply_overrides, fit_budget
+from .budgets import (COMPONENTS, DEFAULT_COMPONENTS, FULL, QUICK, TRAINED, apply_overrides, component_settings,
+                      fit_budget)
 from .comparisons import BASELINE, FUSED_SUFFIX, measures, paired_comparisons
 from .plots import write_plots
 from .report import write_report, write_run_info
@@ -335,7 +336,7 @@ class ExperimentRunner:
     def _coder_over(self, name: str, over: str):
         """CODER over a trained bi-encoder's index, starting from its query encoder, trained for single-stage
         retrieval (the CODER paper's setting with M_D = TAS-B), with the coder budget changed by ``coder_over``."""
-        kwargs = {**self.budget['coder'], **self.budget['coder_over']}
+        kwargs = component_settings(self.budget, 'coder_over')
         trainer = self._bi_encoder(over)
         index = trainer.dense_index
         spec = self._spec(name, kwargs, single_stage=True, over=over, over_spec=self._saved_spec(over))
